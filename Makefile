@@ -1,0 +1,38 @@
+# Plain entry points. `make test` on a fresh machine creates .venv, installs everything, runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_CPU := torch==2.13.0
+
+PRESET ?= mnist-cdcgan
+ARGS ?=
+
+.PHONY: setup test lint serve train clean
+
+setup: $(STAMP)
+
+# The CPU path pins torch first so that the `train` extra's range is already met
+# and pip never reaches for the multi-gigabyte CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_CPU)
+	$(PY) -m pip install -e '.[train,dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+serve: setup
+	$(PY) -m service
+
+train: setup
+	$(PY) -m training.run --preset $(PRESET) $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,41 @@
+"""Image encoding: float generator output → uint8 pixels, grids and PNG bytes (pure numpy + Pillow)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray, output_range: tuple[float, float]) -> np.ndarray:
+    """Map float images [N, C, H, W] in `output_range` to uint8 [N, H, W, C], clipping outliers."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images of shape [N, C, H, W], got {images.shape}")
+    lo, hi = output_range
+    scaled = (images.astype(np.float32, copy=False) - lo) * (255.0 / (hi - lo))
+    # Round half up then clip: one vectorised pass, no per-image Python loop.
+    pixels = np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
+
+
+def grid(pixels: np.ndarray, ncols: int, pad: int = 2, fill: int = 0) -> np.ndarray:
+    """Tile uint8 images [N, H, W, C] into one [rows·(H+pad)+pad, cols·(W+pad)+pad, C] image, row-major."""
+    n, h, w, c = pixels.shape
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    out = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), fill, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        out[y : y + h, x : x + w] = pixels[i]
+    return out
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """Encode one uint8 image [H, W, C] (C = 1 or 3) as PNG bytes."""
+    if pixels.ndim != 3 or pixels.shape[-1] not in (1, 3) or pixels.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image [H, W, 1|3], got {pixels.dtype} {pixels.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,121 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from tests.conftest import tiny_config
+from training import export as export_mod
+from training.config import PRESETS
+from training.data import sha256_file
+from training.export import ExportError, export, read_metadata
+from training.loop import Trainer, load_checkpoint
+
+QUIET = dict(sample_every=0, checkpoint_every=0, log_every=0)
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_graph_interface_only_batch_is_dynamic(tiny_run):
+    s = _session(tiny_run["model"])
+    (z, y), (images,) = s.get_inputs(), s.get_outputs()
+    cfg = PRESETS["tiny"].config
+    assert (z.name, z.type, z.shape[1]) == ("z", "tensor(float)", cfg.latent_dim)
+    assert (y.name, y.type, y.shape[1]) == ("y", "tensor(float)", 10)
+    assert images.name == "images" and images.shape[1:] == [1, 28, 28]
+    assert all(isinstance(t.shape[0], str) for t in (z, y, images))  # symbolic batch axis
+
+
+def test_metadata_round_trip_through_onnxruntime(tiny_run):
+    meta = read_metadata(tiny_run["model"])
+    assert set(export_mod.METADATA_KEYS) <= set(meta)
+    assert meta["latent_dim"] == "16" and meta["prior"] == "normal"
+    assert meta["num_classes"] == "10" and json.loads(meta["class_names"]) == list("0123456789")
+    assert json.loads(meta["image_shape"]) == [1, 28, 28]
+    assert json.loads(meta["output_range"]) == [-1.0, 1.0]
+    assert (meta["architecture"], meta["loss"], meta["dataset"], meta["preset"]) == ("dcgan", "nonsat", "mnist5k", "tiny")
+    assert meta["steps"] == "20" and json.loads(meta["ema"]) is True
+    assert meta["checkpoint_sha256"] == sha256_file(tiny_run["checkpoint"])
+    assert meta["torch_version"] and meta["onnx_version"] == onnx.__version__
+    assert json.loads(meta["config"])["latent_dim"] == 16
+
+
+def test_end_to_end_outputs_lie_in_the_declared_range(tiny_run):
+    s = _session(tiny_run["model"])
+    meta = read_metadata(tiny_run["model"])
+    lo, hi = json.loads(meta["output_range"])
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((33, 16), dtype=np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 33)]
+    (images,) = s.run(["images"], {"z": z, "y": y})
+    assert images.shape == (33, 1, 28, 28) and images.dtype == np.float32
+    assert lo <= images.min() and images.max() <= hi and images.std() > 0.01
+    assert tiny_run["model"].parent.name == "1" and tiny_run["model"].stat().st_size < 1 << 20
+
+
+def test_parity_across_architectures(tmp_path, tiny_run):
+    ck = load_checkpoint(tiny_run["checkpoint"])
+    g = export_mod.generator_from_checkpoint(ck)
+    assert export_mod.check(g, "normal", tiny_run["model"]) <= export_mod.PARITY_ATOL
+    configs = {
+        "mlp": PRESETS["paper-mlp"].config.replace(steps=2, batch_size=16),
+        "mlp2d": PRESETS["ring8"].config.replace(steps=2),
+        "dcgan32-rgb-unconditional": tiny_config(tmp_path, steps=2, conditional=False, image_size=32, channels=3),
+    }
+    for name, cfg in configs.items():
+        ckpt = Trainer(cfg.replace(out=str(tmp_path / name), **QUIET)).train(progress=False)
+        path = export(ckpt, tmp_path / "models", name)  # runs the checker and the 1/7/64 parity
+        g = export_mod.generator_from_checkpoint(load_checkpoint(ckpt))
+        assert export_mod.check(g, cfg.prior, path) <= 1e-4, name
+        inputs = [i.name for i in _session(path).get_inputs()]
+        assert inputs == ["z"]
+
+
+def test_versions_increase_and_are_never_overwritten(tmp_path, tiny_run):
+    repo = tmp_path / "models"
+    first = export(tiny_run["checkpoint"], repo, "m")
+    before = first.read_bytes()
+    second = export(tiny_run["checkpoint"], repo, "m", use_ema=False)
+    assert (first.parent.name, second.parent.name) == ("1", "2")
+    assert first.read_bytes() == before
+    assert json.loads(read_metadata(second)["ema"]) is False
+    (repo / "m" / "7").mkdir()  # a gap: the next version follows the highest
+    assert export(tiny_run["checkpoint"], repo, "m").parent.name == "8"
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "2", "7", "8"]  # no staging left
+
+
+def test_a_failed_check_publishes_nothing(tmp_path, tiny_run, monkeypatch):
+    monkeypatch.setattr(export_mod, "PARITY_ATOL", -1.0)
+    with pytest.raises(ExportError, match="differ by"):
+        export(tiny_run["checkpoint"], tmp_path / "models", "m")
+    assert list((tmp_path / "models" / "m").iterdir()) == []
+
+
+def test_export_cli(tmp_path, tiny_run, capsys):
+    code = export_mod.main([str(tiny_run["checkpoint"]), "--repository", str(tmp_path), "--name", "cli"])
+    assert code == 0 and capsys.readouterr().out.strip() == str(tmp_path / "cli" / "1" / "model.onnx")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert export_mod.main([str(tmp_path / "junk.pt"), "--repository", str(tmp_path), "--name", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "Traceback" not in err
+
+
+def test_training_command_end_to_end(tmp_path):
+    """The documented command: train `tiny` → checkpoint → grid → models/<name>/1/model.onnx."""
+    out = subprocess.run(
+        [sys.executable, "-m", "training.run", "--preset", "tiny", "--steps", "6", "--out", str(tmp_path / "run"),
+         "--repository", str(tmp_path / "models"), "--name", "e2e", "--no-progress"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    model = tmp_path / "models" / "e2e" / "1" / "model.onnx"
+    assert f"exported {model}" in out.stdout
+    assert (tmp_path / "run" / "samples" / "final.png").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step_0000006.pt").exists()
+    (images,) = _session(model).run(None, {"z": np.zeros((2, 16), np.float32), "y": np.eye(10, dtype=np.float32)[:2]})
+    assert images.shape == (2, 1, 28, 28)

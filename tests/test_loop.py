@@ -1,0 +1,139 @@
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import tiny_config
+from training.config import PRESETS
+from training.loop import Trainer, latest_checkpoint, lr_at, momentum_at
+
+QUIET = dict(sample_every=0, checkpoint_every=0, log_every=0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_algorithm_1_makes_k_discriminator_updates_per_generator_update(tmp_path, k):
+    trainer = Trainer(tiny_config(tmp_path, k=k, steps=4, **QUIET))
+    counts = {"d": 0, "g": 0}
+    trainer.opt_d.register_step_post_hook(lambda *a: counts.__setitem__("d", counts["d"] + 1))
+    trainer.opt_g.register_step_post_hook(lambda *a: counts.__setitem__("g", counts["g"] + 1))
+    trainer.train(progress=False)
+    assert counts == {"d": 4 * k, "g": 4}
+    assert trainer.real_batches == 4 * k  # each D update sees a fresh real minibatch
+    # Adam's own per-parameter step counters agree.
+    first = next(iter(trainer.opt_d.state.values()))
+    assert first["step"].item() == 4 * k
+
+
+def test_paper_schedules_by_hand():
+    cfg = PRESETS["paper-mlp"].config
+    assert lr_at(0.1, 0, cfg) == 0.1
+    assert lr_at(0.1, 1000, cfg) == pytest.approx(0.1 / 1.000004**1000)
+    assert lr_at(0.1, 10**8, cfg) == 1e-6  # floored
+    assert momentum_at(0.0, cfg) == 0.5 and momentum_at(1.0, cfg) == 0.5
+    assert momentum_at(125.5, cfg) == pytest.approx(0.6)
+    assert momentum_at(250.0, cfg) == pytest.approx(0.7) and momentum_at(900.0, cfg) == pytest.approx(0.7)
+
+
+def test_sgd_groups_follow_the_schedule(tmp_path):
+    cfg = PRESETS["paper-mlp"].config.replace(out=str(tmp_path), steps=3, batch_size=20, lr_decay=1.01, **QUIET)
+    trainer = Trainer(cfg)
+    trainer.train(progress=False)
+    # The lr in force for the last (3rd) update was set from 2 previous updates.
+    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(0.1 / 1.01**2)
+    assert trainer.opt_d.param_groups[0]["momentum"] == 0.5
+
+
+def _tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every tensor that defines the run's future: weights, EMA, optimiser state, RNG."""
+    state = trainer.state_dict()
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            flat[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}.{i}", v)
+
+    for key in ("G", "D", "G_ema", "opt_g", "opt_d", "rng"):
+        walk(key, state[key])
+    return flat
+
+
+RESUME_CASES = {
+    "tiny-cdcgan-adam-ema": lambda out: tiny_config(out, **QUIET),
+    "paper-mlp-sgd-dropout": lambda out: PRESETS["paper-mlp"].config.replace(
+        out=str(out), batch_size=16, lr_decay=1.001, momentum_epochs=(0.0, 0.05), conditional=True, **QUIET
+    ),
+    "ring8-wgan-gp": lambda out: PRESETS["ring8"].config.replace(out=str(out), loss="wgan-gp", k=2, batch_size=32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_is_bit_identical(tmp_path, case):
+    n = 5
+    make = RESUME_CASES[case]
+    straight = Trainer(make(tmp_path / "straight").replace(steps=2 * n))
+    straight.train(progress=False)
+
+    first = Trainer(make(tmp_path / "split").replace(steps=n))
+    ckpt = first.train(progress=False)
+    assert ckpt == latest_checkpoint(tmp_path / "split")
+    del first
+    torch.manual_seed(12345)  # whatever happened to the global RNG in between must not matter
+    resumed = Trainer.resume(ckpt, steps=2 * n)
+    assert resumed.step == n
+    resumed.train(progress=False)
+
+    a, b = _tensors(straight), _tensors(resumed)
+    assert a.keys() == b.keys() and len(a) > 10
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    runs = [Trainer(tiny_config(tmp_path / str(i), seed=s, steps=3, **QUIET)) for i, s in enumerate((7, 7, 8))]
+    for t in runs:
+        t.train(progress=False)
+    w = [t.G.state_dict()["project.weight"] for t in runs]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+
+
+def test_ema_tracks_the_generator(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, steps=6, ema=0.9, **QUIET))
+    before = trainer.G_ema.state_dict()["project.weight"].clone()
+    trainer.train(progress=False)
+    ema, raw = trainer.G_ema.state_dict()["project.weight"], trainer.G.state_dict()["project.weight"]
+    assert not torch.equal(ema, before) and not torch.equal(ema, raw)
+    assert trainer.sampler is trainer.G_ema
+    assert Trainer(tiny_config(tmp_path / "no-ema", ema=0.0)).G_ema is None
+
+
+def test_outputs_metrics_log_grids_and_checkpoints(tiny_run):
+    run = tiny_run["run"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    cfg = PRESETS["tiny"].config
+    assert [r["step"] for r in records] == list(range(cfg.log_every, cfg.steps + 1, cfg.log_every))
+    for r in records:
+        assert {"loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "s_per_it"} <= r.keys()
+        assert all(math.isfinite(v) for v in r.values())
+        assert 0 <= r["d_real"] <= 1 and 0 <= r["d_fake"] <= 1  # nonsat: reported as probabilities
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000010.pt", "step_0000020.pt"]
+    grid = Image.open(run / "samples" / "final.png")
+    # One row per class (10) and 10 columns of 28px digits upscaled ×2, with 2px padding.
+    assert grid.size == (10 * 58 + 2, 10 * 58 + 2)
+    assert (run / "samples" / "step_0000010.png").exists()
+
+
+def test_point_runs_draw_a_scatter_plot(tmp_path):
+    trainer = Trainer(PRESETS["ring8"].config.replace(out=str(tmp_path), steps=2, **QUIET))
+    trainer.train(progress=False)
+    im = Image.open(tmp_path / "samples" / "final.png").convert("RGB")
+    assert im.size == (512, 512)
+    colours = {c for _, c in im.getcolors(1 << 16)}
+    assert (220, 30, 30) in colours and (30, 90, 200) in colours  # modes and samples both drawn

@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+
+from training import nets
+from training.config import TrainConfig
+from training.data import DataSpec
+
+TEN = tuple("0123456789")
+
+
+@pytest.mark.parametrize("size", [28, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("cond", ["projection", "concat"])
+def test_dcgan_shapes_and_ranges(size, channels, cond):
+    spec = DataSpec((channels, size, size), TEN)
+    g = nets.DCGenerator(16, spec, width=8)
+    d = nets.DCDiscriminator(spec, width=8, cond=cond)
+    y = torch.softmax(torch.randn(5, 10), 1)  # soft labels are valid input
+    x = g(torch.randn(5, 16), y)
+    assert x.shape == (5, channels, size, size)
+    assert x.min() >= -1 and x.max() <= 1
+    assert d(x, y).shape == (5,)
+
+
+def test_dcgan_critic_without_batchnorm_has_no_batch_coupling():
+    spec = DataSpec((1, 28, 28))
+    d = nets.DCDiscriminator(spec, width=8, norm="none")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules())
+    x = torch.randn(6, 1, 28, 28)
+    assert torch.allclose(d(x)[:3], d(x[:3]), atol=1e-6)  # per-sample, as the gradient penalty needs
+
+
+def test_conditional_generator_output_depends_on_the_label():
+    spec = DataSpec((1, 28, 28), TEN)
+    g = nets.DCGenerator(8, spec, width=8).eval()
+    z = torch.randn(1, 8)
+    eye = torch.eye(10)
+    assert not torch.allclose(g(z, eye[:1]), g(z, eye[1:2]))
+
+
+def test_paper_mlp_architecture_and_initialisation():
+    spec = DataSpec((1, 28, 28))
+    mean = torch.full((784,), 0.13)
+    g = nets.MLPGenerator(100, spec, pixel_mean=mean)
+    widths = [(m.in_features, m.out_features) for m in g.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [(100, 1200), (1200, 1200), (1200, 784)]
+    assert all(m.weight.abs().max() <= 0.05 for m in g.modules() if isinstance(m, torch.nn.Linear))
+    assert torch.allclose(g.net[-2].bias, torch.full((784,), math.log(0.13 / 0.87)))
+    x = g(torch.rand(3, 100))
+    assert x.shape == (3, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+
+    d = nets.MaxoutDiscriminator(spec)
+    maxouts = [m for m in d.modules() if isinstance(m, nets.Maxout)]
+    assert [(m.units, m.pieces) for m in maxouts] == [(240, 5), (240, 5)]
+    assert [m.p for m in d.modules() if isinstance(m, torch.nn.Dropout)] == [0.2, 0.5, 0.5]
+    assert all(m.weight.abs().max() <= 0.005 for m in d.modules() if isinstance(m, torch.nn.Linear))
+    d.eval()
+    assert d(x).shape == (3,)
+
+
+@pytest.mark.parametrize("cond", ["projection", "concat"])
+def test_conditional_maxout_discriminator(cond):
+    spec = DataSpec((1, 28, 28), TEN)
+    d = nets.MaxoutDiscriminator(spec, cond=cond).eval()
+    x = torch.rand(4, 1, 28, 28)
+    out = d(x, torch.eye(10)[:4])
+    assert out.shape == (4,)
+    assert not torch.allclose(out, d(x, torch.eye(10)[4:8]))
+
+
+def test_maxout_takes_the_max_over_pieces():
+    m = nets.Maxout(2, units=1, pieces=3)
+    with torch.no_grad():
+        m.linear.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+        m.linear.bias.zero_()
+    assert m(torch.tensor([[2.0, 5.0], [-3.0, -4.0]])).tolist() == [[5.0], [7.0]]
+
+
+def test_point_nets_and_registries():
+    spec = DataSpec((2,))
+    cfg = TrainConfig(dataset="ring8", arch="mlp2d", latent_dim=4, width=16)
+    g, d = nets.build_generator(cfg, spec), nets.build_discriminator(cfg, spec)
+    assert g(torch.randn(7, 4)).shape == (7, 2) and d(torch.randn(7, 2)).shape == (7,)
+    assert set(nets.GENERATORS) == set(nets.DISCRIMINATORS) == {"mlp", "dcgan", "mlp2d"}

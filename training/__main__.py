@@ -1,0 +1,3 @@
+from training.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""Training configuration: one frozen dataclass, validated once, and the presets as data."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "folder", "ring8", "grid25")
+POINT_DATASETS = ("ring8", "grid25")
+ARCHS = ("mlp", "dcgan", "mlp2d")
+LOSSES = ("minimax", "nonsat", "lsgan", "wgan-gp", "hinge")
+DCGAN_SIZES = (28, 32, 64)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be trained; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Saved in every checkpoint and in the exported ONNX."""
+
+    # Data
+    dataset: str = "mnist5k"
+    data_dir: str = ""  # folder: required; mnist/fashion-mnist/cifar10: where files are read or downloaded
+    split: str = "train"  # mnist5k: 450/class train vs 50/class held-out ("test"); folder ignores it
+    image_size: int = 28
+    channels: int = 1
+    conditional: bool = False
+
+    # Networks
+    arch: str = "dcgan"
+    latent_dim: int = 100
+    prior: str = "normal"  # normal: N(0, 1); uniform: U(-√3, √3), unit variance as in the paper
+    width: int = 32  # dcgan: base channel count; mlp2d: hidden units; mlp: ignored (paper sizes)
+    d_cond: str = "projection"  # how D sees the label: projection | concat
+    d_norm: str = "batch"  # dcgan D normalisation: batch | none | spectral (WGAN-GP forbids batch)
+    dropout: bool = True  # mlp D: the paper's input 0.2 / hidden 0.5 dropout
+
+    # Objective and optimisation (Algorithm 1)
+    loss: str = "nonsat"
+    k: int = 1  # discriminator updates per generator update
+    steps: int = 2000  # generator updates (iterations of Algorithm 1)
+    batch_size: int = 64
+    optimizer: str = "adam"  # adam | sgd (momentum)
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)  # adam
+    momentum: tuple[float, float] = (0.5, 0.7)  # sgd: start and final momentum
+    momentum_epochs: tuple[float, float] = (1.0, 250.0)  # sgd: linear momentum ramp between these epochs
+    lr_decay: float = 1.0  # lr is divided by this after every update (paper: 1.000004)
+    lr_floor: float = 1e-6
+    gp_weight: float = 10.0  # wgan-gp penalty λ
+    ema: float = 0.999  # generator EMA decay; 0 disables (export then uses the raw G)
+
+    # Bookkeeping
+    seed: int = 0
+    sample_every: int = 500
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    out: str = "runs/default"
+    preset: str = ""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}: {msg} (got {getattr(self, name)!r})")
+
+        need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
+        need(self.split in ("train", "test"), "split", "must be train or test")
+        need(self.arch in ARCHS, "arch", f"must be one of {', '.join(ARCHS)}")
+        need(self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}")
+        need(self.prior in ("normal", "uniform"), "prior", "must be normal or uniform")
+        need(self.optimizer in ("adam", "sgd"), "optimizer", "must be adam or sgd")
+        need(self.d_cond in ("projection", "concat"), "d_cond", "must be projection or concat")
+        need(self.d_norm in ("batch", "none", "spectral"), "d_norm", "must be batch, none or spectral")
+        need(self.channels in (1, 3), "channels", "must be 1 or 3")
+        need(self.dataset != "folder" or bool(self.data_dir), "data_dir", "the folder dataset needs --data-dir")
+        points = self.dataset in POINT_DATASETS
+        need(points == (self.arch == "mlp2d"), "arch", "mlp2d goes with ring8/grid25 and only with them")
+        if self.arch == "dcgan":
+            need(self.image_size in DCGAN_SIZES, "image_size", f"dcgan supports {DCGAN_SIZES}")
+        need(self.image_size >= 8, "image_size", "must be at least 8")
+        need(
+            not (self.loss == "wgan-gp" and self.arch == "dcgan" and self.d_norm == "batch"),
+            "d_norm",
+            "WGAN-GP's critic must not use BatchNorm (the penalty is per-sample); use none or spectral",
+        )
+        for name in ("k", "steps", "batch_size", "latent_dim", "width"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("sample_every", "checkpoint_every", "log_every"):
+            need(getattr(self, name) >= 0, name, "must be >= 0 (0 disables)")
+        need(0.0 <= self.ema < 1.0, "ema", "must be in [0, 1)")
+        need(self.lr_g > 0 and self.lr_d > 0, "lr_g", "learning rates must be positive")
+        need(self.lr_decay >= 1.0, "lr_decay", "must be >= 1 (1 disables the decay)")
+        need(self.momentum_epochs[1] > self.momentum_epochs[0], "momentum_epochs", "end must follow start")
+
+    @property
+    def ema_enabled(self) -> bool:
+        return self.ema > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of to_dict; tolerates lists for tuple fields (JSON, checkpoints)."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class Preset(NamedTuple):
+    summary: str
+    config: TrainConfig
+
+
+def _preset(name: str, summary: str, **fields: Any) -> tuple[str, Preset]:
+    return name, Preset(summary, TrainConfig(preset=name, out=f"runs/{name}", **fields))
+
+
+# The paper's released MNIST configuration (gan-facts.md, "the authors' mnist.yaml").
+_PAPER = dict(
+    dataset="mnist5k",
+    arch="mlp",
+    prior="uniform",
+    loss="nonsat",
+    k=1,
+    batch_size=100,
+    optimizer="sgd",
+    lr_g=0.1,
+    lr_d=0.1,
+    momentum=(0.5, 0.7),
+    momentum_epochs=(1.0, 250.0),
+    lr_decay=1.000004,
+    lr_floor=1e-6,
+    ema=0.0,
+)
+
+PRESETS: dict[str, Preset] = dict(
+    [
+        _preset(
+            "paper-mlp",
+            "Goodfellow et al. 2014: MLP G, maxout+dropout D, momentum SGD, k=1, on mnist5k",
+            steps=50_000,
+            sample_every=2500,
+            checkpoint_every=5000,
+            **_PAPER,
+        ),
+        _preset(
+            "mnist-dcgan",
+            "DCGAN (Radford et al.) at 28x28 on mnist5k, Adam 2e-4 β1 0.5, EMA",
+            steps=5000,
+        ),
+        _preset(
+            "mnist-cdcgan",
+            "conditional DCGAN on mnist5k: label y into G and a projection D, Adam 2e-4 β1 0.5, EMA",
+            conditional=True,
+            steps=6000,
+        ),
+        _preset(
+            "ring8",
+            "2-D mixture of 8 Gaussians on a ring (VEEGAN/PacGAN protocol)",
+            dataset="ring8",
+            arch="mlp2d",
+            latent_dim=8,
+            width=128,
+            batch_size=256,
+            lr_g=1e-3,
+            lr_d=1e-3,
+            betas=(0.5, 0.999),
+            steps=4000,
+            ema=0.99,
+            sample_every=1000,
+        ),
+        _preset(
+            "grid25",
+            "2-D 5x5 grid of 25 Gaussians (VEEGAN/PacGAN protocol)",
+            dataset="grid25",
+            arch="mlp2d",
+            latent_dim=8,
+            width=256,
+            batch_size=256,
+            lr_g=1e-3,
+            lr_d=1e-3,
+            betas=(0.5, 0.999),
+            steps=8000,
+            ema=0.99,
+            sample_every=2000,
+        ),
+        _preset(
+            "tiny",
+            "a few seconds: small conditional DCGAN on mnist5k, for tests and smoke runs",
+            conditional=True,
+            width=8,
+            latent_dim=16,
+            steps=20,
+            batch_size=16,
+            sample_every=10,
+            checkpoint_every=10,
+            log_every=5,
+        ),
+    ]
+)

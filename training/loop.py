@@ -1,0 +1,294 @@
+"""Algorithm 1 of Goodfellow et al. 2014: k discriminator updates, then one generator update.
+
+The Trainer owns G, D, the generator EMA, both optimisers, the schedules, the counters and every RNG,
+and can save and restore all of it: N steps + resume + N steps is bit-identical to 2N steps on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training import data as data_mod
+from training import viz
+from training.config import TrainConfig
+from training.data import DataSpec, ImageData, PointData
+from training.losses import LOSSES, gradient_penalty
+from training.nets import build_discriminator, build_generator
+
+CHECKPOINT_FORMAT = 1
+GRID_COLS = 10
+
+
+def sample_z(n: int, dim: int, prior: str, generator: torch.Generator) -> torch.Tensor:
+    """The training prior: N(0, 1), or U(−√3, √3) (unit variance, the paper's choice)."""
+    if prior == "normal":
+        return torch.randn(n, dim, generator=generator)
+    return (torch.rand(n, dim, generator=generator) * 2 - 1) * math.sqrt(3.0)
+
+
+def lr_at(base: float, updates: int, cfg: TrainConfig) -> float:
+    """The paper's per-update decay: lr / decay^updates, floored (1.000004 and 1e-6 in mnist.yaml)."""
+    if cfg.lr_decay == 1.0:
+        return base
+    return max(base / cfg.lr_decay**updates, cfg.lr_floor)
+
+
+def momentum_at(epoch: float, cfg: TrainConfig) -> float:
+    """The paper's momentum ramp: linear from momentum[0] to momentum[1] between momentum_epochs."""
+    (m0, m1), (e0, e1) = cfg.momentum, cfg.momentum_epochs
+    return m0 + (m1 - m0) * min(max((epoch - e0) / (e1 - e0), 0.0), 1.0)
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step_{step:07d}.pt"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint safely (tensors and plain containers only) and check its format."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
+    return ck
+
+
+def spec_from_checkpoint(ck: dict[str, Any]) -> DataSpec:
+    return DataSpec(tuple(ck["spec"]["shape"]), tuple(ck["spec"]["class_names"]))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: ImageData | PointData | None = None):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.data = data if data is not None else data_mod.load(cfg)
+        self.spec = self.data.spec(cfg.conditional)
+        pixel_mean = self.data.pixel_mean() if cfg.arch == "mlp" else None
+        self.G = build_generator(cfg, self.spec, pixel_mean)
+        self.D = build_discriminator(cfg, self.spec)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg.ema_enabled else None
+        self.loss = LOSSES[cfg.loss]
+        self.opt_g = self._optimizer(self.G, cfg.lr_g)
+        self.opt_d = self._optimizer(self.D, cfg.lr_d)
+        self.noise = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0  # generator updates
+        self.d_updates = 0
+        self.real_batches = 0
+        self.out = Path(cfg.out)
+        self.fixed_z, self.fixed_y = self._fixed_inputs()
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    def _optimizer(self, net: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(net.parameters(), lr=lr, momentum=self.cfg.momentum[0])
+        return torch.optim.Adam(net.parameters(), lr=lr, betas=self.cfg.betas)
+
+    def _fixed_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Noise for the sample grids: fixed for the run; one row per class when conditional."""
+        g = torch.Generator().manual_seed(self.cfg.seed + 2)
+        nc = self.spec.num_classes
+        if nc:
+            rows = min(nc, 16)
+            z = sample_z(GRID_COLS, self.cfg.latent_dim, self.cfg.prior, g).repeat(rows, 1)
+            return z, F.one_hot(torch.arange(rows).repeat_interleave(GRID_COLS), nc).float()
+        n = 2500 if isinstance(self.data, PointData) else 64
+        return sample_z(n, self.cfg.latent_dim, self.cfg.prior, g), None
+
+    @property
+    def output_range(self) -> tuple[float, float] | None:
+        return self.G.output_range
+
+    @property
+    def sampler(self) -> torch.nn.Module:
+        """The generator whose samples we show and export: the EMA one when enabled."""
+        return self.G_ema if self.G_ema is not None else self.G
+
+    # ---- one iteration of Algorithm 1 --------------------------------------------------------------
+
+    def _labels(self, labels: torch.Tensor) -> torch.Tensor | None:
+        return F.one_hot(labels, self.spec.num_classes).float() if self.spec.num_classes else None
+
+    def _schedule(self, opt: torch.optim.Optimizer, base_lr: float, updates: int) -> None:
+        cfg = self.cfg
+        for group in opt.param_groups:
+            group["lr"] = lr_at(base_lr, updates, cfg)
+            if cfg.optimizer == "sgd":
+                group["momentum"] = momentum_at(self.real_batches * cfg.batch_size / self.data.size, cfg)
+
+    def d_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        x, labels = self.data.batch(self.real_batches, cfg.batch_size, cfg.seed, self.output_range)
+        self.real_batches += 1
+        # Fakes carry the real batch's labels, so a conditional D compares like with like.
+        y = self._labels(labels)
+        with torch.no_grad():
+            fake = self.G(sample_z(len(x), cfg.latent_dim, cfg.prior, self.noise), y)
+        real_s, fake_s = self.D(x, y), self.D(fake, y)
+        loss = self.loss.d(real_s, fake_s)
+        if self.loss.penalty:
+            loss = loss + cfg.gp_weight * gradient_penalty(self.D, x, fake, y, self.noise)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self._schedule(self.opt_d, cfg.lr_d, self.d_updates)
+        self.opt_d.step()
+        self.d_updates += 1
+        squash = torch.sigmoid if self.loss.probabilities else (lambda s: s)
+        return {
+            "loss_d": loss.item(),
+            "d_real": squash(real_s.detach()).mean().item(),
+            "d_fake": squash(fake_s.detach()).mean().item(),
+        }
+
+    def g_step(self) -> dict[str, float]:
+        cfg, nc = self.cfg, self.spec.num_classes
+        z = sample_z(cfg.batch_size, cfg.latent_dim, cfg.prior, self.noise)
+        y = self._labels(torch.randint(nc, (cfg.batch_size,), generator=self.noise)) if nc else None
+        self.D.requires_grad_(False)  # no D gradients in the G step
+        loss = self.loss.g(self.D(self.G(z, y), y))
+        self.D.requires_grad_(True)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self._schedule(self.opt_g, cfg.lr_g, self.step)
+        self.opt_g.step()
+        self.step += 1
+        if self.G_ema is not None:
+            self._update_ema()
+        return {"loss_g": loss.item()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Ramp the decay up early on (as StyleGAN does) so short runs are not dominated by the init.
+        beta = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+        for pe, p in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
+            pe.lerp_(p, 1 - beta)
+        for be, b in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
+            be.copy_(b)
+
+    def iteration(self) -> dict[str, float]:
+        """One iteration of Algorithm 1; returns the last D step's and the G step's statistics."""
+        for _ in range(self.cfg.k):
+            stats = self.d_step()
+        return stats | self.g_step()
+
+    # ---- outputs -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def save_samples(self, path: Path) -> None:
+        g = self.sampler
+        was_training = g.training
+        g.eval()
+        out = g(self.fixed_z, self.fixed_y).numpy()
+        g.train(was_training)
+        if isinstance(self.data, PointData):
+            viz.save_scatter(out, self.data.means.numpy(), self.data.std, path)
+        else:
+            viz.save_grid(out, self.output_range, GRID_COLS if self.fixed_y is not None else 8, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "spec": {"shape": list(self.spec.shape), "class_names": list(self.spec.class_names)},
+            "counters": {"step": self.step, "d_updates": self.d_updates, "real_batches": self.real_batches},
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state()},
+            "torch_version": str(torch.__version__),
+        }
+
+    def load_state_dict(self, ck: dict[str, Any]) -> None:
+        self.G.load_state_dict(ck["G"])
+        self.D.load_state_dict(ck["D"])
+        if self.G_ema is not None:
+            self.G_ema.load_state_dict(ck["G_ema"])
+        self.opt_g.load_state_dict(ck["opt_g"])
+        self.opt_d.load_state_dict(ck["opt_d"])
+        self.step = ck["counters"]["step"]
+        self.d_updates = ck["counters"]["d_updates"]
+        self.real_batches = ck["counters"]["real_batches"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        self.noise.set_state(ck["rng"]["noise"])
+
+    def save_checkpoint(self) -> Path:
+        path = checkpoint_path(self.out, self.step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
+        return path
+
+    @classmethod
+    def resume(cls, path: Path, **overrides: Any) -> Trainer:
+        """Rebuild a trainer from a checkpoint; `overrides` may extend `steps` or move `out`."""
+        ck = load_checkpoint(path)
+        trainer = cls(TrainConfig.from_dict(ck["config"]).replace(**overrides))
+        trainer.load_state_dict(ck)
+        return trainer
+
+    # ---- the run -----------------------------------------------------------------------------------
+
+    def train(self, progress: bool = True) -> Path:
+        """Run until cfg.steps generator updates; returns the final checkpoint's path."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        log = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, unit="it", dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        t_last, n_last = time.perf_counter(), 0
+        last_ckpt = None
+        try:
+            while self.step < cfg.steps:
+                for key, v in self.iteration().items():
+                    sums[key] = sums.get(key, 0.0) + v
+                n_last += 1
+                bar.update(1)
+                at_end = self.step == cfg.steps
+                if (cfg.log_every and self.step % cfg.log_every == 0) or at_end:
+                    now = time.perf_counter()
+                    rec = {k: v / n_last for k, v in sums.items()}
+                    rec["images_per_s"] = n_last * cfg.k * cfg.batch_size / (now - t_last)
+                    rec["s_per_it"] = (now - t_last) / n_last
+                    bar.set_postfix(
+                        D=f"{rec['loss_d']:.3f}",
+                        G=f"{rec['loss_g']:.3f}",
+                        Dx=f"{rec['d_real']:.2f}",
+                        DGz=f"{rec['d_fake']:.2f}",
+                        img_s=f"{rec['images_per_s']:.0f}",
+                    )
+                    lr = self.opt_d.param_groups[0]["lr"]
+                    log.write(json.dumps({"step": self.step, "lr_d": lr, **rec}) + "\n")
+                    log.flush()
+                    sums, t_last, n_last = {}, now, 0
+                if (cfg.sample_every and self.step % cfg.sample_every == 0) or at_end:
+                    self.save_samples(self.out / "samples" / f"step_{self.step:07d}.png")
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or at_end:
+                    last_ckpt = self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        if last_ckpt is None:  # resumed a run that had already finished
+            last_ckpt = self.save_checkpoint()
+        self.save_samples(self.out / "samples" / "final.png")
+        return last_ckpt

@@ -1,0 +1,95 @@
+"""Train a GAN: `python -m training.run --preset NAME [--field value ...] [--resume [CKPT]]`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+from training.config import PRESETS, ConfigError, TrainConfig
+from training.data import DataError
+
+
+_FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "preset"]  # --preset picks it
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parser() -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {name:<14} {p.summary}" for name, p in PRESETS.items())
+    p = argparse.ArgumentParser(
+        prog="python -m training.run",
+        description="Train a GAN (Algorithm 1 of Goodfellow et al. 2014 and successors), then export it to ONNX.",
+        epilog=f"presets:\n{presets}\n\nAny config field below overrides the preset.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default="mnist-cdcgan", choices=sorted(PRESETS), help="base configuration")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
+                   help="resume from CKPT, or from the newest checkpoint under --out")  # fmt: skip
+    p.add_argument("--no-export", action="store_true", help="do not export the final generator to ONNX")
+    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository for the export")
+    p.add_argument("--name", help="exported model name (default: the preset name)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fields = p.add_argument_group("config fields (default: the preset's value)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in _FIELDS:
+        hint = hints[f.name]
+        if hint is bool:
+            fields.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(hint) is tuple:
+            fields.add_argument(_flag(f.name), type=_floats, default=None, metavar="A,B")
+        else:
+            fields.add_argument(_flag(f.name), type=hint, default=None)
+    return p
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: v for f in _FIELDS if (v := getattr(args, f.name)) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imported here so that --help is instant (torch takes seconds to import).
+    from training.export import ExportError, export
+    from training.loop import Trainer, latest_checkpoint
+
+    try:
+        changes = overrides(args)
+        if args.resume:
+            base = TrainConfig.from_dict(PRESETS[args.preset].config.to_dict() | changes)
+            ckpt = latest_checkpoint(Path(base.out)) if args.resume == "latest" else Path(args.resume)
+            if ckpt is None or not ckpt.exists():
+                raise FileNotFoundError(f"resume: no checkpoint at {args.resume if ckpt else base.out}")
+            trainer = Trainer.resume(ckpt, **changes)
+            print(f"resumed {ckpt} at step {trainer.step}", file=sys.stderr)
+        else:
+            trainer = Trainer(PRESETS[args.preset].config.replace(**changes))
+        cfg = trainer.cfg
+        start = time.perf_counter()
+        final = trainer.train(progress=not args.no_progress)
+        print(f"trained {cfg.steps} steps in {time.perf_counter() - start:.1f}s; checkpoint {final}")
+        print(f"samples: {Path(cfg.out) / 'samples' / 'final.png'}")
+        if not args.no_export:
+            path = export(final, args.repository, args.name or cfg.preset or Path(cfg.out).name)
+            print(f"exported {path}")
+    except (ConfigError, DataError, ExportError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

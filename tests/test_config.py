@@ -48,7 +48,13 @@ def test_cli_overrides_any_field():
          "--betas", "0.0,0.99", "--no-conditional"]
     )  # fmt: skip
     changes = run.overrides(args)
-    assert changes == {"steps": 3000, "batch_size": 64, "out": "runs/x", "betas": (0.0, 0.99), "conditional": False}
+    assert changes == {
+        "steps": 3000,
+        "batch_size": 64,
+        "out": "runs/x",
+        "betas": (0.0, 0.99),
+        "conditional": False,
+    }
     cfg = PRESETS[args.preset].config.replace(**changes)
     assert cfg.steps == 3000 and cfg.loss == PRESETS["mnist-cdcgan"].config.loss
 

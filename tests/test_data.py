@@ -214,11 +214,18 @@ def test_cifar10_download_and_parse(http_root, tmp_path, monkeypatch):
         names = [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer")]
         add("batches.meta", {b"label_names": [*names, b"dog", b"frog", b"horse", b"ship", b"truck"]})
         for i in range(1, 6):
-            add(f"data_batch_{i}", {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [i, 0]})
+            add(
+                f"data_batch_{i}",
+                {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [i, 0]},
+            )
         add("test_batch", {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [1, 2, 3]})
     (www / "cifar-10-python.tar.gz").write_bytes(buf.getvalue())
-    monkeypatch.setitem(data.REMOTES, "cifar10", Remote((url,), {"cifar-10-python.tar.gz": _sha(buf.getvalue())}))
-    cfg = TrainConfig(dataset="cifar10", data_dir=str(tmp_path / "c"), image_size=32, channels=3, conditional=True)
+    monkeypatch.setitem(
+        data.REMOTES, "cifar10", Remote((url,), {"cifar-10-python.tar.gz": _sha(buf.getvalue())})
+    )
+    cfg = TrainConfig(
+        dataset="cifar10", data_dir=str(tmp_path / "c"), image_size=32, channels=3, conditional=True
+    )
     d = data.load(cfg)
     assert d.images.shape == (10, 3, 32, 32) and d.class_names[0] == "airplane"
     assert d.labels.tolist() == [1, 0, 2, 0, 3, 0, 4, 0, 5, 0]

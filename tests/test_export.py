@@ -38,7 +38,12 @@ def test_metadata_round_trip_through_onnxruntime(tiny_run):
     assert meta["num_classes"] == "10" and json.loads(meta["class_names"]) == list("0123456789")
     assert json.loads(meta["image_shape"]) == [1, 28, 28]
     assert json.loads(meta["output_range"]) == [-1.0, 1.0]
-    assert (meta["architecture"], meta["loss"], meta["dataset"], meta["preset"]) == ("dcgan", "nonsat", "mnist5k", "tiny")
+    assert (meta["architecture"], meta["loss"], meta["dataset"], meta["preset"]) == (
+        "dcgan",
+        "nonsat",
+        "mnist5k",
+        "tiny",
+    )
     assert meta["steps"] == "20" and json.loads(meta["ema"]) is True
     assert meta["checkpoint_sha256"] == sha256_file(tiny_run["checkpoint"])
     assert meta["torch_version"] and meta["onnx_version"] == onnx.__version__
@@ -65,7 +70,9 @@ def test_parity_across_architectures(tmp_path, tiny_run):
     configs = {
         "mlp": PRESETS["paper-mlp"].config.replace(steps=2, batch_size=16),
         "mlp2d": PRESETS["ring8"].config.replace(steps=2),
-        "dcgan32-rgb-unconditional": tiny_config(tmp_path, steps=2, conditional=False, image_size=32, channels=3),
+        "dcgan32-rgb-unconditional": tiny_config(
+            tmp_path, steps=2, conditional=False, image_size=32, channels=3
+        ),
     }
     for name, cfg in configs.items():
         ckpt = Trainer(cfg.replace(out=str(tmp_path / name), **QUIET)).train(progress=False)
@@ -108,8 +115,9 @@ def test_export_cli(tmp_path, tiny_run, capsys):
 def test_training_command_end_to_end(tmp_path):
     """The documented command: train `tiny` → checkpoint → grid → models/<name>/1/model.onnx."""
     out = subprocess.run(
-        [sys.executable, "-m", "training.run", "--preset", "tiny", "--steps", "6", "--out", str(tmp_path / "run"),
-         "--repository", str(tmp_path / "models"), "--name", "e2e", "--no-progress"],
+        [sys.executable, "-m", "training.run", "--preset", "tiny", "--steps", "6",
+         "--out", str(tmp_path / "run"), "--repository", str(tmp_path / "models"), "--name", "e2e",
+         "--no-progress"],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -117,5 +125,7 @@ def test_training_command_end_to_end(tmp_path):
     assert f"exported {model}" in out.stdout
     assert (tmp_path / "run" / "samples" / "final.png").exists()
     assert (tmp_path / "run" / "checkpoints" / "step_0000006.pt").exists()
-    (images,) = _session(model).run(None, {"z": np.zeros((2, 16), np.float32), "y": np.eye(10, dtype=np.float32)[:2]})
+    (images,) = _session(model).run(
+        None, {"z": np.zeros((2, 16), np.float32), "y": np.eye(10, dtype=np.float32)[:2]}
+    )
     assert images.shape == (2, 1, 28, 28)

@@ -37,7 +37,9 @@ def test_paper_schedules_by_hand():
 
 
 def test_sgd_groups_follow_the_schedule(tmp_path):
-    cfg = PRESETS["paper-mlp"].config.replace(out=str(tmp_path), steps=3, batch_size=20, lr_decay=1.01, **QUIET)
+    cfg = PRESETS["paper-mlp"].config.replace(
+        out=str(tmp_path), steps=3, batch_size=20, lr_decay=1.01, **QUIET
+    )
     trainer = Trainer(cfg)
     trainer.train(progress=False)
     # The lr in force for the last (3rd) update was set from 2 previous updates.
@@ -70,7 +72,9 @@ RESUME_CASES = {
     "paper-mlp-sgd-dropout": lambda out: PRESETS["paper-mlp"].config.replace(
         out=str(out), batch_size=16, lr_decay=1.001, momentum_epochs=(0.0, 0.05), conditional=True, **QUIET
     ),
-    "ring8-wgan-gp": lambda out: PRESETS["ring8"].config.replace(out=str(out), loss="wgan-gp", k=2, batch_size=32),
+    "ring8-wgan-gp": lambda out: PRESETS["ring8"].config.replace(
+        out=str(out), loss="wgan-gp", k=2, batch_size=32
+    ),
 }
 
 
@@ -97,7 +101,9 @@ def test_resume_is_bit_identical(tmp_path, case):
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
-    runs = [Trainer(tiny_config(tmp_path / str(i), seed=s, steps=3, **QUIET)) for i, s in enumerate((7, 7, 8))]
+    runs = [
+        Trainer(tiny_config(tmp_path / str(i), seed=s, steps=3, **QUIET)) for i, s in enumerate((7, 7, 8))
+    ]
     for t in runs:
         t.train(progress=False)
     w = [t.G.state_dict()["project.weight"] for t in runs]

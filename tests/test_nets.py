@@ -49,7 +49,7 @@ def test_paper_mlp_architecture_and_initialisation():
     assert all(m.weight.abs().max() <= 0.05 for m in g.modules() if isinstance(m, torch.nn.Linear))
     assert torch.allclose(g.net[-2].bias, torch.full((784,), math.log(0.13 / 0.87)))
     x = g(torch.rand(3, 100))
-    assert x.shape == (3, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (3, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
 
     d = nets.MaxoutDiscriminator(spec)
     maxouts = [m for m in d.modules() if isinstance(m, nets.Maxout)]
@@ -84,3 +84,26 @@ def test_point_nets_and_registries():
     g, d = nets.build_generator(cfg, spec), nets.build_discriminator(cfg, spec)
     assert g(torch.randn(7, 4)).shape == (7, 2) and d(torch.randn(7, 2)).shape == (7,)
     assert set(nets.GENERATORS) == set(nets.DISCRIMINATORS) == {"mlp", "dcgan", "mlp2d"}
+
+
+def test_minibatch_std_exposes_collapse():
+    h = torch.randn(1, 3, 2, 2).expand(8, -1, -1, -1)  # a collapsed batch: identical samples
+    out = nets.minibatch_std(h)
+    assert out.shape == (8, 4, 2, 2) and torch.allclose(out[:, 3], torch.full((8, 2, 2), 1e-4), atol=1e-4)
+    varied = nets.minibatch_std(torch.randn(6, 3, 2, 2))  # 6 is not a multiple of 4: one group
+    assert (varied[:, 3] > 0.3).all() and torch.equal(varied[:, 3], varied[0, 3].expand(6, 2, 2))
+    d = nets.DCDiscriminator(DataSpec((1, 28, 28), TEN), width=8, mbstd=True)
+    assert d(torch.randn(4, 1, 28, 28), torch.eye(10)[:4]).shape == (4,)
+
+
+def test_conditional_batchnorm_is_linear_in_the_label():
+    """Soft labels interpolate: halfway between two one-hots gives the halfway gain and bias."""
+    norm = nets.ConditionalBatchNorm2d(4, 10).eval()
+    with torch.no_grad():
+        norm.gain.weight.normal_()
+        norm.bias.weight.normal_()
+    h, eye = torch.randn(2, 4, 3, 3), torch.eye(10)
+    a, b = norm(h, eye[[1, 1]]), norm(h, eye[[6, 6]])
+    assert not torch.allclose(a, b)
+    assert torch.allclose(norm(h, 0.5 * (eye[[1, 1]] + eye[[6, 6]])), 0.5 * (a + b), atol=1e-6)
+    assert nets.ConditionalBatchNorm2d(4, 0).bn.affine  # unconditional: a plain affine BatchNorm

@@ -36,6 +36,7 @@ class TrainConfig:
     width: int = 32  # dcgan: base channel count; mlp2d: hidden units; mlp: ignored (paper sizes)
     d_cond: str = "projection"  # how D sees the label: projection | concat
     d_norm: str = "batch"  # dcgan D normalisation: batch | none | spectral (WGAN-GP forbids batch)
+    d_mbstd: bool = False  # dcgan D: minibatch standard deviation feature (against mode collapse)
     dropout: bool = True  # mlp D: the paper's input 0.2 / hidden 0.5 dropout
 
     # Objective and optimisation (Algorithm 1)
@@ -76,7 +77,9 @@ class TrainConfig:
         need(self.d_cond in ("projection", "concat"), "d_cond", "must be projection or concat")
         need(self.d_norm in ("batch", "none", "spectral"), "d_norm", "must be batch, none or spectral")
         need(self.channels in (1, 3), "channels", "must be 1 or 3")
-        need(self.dataset != "folder" or bool(self.data_dir), "data_dir", "the folder dataset needs --data-dir")
+        need(
+            self.dataset != "folder" or bool(self.data_dir), "data_dir", "the folder dataset needs --data-dir"
+        )
         points = self.dataset in POINT_DATASETS
         need(points == (self.arch == "mlp2d"), "arch", "mlp2d goes with ring8/grid25 and only with them")
         if self.arch == "dcgan":
@@ -143,6 +146,9 @@ _PAPER = dict(
     ema=0.0,
 )
 
+# Shared by the 2-D mixture presets.
+_POINTS = dict(arch="mlp2d", latent_dim=8, batch_size=256, lr_g=1e-3, lr_d=1e-3, betas=(0.5, 0.999), ema=0.99)
+
 PRESETS: dict[str, Preset] = dict(
     [
         _preset(
@@ -160,39 +166,28 @@ PRESETS: dict[str, Preset] = dict(
         ),
         _preset(
             "mnist-cdcgan",
-            "conditional DCGAN on mnist5k: label y into G and a projection D, Adam 2e-4 β1 0.5, EMA",
+            "conditional DCGAN on mnist5k: conditional-BatchNorm G, label maps concatenated into D, EMA",
             conditional=True,
-            steps=6000,
+            d_cond="concat",
+            steps=8000,
         ),
         _preset(
             "ring8",
             "2-D mixture of 8 Gaussians on a ring (VEEGAN/PacGAN protocol)",
             dataset="ring8",
-            arch="mlp2d",
-            latent_dim=8,
             width=128,
-            batch_size=256,
-            lr_g=1e-3,
-            lr_d=1e-3,
-            betas=(0.5, 0.999),
             steps=4000,
-            ema=0.99,
             sample_every=1000,
+            **_POINTS,
         ),
         _preset(
             "grid25",
             "2-D 5x5 grid of 25 Gaussians (VEEGAN/PacGAN protocol)",
             dataset="grid25",
-            arch="mlp2d",
-            latent_dim=8,
             width=256,
-            batch_size=256,
-            lr_g=1e-3,
-            lr_d=1e-3,
-            betas=(0.5, 0.999),
             steps=8000,
-            ema=0.99,
             sample_every=2000,
+            **_POINTS,
         ),
         _preset(
             "tiny",

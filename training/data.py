@@ -214,7 +214,9 @@ def fetch(remote: Remote, directory: Path) -> dict[str, Path]:
         path = directory / name
         if path.exists():
             if sha256_file(path) != sha:
-                raise DataError(f"checksum mismatch for {path}: expected sha256 {sha}; delete it to re-download")
+                raise DataError(
+                    f"checksum mismatch for {path}: expected sha256 {sha}; delete it to re-download"
+                )
         else:
             errors = []
             for base in remote.urls:
@@ -261,9 +263,9 @@ def cifar10(data_dir: str, split: str):
     images, labels = [], []
     # Pickle is the format CIFAR-10 is published in; the archive's sha256 was verified by fetch().
     with tarfile.open(paths["cifar-10-python.tar.gz"]) as tar:
-        names = pickle.load(tar.extractfile("cifar-10-batches-py/batches.meta"), encoding="bytes")  # noqa: S301
+        names = pickle.load(tar.extractfile("cifar-10-batches-py/batches.meta"), encoding="bytes")
         for m in members:
-            batch = pickle.load(tar.extractfile(f"cifar-10-batches-py/{m}"), encoding="bytes")  # noqa: S301
+            batch = pickle.load(tar.extractfile(f"cifar-10-batches-py/{m}"), encoding="bytes")
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
     class_names = tuple(n.decode() for n in names[b"label_names"])
@@ -300,7 +302,11 @@ def folder(data_dir: str, size: int, channels: int):
     groups = [(name, files) for name, files in groups if files]
     if not groups:
         raise DataError(f"data_dir: no PNG or JPEG images in {root} or its subfolders")
-    images = [_read_image(p, size, channels) for _, files in tqdm(groups, desc="reading", leave=False) for p in files]
+    images = [
+        _read_image(p, size, channels)
+        for _, files in tqdm(groups, desc="reading", leave=False)
+        for p in files
+    ]
     labels = np.concatenate([np.full(len(files), i, dtype=np.int64) for i, (_, files) in enumerate(groups)])
     names = tuple(name for name, _ in groups) if classes else ()
     return np.stack(images), labels, names
@@ -333,7 +339,9 @@ def load(cfg: TrainConfig) -> ImageData | PointData:
     if cfg.dataset == "mnist5k":
         images, labels, names = mnist5k(cfg.split)
     elif cfg.dataset == "mnist":
-        images, labels, names = idx_dataset("mnist", cfg.data_dir, cfg.split, tuple(str(d) for d in range(10)))
+        images, labels, names = idx_dataset(
+            "mnist", cfg.data_dir, cfg.split, tuple(str(d) for d in range(10))
+        )
     elif cfg.dataset == "fashion-mnist":
         images, labels, names = idx_dataset("fashion-mnist", cfg.data_dir, cfg.split, FASHION_CLASSES)
     elif cfg.dataset == "cifar10":
@@ -344,4 +352,3 @@ def load(cfg: TrainConfig) -> ImageData | PointData:
         raise DataError(f"conditional: {cfg.dataset} at {cfg.data_dir or '-'} has no class subfolders")
     data = fit(torch.from_numpy(np.ascontiguousarray(images)), cfg.image_size, cfg.channels)
     return ImageData(data, torch.from_numpy(labels), names)
-

@@ -13,7 +13,6 @@ from typing import Any
 from training.config import PRESETS, ConfigError, TrainConfig
 from training.data import DataError
 
-
 _FIELDS = [f for f in dataclasses.fields(TrainConfig) if f.name != "preset"]  # --preset picks it
 
 
@@ -25,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     presets = "\n".join(f"  {name:<14} {p.summary}" for name, p in PRESETS.items())
     p = argparse.ArgumentParser(
         prog="python -m training.run",
-        description="Train a GAN (Algorithm 1 of Goodfellow et al. 2014 and successors), then export it to ONNX.",
+        description="Train a GAN (Algorithm 1 of Goodfellow et al. 2014 and successors); export it to ONNX.",
         epilog=f"presets:\n{presets}\n\nAny config field below overrides the preset.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from training import run
@@ -27,6 +30,9 @@ def test_paper_preset_matches_the_released_configuration():
         ({"dataset": "folder"}, "data_dir"),
         ({"dataset": "ring8"}, "arch"),
         ({"ema": 1.0}, "ema"),
+        ({"betas": (0.5,)}, "betas"),
+        ({"momentum_epochs": (5.0,)}, "momentum_epochs"),
+        ({"loss": "wgan-gp", "d_norm": "none", "d_mbstd": True}, "d_mbstd"),
     ],
 )
 def test_invalid_configs_name_the_field(changes, field):
@@ -77,3 +83,17 @@ def test_bad_input_is_one_clear_line_not_a_traceback(capsys, tmp_path):
     assert "d_norm:" in capsys.readouterr().err
     assert run.main(["--preset", "tiny", "--resume", str(tmp_path / "none.pt")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_a_corrupt_image_stops_the_real_command_with_one_line(tmp_path):
+    """Through a real process: nothing but one 'error:' line on stderr, exit status 2."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = subprocess.run(
+        [sys.executable, "-m", "training.run", "--preset", "tiny", "--dataset", "folder",
+         "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.startswith("error: ") and "broken.png: cannot read image" in out.stderr

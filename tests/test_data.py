@@ -220,12 +220,8 @@ def test_cifar10_download_and_parse(http_root, tmp_path, monkeypatch):
             )
         add("test_batch", {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [1, 2, 3]})
     (www / "cifar-10-python.tar.gz").write_bytes(buf.getvalue())
-    monkeypatch.setitem(
-        data.REMOTES, "cifar10", Remote((url,), {"cifar-10-python.tar.gz": _sha(buf.getvalue())})
-    )
-    cfg = TrainConfig(
-        dataset="cifar10", data_dir=str(tmp_path / "c"), image_size=32, channels=3, conditional=True
-    )
+    monkeypatch.setitem(data.REMOTES, "cifar10", Remote((url,), {"cifar-10-python.tar.gz": _sha(buf.getvalue())}))
+    cfg = TrainConfig(dataset="cifar10", data_dir=str(tmp_path / "c"), image_size=32, channels=3, conditional=True)
     d = data.load(cfg)
     assert d.images.shape == (10, 3, 32, 32) and d.class_names[0] == "airplane"
     assert d.labels.tolist() == [1, 0, 2, 0, 3, 0, 4, 0, 5, 0]
@@ -237,3 +233,13 @@ def test_fit_resizes_with_antialiasing_and_converts_channels():
     y = data.fit(x, 28, 1)
     assert y.shape == (2, 1, 28, 28) and y.dtype == torch.uint8 and (y == 200).all()
     assert data.fit(y, 32, 3).shape == (2, 3, 32, 32)
+
+
+def test_a_mirror_with_bad_bytes_is_skipped_for_a_good_one(http_root, tmp_path):
+    www, url = http_root
+    (www / "bad").mkdir()
+    (www / "bad" / "f.gz").write_bytes(b"tampered")
+    (www / "f.gz").write_bytes(b"original")
+    paths = data.fetch(Remote((url + "bad/", url), {"f.gz": _sha(b"original")}), tmp_path / "cache")
+    assert paths["f.gz"].read_bytes() == b"original"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["f.gz"]

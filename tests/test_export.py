@@ -70,9 +70,7 @@ def test_parity_across_architectures(tmp_path, tiny_run):
     configs = {
         "mlp": PRESETS["paper-mlp"].config.replace(steps=2, batch_size=16),
         "mlp2d": PRESETS["ring8"].config.replace(steps=2),
-        "dcgan32-rgb-unconditional": tiny_config(
-            tmp_path, steps=2, conditional=False, image_size=32, channels=3
-        ),
+        "dcgan32-rgb-unconditional": tiny_config(tmp_path, steps=2, conditional=False, image_size=32, channels=3),
     }
     for name, cfg in configs.items():
         ckpt = Trainer(cfg.replace(out=str(tmp_path / name), **QUIET)).train(progress=False)
@@ -91,6 +89,16 @@ def test_versions_increase_and_are_never_overwritten(tmp_path, tiny_run):
     assert (first.parent.name, second.parent.name) == ("1", "2")
     assert first.read_bytes() == before
     assert json.loads(read_metadata(second)["ema"]) is False
+    # Version 1 holds the EMA generator, version 2 the raw one: same input, their own outputs.
+    ck = load_checkpoint(tiny_run["checkpoint"])
+    z, y = export_mod.example_inputs(export_mod.generator_from_checkpoint(ck), 5, "normal", seed=3)
+    feeds = {"z": z.numpy(), "y": y.numpy()}
+    outputs = {}
+    for path, use_ema in ((first, True), (second, False)):
+        outputs[use_ema] = _session(path).run(None, feeds)[0]
+        expected = export_mod.generator_from_checkpoint(ck, use_ema)(z, y).numpy()
+        assert np.abs(outputs[use_ema] - expected).max() < 1e-4
+    assert np.abs(outputs[True] - outputs[False]).max() > 1e-3
     (repo / "m" / "7").mkdir()  # a gap: the next version follows the highest
     assert export(tiny_run["checkpoint"], repo, "m").parent.name == "8"
     assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "2", "7", "8"]  # no staging left
@@ -107,7 +115,7 @@ def test_export_cli(tmp_path, tiny_run, capsys):
     code = export_mod.main([str(tiny_run["checkpoint"]), "--repository", str(tmp_path), "--name", "cli"])
     assert code == 0 and capsys.readouterr().out.strip() == str(tmp_path / "cli" / "1" / "model.onnx")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert export_mod.main([str(tmp_path / "junk.pt"), "--repository", str(tmp_path), "--name", "x"]) == 1
+    assert export_mod.main([str(tmp_path / "junk.pt"), "--repository", str(tmp_path), "--name", "x"]) == 2
     err = capsys.readouterr().err
     assert "cannot read checkpoint" in err and "Traceback" not in err
 
@@ -125,7 +133,5 @@ def test_training_command_end_to_end(tmp_path):
     assert f"exported {model}" in out.stdout
     assert (tmp_path / "run" / "samples" / "final.png").exists()
     assert (tmp_path / "run" / "checkpoints" / "step_0000006.pt").exists()
-    (images,) = _session(model).run(
-        None, {"z": np.zeros((2, 16), np.float32), "y": np.eye(10, dtype=np.float32)[:2]}
-    )
+    (images,) = _session(model).run(None, {"z": np.zeros((2, 16), np.float32), "y": np.eye(10, dtype=np.float32)[:2]})
     assert images.shape == (2, 1, 28, 28)

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import tiny_config
-from training.config import PRESETS
-from training.loop import Trainer, latest_checkpoint, lr_at, momentum_at
+from training import run
+from training.config import PRESETS, ConfigError
+from training.loop import Trainer, ema_decay, latest_checkpoint, lr_at, momentum_at
 
 QUIET = dict(sample_every=0, checkpoint_every=0, log_every=0)
 
@@ -37,14 +38,21 @@ def test_paper_schedules_by_hand():
 
 
 def test_sgd_groups_follow_the_schedule(tmp_path):
+    # 4,500 images in batches of 450: one epoch per 10 D updates; the ramp spans epochs 0.1 to 0.5.
     cfg = PRESETS["paper-mlp"].config.replace(
-        out=str(tmp_path), steps=3, batch_size=20, lr_decay=1.01, **QUIET
+        out=str(tmp_path), steps=3, k=2, batch_size=450, lr_decay=1.01, momentum_epochs=(0.1, 0.5), **QUIET
     )
     trainer = Trainer(cfg)
     trainer.train(progress=False)
-    # The lr in force for the last (3rd) update was set from 2 previous updates.
-    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(0.1 / 1.01**2)
-    assert trainer.opt_d.param_groups[0]["momentum"] == 0.5
+    # The last D update (the 6th) used lr decayed by its 5 predecessors, at epoch 0.6 (ramp finished);
+    # the last G update (the 3rd) by its 2 predecessors.
+    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(0.1 / 1.01**5)
+    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(0.1 / 1.01**2)
+    assert trainer.opt_d.param_groups[0]["momentum"] == pytest.approx(0.7)
+    trainer = Trainer(cfg.replace(steps=1, momentum_epochs=(0.0, 1.0)))
+    trainer.train(progress=False)
+    # G's update came after 2 D updates: epoch 0.2 of a ramp from 0.5 to 0.7 over one epoch.
+    assert trainer.opt_g.param_groups[0]["momentum"] == pytest.approx(0.54)
 
 
 def _tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -72,9 +80,7 @@ RESUME_CASES = {
     "paper-mlp-sgd-dropout": lambda out: PRESETS["paper-mlp"].config.replace(
         out=str(out), batch_size=16, lr_decay=1.001, momentum_epochs=(0.0, 0.05), conditional=True, **QUIET
     ),
-    "ring8-wgan-gp": lambda out: PRESETS["ring8"].config.replace(
-        out=str(out), loss="wgan-gp", k=2, batch_size=32
-    ),
+    "ring8-wgan-gp": lambda out: PRESETS["ring8"].config.replace(out=str(out), loss="wgan-gp", k=2, batch_size=32),
 }
 
 
@@ -101,22 +107,27 @@ def test_resume_is_bit_identical(tmp_path, case):
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
-    runs = [
-        Trainer(tiny_config(tmp_path / str(i), seed=s, steps=3, **QUIET)) for i, s in enumerate((7, 7, 8))
-    ]
+    runs = [Trainer(tiny_config(tmp_path / str(i), seed=s, steps=3, **QUIET)) for i, s in enumerate((7, 7, 8))]
     for t in runs:
         t.train(progress=False)
     w = [t.G.state_dict()["project.weight"] for t in runs]
     assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
 
 
-def test_ema_tracks_the_generator(tmp_path):
+def test_ema_follows_its_formula_for_weights_and_batchnorm_statistics(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, steps=6, ema=0.9, **QUIET))
-    before = trainer.G_ema.state_dict()["project.weight"].clone()
-    trainer.train(progress=False)
-    ema, raw = trainer.G_ema.state_dict()["project.weight"], trainer.G.state_dict()["project.weight"]
-    assert not torch.equal(ema, before) and not torch.equal(ema, raw)
+    for _ in range(3):
+        trainer.iteration()
+    before = {k: v.clone() for k, v in trainer.G_ema.state_dict().items()}
+    trainer.iteration()  # the 4th generator update
+    beta = ema_decay(0.9, 4)
+    assert beta == pytest.approx(5 / 14)  # still ramping up towards 0.9
+    raw, ema = trainer.G.state_dict(), trainer.G_ema.state_dict()
+    for key in ("project.weight", "norms.0.bn.running_mean", "norms.1.bias.weight"):
+        assert torch.allclose(ema[key], beta * before[key] + (1 - beta) * raw[key], atol=1e-7), key
+    assert torch.equal(ema["norms.0.bn.num_batches_tracked"], raw["norms.0.bn.num_batches_tracked"])
     assert trainer.sampler is trainer.G_ema
+    assert ema_decay(0.9, 10_000) == 0.9
     assert Trainer(tiny_config(tmp_path / "no-ema", ema=0.0)).G_ema is None
 
 
@@ -143,3 +154,16 @@ def test_point_runs_draw_a_scatter_plot(tmp_path):
     assert im.size == (512, 512)
     colours = {c for _, c in im.getcolors(1 << 16)}
     assert (220, 30, 30) in colours and (30, 90, 200) in colours  # modes and samples both drawn
+
+
+def test_cli_resume_continues_and_refuses_changes_that_would_alter_the_run(tmp_path, capsys):
+    base = ["--preset", "tiny", "--out", str(tmp_path), "--no-export", "--no-progress"]
+    assert run.main([*base, "--steps", "4"]) == 0
+    assert run.main([*base, "--resume", "--steps", "8"]) == 0
+    assert "resumed" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path).name == "step_0000008.pt"
+    assert run.main([*base, "--resume", "--steps", "12", "--batch-size", "3", "--lr-d", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size, lr_d: cannot change on resume" in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match="seed"):
+        Trainer.resume(latest_checkpoint(tmp_path), seed=99)

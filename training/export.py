@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import warnings
@@ -45,14 +46,18 @@ class ExportError(Exception):
 
 
 class _Generator(torch.nn.Module):
-    """Fixes the graph interface: named inputs (z[, y]) → images."""
+    """Fixes the graph interface: named inputs (z[, y]) → images, exactly within output_range.
 
-    def __init__(self, g: torch.nn.Module, conditional: bool):
+    The clamp matters: ONNX Runtime's Tanh can return -1.0000001, outside the declared range.
+    """
+
+    def __init__(self, g: torch.nn.Module):
         super().__init__()
-        self.g, self.conditional = g, conditional
+        self.g, self.conditional, self.range = g, bool(g.num_classes), g.output_range
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.g(z, y if self.conditional else None)
+        x = self.g(z, y if self.conditional else None)
+        return x if self.range is None else x.clamp(*self.range)
 
 
 def generator_from_checkpoint(ck: dict[str, Any], use_ema: bool = True) -> torch.nn.Module:
@@ -99,7 +104,7 @@ def metadata(ck: dict[str, Any], g: torch.nn.Module, checkpoint: Path, use_ema: 
 
 def to_onnx(g: torch.nn.Module, prior: str, path: Path, props: dict[str, str]) -> None:
     """Trace `g` with torch.export (batch axis dynamic) and write one self-contained ONNX file."""
-    wrapper = _Generator(g, bool(g.num_classes)).eval()
+    wrapper = _Generator(g).eval()
     inputs = example_inputs(g, 4, prior)  # not 1: a size-1 example would specialise the batch axis
     batch = torch.export.Dim("batch", min=1, max=65536)
     names = ["z", "y"][: len(inputs)]
@@ -107,18 +112,22 @@ def to_onnx(g: torch.nn.Module, prior: str, path: Path, props: dict[str, str]) -
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper,
-            inputs,
-            dynamo=True,
-            input_names=names,
-            output_names=["images"],
-            dynamic_shapes={n: {0: batch} for n in names},
-            verbose=False,
-        )
-    quiet.setLevel(level)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper,
+                inputs,
+                dynamo=True,
+                input_names=names,
+                output_names=["images"],
+                dynamic_shapes={n: {0: batch} for n in names},
+                verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; all mean "this graph did not export"
+        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    finally:
+        quiet.setLevel(level)
     model = program.model_proto
     onnx.helper.set_model_props(model, props)
     onnx.save_model(model, str(path), save_as_external_data=False)
@@ -128,7 +137,7 @@ def check(g: torch.nn.Module, prior: str, path: Path) -> float:
     """onnx.checker (full) and torch vs ONNX Runtime parity at batch 1, 7, 64; returns the max abs diff."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{path}: ONNX checker failed: {e}") from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
@@ -146,18 +155,21 @@ def check(g: torch.nn.Module, prior: str, path: Path) -> float:
     return worst
 
 
-def next_version_dir(repository: Path, name: str) -> Path:
-    """Create and return models/<name>/<n+1>; never reuses an existing version, even under a race."""
-    root = repository / name
-    root.mkdir(parents=True, exist_ok=True)
+def publish(staging: Path, root: Path) -> Path:
+    """Rename the staging folder to root/<highest version + 1>, atomically; retried if another export won.
+
+    A version folder therefore never exists without its model.onnx, and an existing version is never
+    touched: renaming onto a folder that holds a file fails, and we move on to the next number.
+    """
     while True:
         versions = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
         target = root / str(max(versions, default=0) + 1)
         try:
-            target.mkdir()
+            staging.rename(target)
             return target
-        except FileExistsError:
-            continue
+        except OSError:
+            if not any(target.iterdir()):  # not a lost race: something else is wrong
+                raise
 
 
 def export(checkpoint: Path, repository: Path, name: str, use_ema: bool = True) -> Path:
@@ -168,14 +180,14 @@ def export(checkpoint: Path, repository: Path, name: str, use_ema: bool = True) 
     prior = ck["config"]["prior"]
     root = Path(repository) / name
     root.mkdir(parents=True, exist_ok=True)
-    # Stage beside the versions (same filesystem), so publishing is one atomic rename.
-    with tempfile.TemporaryDirectory(dir=root, prefix=".staging-") as tmp:
-        staged = Path(tmp) / "model.onnx"
-        to_onnx(g, prior, staged, metadata(ck, g, checkpoint, use_ema))
-        check(g, prior, staged)
-        target = next_version_dir(Path(repository), name) / "model.onnx"
-        staged.replace(target)
-    return target
+    # Stage beside the versions (same filesystem), so that publishing is one atomic rename.
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    try:
+        to_onnx(g, prior, staging / "model.onnx", metadata(ck, g, checkpoint, use_ema))
+        check(g, prior, staging / "model.onnx")
+        return publish(staging, root) / "model.onnx"
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful publish
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -193,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         path = export(args.checkpoint, args.repository, args.name, use_ema=not args.raw)
-    except (ExportError, ValueError, FileNotFoundError) as e:
+    except (ExportError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(path)
     return 0
 

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from training import data as data_mod
 from training import viz
-from training.config import TrainConfig
-from training.data import DataSpec, ImageData, PointData
+from training.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
+from training.data import STREAM_FIXED, STREAM_INIT, STREAM_NOISE, DataSpec, ImageData, PointData, stream_seed
 from training.losses import LOSSES, gradient_penalty
 from training.nets import build_discriminator, build_generator
 
@@ -50,6 +50,11 @@ def momentum_at(epoch: float, cfg: TrainConfig) -> float:
     return m0 + (m1 - m0) * min(max((epoch - e0) / (e1 - e0), 0.0), 1.0)
 
 
+def ema_decay(decay: float, step: int) -> float:
+    """The EMA decay after `step` generator updates: `decay`, ramped up from 0.1 over the first steps."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def checkpoint_path(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step_{step:07d}.pt"
 
@@ -65,7 +70,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+    required = {"format", "config", "spec", "counters", "G", "D", "G_ema", "opt_g", "opt_d", "rng"}
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or not required <= ck.keys():
         raise ValueError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
     return ck
 
@@ -77,7 +83,7 @@ def spec_from_checkpoint(ck: dict[str, Any]) -> DataSpec:
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: ImageData | PointData | None = None):
         self.cfg = cfg
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(stream_seed(cfg.seed, STREAM_INIT))
         self.data = data if data is not None else data_mod.load(cfg)
         self.spec = self.data.spec(cfg.conditional)
         pixel_mean = self.data.pixel_mean() if cfg.arch == "mlp" else None
@@ -87,7 +93,7 @@ class Trainer:
         self.loss = LOSSES[cfg.loss]
         self.opt_g = self._optimizer(self.G, cfg.lr_g)
         self.opt_d = self._optimizer(self.D, cfg.lr_d)
-        self.noise = torch.Generator().manual_seed(cfg.seed + 1)
+        self.noise = torch.Generator().manual_seed(stream_seed(cfg.seed, STREAM_NOISE))
         self.step = 0  # generator updates
         self.d_updates = 0
         self.real_batches = 0
@@ -103,7 +109,7 @@ class Trainer:
 
     def _fixed_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Noise for the sample grids: fixed for the run; one row per class when conditional."""
-        g = torch.Generator().manual_seed(self.cfg.seed + 2)
+        g = torch.Generator().manual_seed(stream_seed(self.cfg.seed, STREAM_FIXED))
         nc = self.spec.num_classes
         if nc:
             rows = min(nc, 16)
@@ -176,11 +182,14 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         # Ramp the decay up early on (as StyleGAN does) so short runs are not dominated by the init.
-        beta = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
-        for pe, p in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
-            pe.lerp_(p, 1 - beta)
-        for be, b in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
-            be.copy_(b)
+        # BatchNorm statistics are averaged like the weights: copying the raw G's would pair averaged
+        # weights with statistics of other weights. Integer buffers (batch counters) are copied.
+        beta = ema_decay(self.cfg.ema, self.step)
+        for e, r in zip(self.G_ema.state_dict().values(), self.G.state_dict().values(), strict=True):
+            if e.is_floating_point():
+                e.lerp_(r, 1 - beta)
+            else:
+                e.copy_(r)
 
     def iteration(self) -> dict[str, float]:
         """One iteration of Algorithm 1; returns the last D step's and the G step's statistics."""
@@ -240,9 +249,16 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: Path, **overrides: Any) -> Trainer:
-        """Rebuild a trainer from a checkpoint; `overrides` may extend `steps` or move `out`."""
+        """Rebuild a trainer from a checkpoint; `overrides` may only touch RESUMABLE_CHANGES."""
         ck = load_checkpoint(path)
-        trainer = cls(TrainConfig.from_dict(ck["config"]).replace(**overrides))
+        cfg = TrainConfig.from_dict(ck["config"])
+        changed = sorted(k for k, v in overrides.items() if getattr(cfg, k) != v and k not in RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(
+                f"{', '.join(changed)}: cannot change on resume (it would no longer be the checkpointed run);"
+                f" a resumed run may change only {', '.join(RESUMABLE_CHANGES)}"
+            )
+        trainer = cls(cfg.replace(**overrides))
         trainer.load_state_dict(ck)
         return trainer
 
@@ -281,7 +297,7 @@ class Trainer:
                     log.write(json.dumps({"step": self.step, "lr_d": lr, **rec}) + "\n")
                     log.flush()
                     sums, t_last, n_last = {}, now, 0
-                if (cfg.sample_every and self.step % cfg.sample_every == 0) or at_end:
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and not at_end:
                     self.save_samples(self.out / "samples" / f"step_{self.step:07d}.png")
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or at_end:
                     last_ckpt = self.save_checkpoint()

@@ -6,7 +6,6 @@ for minimax / nonsat, D(x) = sigmoid(score); for LSGAN, WGAN-GP and hinge the sc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,5 +86,3 @@ LOSSES: dict[str, Loss] = {
     "wgan-gp": Loss(wasserstein_d, wasserstein_g, probabilities=False, penalty=True),
     "hinge": Loss(hinge_d, wasserstein_g, probabilities=False),
 }
-
-LOG4 = math.log(4.0)

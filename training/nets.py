@@ -16,6 +16,17 @@ from torch.nn.utils.parametrizations import spectral_norm
 from training.config import TrainConfig
 from training.data import DataSpec
 
+
+def check_inputs(g: nn.Module, z: torch.Tensor, y: torch.Tensor | None) -> None:
+    """Shape check at the generator boundary: z [N, latent_dim], y [N, num_classes] iff conditional."""
+    if z.dim() != 2 or z.shape[1] != g.latent_dim:
+        raise ValueError(f"z: expected [N, {g.latent_dim}], got {list(z.shape)}")
+    if g.num_classes and (y is None or y.shape != (z.shape[0], g.num_classes)):
+        raise ValueError(f"y: expected [{z.shape[0]}, {g.num_classes}], got {None if y is None else list(y.shape)}")
+    if not g.num_classes and y is not None:
+        raise ValueError("y: this generator is unconditional")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The paper's MLP (Goodfellow et al. 2014, released mnist.yaml; see gan-facts.md)
 
@@ -47,6 +58,7 @@ class MLPGenerator(nn.Module):
                 self.net[-2].bias.copy_(torch.log(p / (1 - p)))
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_inputs(self, z, y)
         h = z if y is None else torch.cat([z, y], 1)
         return self.net(h).view(-1, *self.shape)
 
@@ -152,11 +164,13 @@ class DCGenerator(nn.Module):
         self.norms = nn.ModuleList(ConditionalBatchNorm2d(ch, nc) for ch in chans)
         outs = [*chans[1:], c]
         self.ups = nn.ModuleList(
-            nn.ConvTranspose2d(i, o, 4, 2, 1, bias=k == stages - 1) for k, (i, o) in enumerate(zip(chans, outs))
+            nn.ConvTranspose2d(i, o, 4, 2, 1, bias=k == stages - 1)
+            for k, (i, o) in enumerate(zip(chans, outs, strict=True))
         )
         _dcgan_init(self)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_inputs(self, z, y)
         h = self.project(z).view(-1, self.ch, self.base, self.base)
         for norm, up in zip(self.norms, self.ups, strict=True):
             h = up(torch.relu(norm(h, y)))
@@ -178,7 +192,12 @@ class DCDiscriminator(nn.Module):
     """[Conv 4/2/1, norm, LeakyReLU 0.2]* down to the base size → Linear; label by projection or concat."""
 
     def __init__(
-        self, spec: DataSpec, width: int = 32, norm: str = "batch", cond: str = "projection", mbstd: bool = False
+        self,
+        spec: DataSpec,
+        width: int = 32,
+        norm: str = "batch",
+        cond: str = "projection",
+        mbstd: bool = False,
     ):
         super().__init__()
         c, size, nc = spec.shape[0], spec.shape[1], spec.num_classes
@@ -229,6 +248,7 @@ class PointGenerator(nn.Module):
         )
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_inputs(self, z, y)
         return self.net(z if y is None else torch.cat([z, y], 1))
 
 
@@ -258,9 +278,7 @@ GENERATORS = {
 DISCRIMINATORS = {
     "mlp": lambda cfg, spec: MaxoutDiscriminator(spec, cfg.d_cond, cfg.dropout),
     "dcgan": lambda cfg, spec: DCDiscriminator(spec, cfg.width, cfg.d_norm, cfg.d_cond, cfg.d_mbstd),
-    "mlp2d": lambda cfg, spec: PointDiscriminator(
-        spec, cfg.width, "spectral" if cfg.d_norm == "spectral" else "none"
-    ),
+    "mlp2d": lambda cfg, spec: PointDiscriminator(spec, cfg.width, "spectral" if cfg.d_norm == "spectral" else "none"),
 }
 
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_export:
             path = export(final, args.repository, args.name or cfg.preset or Path(cfg.out).name)
             print(f"exported {path}")
-    except (ConfigError, DataError, ExportError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, ExportError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
+# Where pip finds that CPU build. Empty means the configured index; on a stock Linux machine use
+#   make setup TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# so that pip does not pick the CUDA build.
+TORCH_PIP_ARGS ?=
 
 PRESET ?= mnist-cdcgan
 ARGS ?=
@@ -16,8 +20,7 @@ setup: $(STAMP)
 # and pip never reaches for the multi-gigabyte CUDA build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install $(TORCH_CPU)
+	$(PY) -m pip install $(TORCH_PIP_ARGS) $(TORCH_CPU)
 	$(PY) -m pip install -e '.[train,dev]'
 	touch $(STAMP)
 

@@ -88,6 +88,7 @@ def test_versions_increase_and_are_never_overwritten(tmp_path, tiny_run):
     second = export(tiny_run["checkpoint"], repo, "m", use_ema=False)
     assert (first.parent.name, second.parent.name) == ("1", "2")
     assert first.read_bytes() == before
+    assert first.parent.stat().st_mode & 0o755 == 0o755  # a server running as another user can read it
     assert json.loads(read_metadata(second)["ema"]) is False
     # Version 1 holds the EMA generator, version 2 the raw one: same input, their own outputs.
     ck = load_checkpoint(tiny_run["checkpoint"])

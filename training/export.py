@@ -182,6 +182,7 @@ def export(checkpoint: Path, repository: Path, name: str, use_ema: bool = True) 
     root.mkdir(parents=True, exist_ok=True)
     # Stage beside the versions (same filesystem), so that publishing is one atomic rename.
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; the published version must be readable by the server
     try:
         to_onnx(g, prior, staging / "model.onnx", metadata(ck, g, checkpoint, use_ema))
         check(g, prior, staging / "model.onnx")

@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -167,3 +169,23 @@ def test_cli_resume_continues_and_refuses_changes_that_would_alter_the_run(tmp_p
     assert "batch_size, lr_d: cannot change on resume" in err and "Traceback" not in err
     with pytest.raises(ConfigError, match="seed"):
         Trainer.resume(latest_checkpoint(tmp_path), seed=99)
+
+
+def test_a_stop_signal_ends_the_run_cleanly_with_a_resumable_checkpoint(tmp_path):
+    straight = Trainer(tiny_config(tmp_path / "straight", steps=6, **QUIET))
+    straight.train(progress=False)
+
+    stopped = Trainer(tiny_config(tmp_path / "stopped", steps=6, **QUIET))
+    # SIGTERM (as Kubernetes sends) arrives in the middle of the 3rd iteration, between D and G updates.
+    stopped.opt_d.register_step_post_hook(
+        lambda *_: os.kill(os.getpid(), signal.SIGTERM) if stopped.d_updates == 2 else None
+    )
+    ckpt = stopped.train(progress=False)
+    assert stopped.interrupted and stopped.step == 3 and ckpt.name == "step_0000003.pt"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+    resumed = Trainer.resume(ckpt)
+    resumed.train(progress=False)
+    assert not resumed.interrupted
+    a, b = _tensors(straight), _tensors(resumed)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -6,14 +6,18 @@ and can save and restore all of it: N steps + resume + N steps is bit-identical 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import pickle
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +57,24 @@ def momentum_at(epoch: float, cfg: TrainConfig) -> float:
 def ema_decay(decay: float, step: int) -> float:
     """The EMA decay after `step` generator updates: `decay`, ramped up from 0.1 over the first steps."""
     return min(decay, (1 + step) / (10 + step))
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """While active, SIGINT and SIGTERM set the yielded event instead of killing the process.
+
+    Only the main thread can own signal handlers; elsewhere the event simply never fires.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def checkpoint_path(out: Path, step: int) -> Path:
@@ -99,6 +121,7 @@ class Trainer:
         self.real_batches = 0
         self.out = Path(cfg.out)
         self.fixed_z, self.fixed_y = self._fixed_inputs()
+        self.interrupted = False  # set by train() when a signal ended the run early
 
     # ---- construction ------------------------------------------------------------------------------
 
@@ -264,8 +287,26 @@ class Trainer:
 
     # ---- the run -----------------------------------------------------------------------------------
 
+    def _log(self, rec: dict[str, float], iters: int, seconds: float, log: TextIO, bar: tqdm) -> None:
+        """One metrics.jsonl record and progress-bar update for the last `iters` iterations."""
+        rec["images_per_s"] = iters * self.cfg.k * self.cfg.batch_size / seconds
+        rec["s_per_it"] = seconds / iters
+        bar.set_postfix(
+            D=f"{rec['loss_d']:.3f}",
+            G=f"{rec['loss_g']:.3f}",
+            Dx=f"{rec['d_real']:.2f}",
+            DGz=f"{rec['d_fake']:.2f}",
+            img_s=f"{rec['images_per_s']:.0f}",
+        )
+        log.write(json.dumps({"step": self.step, "lr_d": self.opt_d.param_groups[0]["lr"], **rec}) + "\n")
+        log.flush()
+
     def train(self, progress: bool = True) -> Path:
-        """Run until cfg.steps generator updates; returns the final checkpoint's path."""
+        """Run until cfg.steps generator updates; returns the last checkpoint's path.
+
+        SIGINT / SIGTERM end the run after the current iteration, with a checkpoint, and set
+        `interrupted`: no work is lost, and a resume continues exactly.
+        """
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -274,37 +315,27 @@ class Trainer:
         sums: dict[str, float] = {}
         t_last, n_last = time.perf_counter(), 0
         last_ckpt = None
-        try:
-            while self.step < cfg.steps:
-                for key, v in self.iteration().items():
-                    sums[key] = sums.get(key, 0.0) + v
-                n_last += 1
-                bar.update(1)
-                at_end = self.step == cfg.steps
-                if (cfg.log_every and self.step % cfg.log_every == 0) or at_end:
-                    now = time.perf_counter()
-                    rec = {k: v / n_last for k, v in sums.items()}
-                    rec["images_per_s"] = n_last * cfg.k * cfg.batch_size / (now - t_last)
-                    rec["s_per_it"] = (now - t_last) / n_last
-                    bar.set_postfix(
-                        D=f"{rec['loss_d']:.3f}",
-                        G=f"{rec['loss_g']:.3f}",
-                        Dx=f"{rec['d_real']:.2f}",
-                        DGz=f"{rec['d_fake']:.2f}",
-                        img_s=f"{rec['images_per_s']:.0f}",
-                    )
-                    lr = self.opt_d.param_groups[0]["lr"]
-                    log.write(json.dumps({"step": self.step, "lr_d": lr, **rec}) + "\n")
-                    log.flush()
-                    sums, t_last, n_last = {}, now, 0
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and not at_end:
-                    self.save_samples(self.out / "samples" / f"step_{self.step:07d}.png")
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or at_end:
-                    last_ckpt = self.save_checkpoint()
-        finally:
-            bar.close()
-            log.close()
-        if last_ckpt is None:  # resumed a run that had already finished
+        with stop_requests() as stop:
+            try:
+                while self.step < cfg.steps and not stop.is_set():
+                    for key, v in self.iteration().items():
+                        sums[key] = sums.get(key, 0.0) + v
+                    n_last += 1
+                    bar.update(1)
+                    at_end = self.step == cfg.steps
+                    if (cfg.log_every and self.step % cfg.log_every == 0) or at_end:
+                        now = time.perf_counter()
+                        self._log({k: v / n_last for k, v in sums.items()}, n_last, now - t_last, log, bar)
+                        sums, t_last, n_last = {}, now, 0
+                    if cfg.sample_every and self.step % cfg.sample_every == 0 and not at_end:
+                        self.save_samples(self.out / "samples" / f"step_{self.step:07d}.png")
+                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or at_end:
+                        last_ckpt = self.save_checkpoint()
+            finally:
+                bar.close()
+                log.close()
+        self.interrupted = stop.is_set() and self.step < cfg.steps
+        if last_ckpt != checkpoint_path(self.out, self.step):  # interrupted, or resumed a finished run
             last_ckpt = self.save_checkpoint()
         self.save_samples(self.out / "samples" / "final.png")
         return last_ckpt

@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = trainer.cfg
         start = time.perf_counter()
         final = trainer.train(progress=not args.no_progress)
-        print(f"trained {cfg.steps} steps in {time.perf_counter() - start:.1f}s; checkpoint {final}")
+        if trainer.interrupted:
+            print(f"stopped at step {trainer.step}; checkpoint {final}; continue with --resume", file=sys.stderr)
+            return 130
+        print(f"reached step {cfg.steps} in {time.perf_counter() - start:.1f}s; checkpoint {final}")
         print(f"samples: {Path(cfg.out) / 'samples' / 'final.png'}")
         if not args.no_export:
             path = export(final, args.repository, args.name or cfg.preset or Path(cfg.out).name)

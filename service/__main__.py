@@ -1,10 +1,17 @@
-"""`python -m service`: the gRPC server is the next milestone; until it lands, say so plainly."""
+"""`python -m service [--flags]`: parse the configuration and run the server (see service/config.py)."""
 
-import sys
+import asyncio
+import logging
 
-print(
-    "The gRPC generator service is not built yet. The model it will serve is ready:\n"
-    "  models/mnist-cdcgan/1/model.onnx (conditional MNIST generator, ONNX; see README.md).",
-    file=sys.stderr,
-)
-sys.exit(1)
+from service.config import parse
+from service.server import serve
+
+
+def main() -> None:
+    cfg = parse()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    main()

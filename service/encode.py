@@ -32,10 +32,12 @@ def grid(pixels: np.ndarray, ncols: int, pad: int = 2, fill: int = 0) -> np.ndar
     return out
 
 
-def png(pixels: np.ndarray) -> bytes:
+def png(pixels: np.ndarray, compress_level: int = 6) -> bytes:
     """Encode one uint8 image [H, W, C] (C = 1 or 3) as PNG bytes."""
     if pixels.ndim != 3 or pixels.shape[-1] not in (1, 3) or pixels.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image [H, W, 1|3], got {pixels.dtype} {pixels.shape}")
     buf = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buf, format="PNG")
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
+        buf, format="PNG", compress_level=compress_level
+    )
     return buf.getvalue()

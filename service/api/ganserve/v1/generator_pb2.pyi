@@ -1,0 +1,199 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class OutputFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTPUT_FORMAT_UNSPECIFIED: _ClassVar[OutputFormat]
+    PNG: _ClassVar[OutputFormat]
+    RAW_UINT8: _ClassVar[OutputFormat]
+    RAW_FLOAT32: _ClassVar[OutputFormat]
+
+class InterpolationMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INTERPOLATION_METHOD_UNSPECIFIED: _ClassVar[InterpolationMethod]
+    SLERP: _ClassVar[InterpolationMethod]
+    LERP: _ClassVar[InterpolationMethod]
+OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
+PNG: OutputFormat
+RAW_UINT8: OutputFormat
+RAW_FLOAT32: OutputFormat
+INTERPOLATION_METHOD_UNSPECIFIED: InterpolationMethod
+SLERP: InterpolationMethod
+LERP: InterpolationMethod
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "versions", "version", "ready", "latent_dim", "prior", "class_names", "image_shape", "output_min", "output_max", "provider", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    LATENT_DIM_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_MIN_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_MAX_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    version: int
+    ready: bool
+    latent_dim: int
+    prior: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    image_shape: _containers.RepeatedScalarFieldContainer[int]
+    output_min: float
+    output_max: float
+    provider: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., latent_dim: _Optional[int] = ..., prior: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., output_min: _Optional[float] = ..., output_max: _Optional[float] = ..., provider: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SeedList(_message.Message):
+    __slots__ = ("seeds",)
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seeds: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SeedRange(_message.Message):
+    __slots__ = ("start", "count")
+    START_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    count: int
+    def __init__(self, start: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
+class LatentRows(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SoftLabel(_message.Message):
+    __slots__ = ("weights",)
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, weights: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Label(_message.Message):
+    __slots__ = ("index", "name", "soft")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOFT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    soft: SoftLabel
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., soft: _Optional[_Union[SoftLabel, _Mapping]] = ...) -> None: ...
+
+class OutputOptions(_message.Message):
+    __slots__ = ("format", "grid", "grid_columns", "return_latents", "grid_only")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    GRID_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    GRID_ONLY_FIELD_NUMBER: _ClassVar[int]
+    format: OutputFormat
+    grid: bool
+    grid_columns: int
+    return_latents: bool
+    grid_only: bool
+    def __init__(self, format: _Optional[_Union[OutputFormat, str]] = ..., grid: _Optional[bool] = ..., grid_columns: _Optional[int] = ..., return_latents: _Optional[bool] = ..., grid_only: _Optional[bool] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("model", "version", "seeds", "seed_range", "rows", "labels", "truncation", "output")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    SEED_RANGE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    seeds: SeedList
+    seed_range: SeedRange
+    rows: LatentRows
+    labels: _containers.RepeatedCompositeFieldContainer[Label]
+    truncation: float
+    output: OutputOptions
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., seeds: _Optional[_Union[SeedList, _Mapping]] = ..., seed_range: _Optional[_Union[SeedRange, _Mapping]] = ..., rows: _Optional[_Union[LatentRows, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., truncation: _Optional[float] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("model", "version", "format", "image_shape", "images", "grid_png", "latents", "offset")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    GRID_PNG_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    format: OutputFormat
+    image_shape: _containers.RepeatedScalarFieldContainer[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    grid_png: bytes
+    latents: _containers.RepeatedScalarFieldContainer[float]
+    offset: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[bytes]] = ..., grid_png: _Optional[bytes] = ..., latents: _Optional[_Iterable[float]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class Keyframe(_message.Message):
+    __slots__ = ("seed", "row", "label")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    row: LatentRows
+    label: Label
+    def __init__(self, seed: _Optional[int] = ..., row: _Optional[_Union[LatentRows, _Mapping]] = ..., label: _Optional[_Union[Label, _Mapping]] = ...) -> None: ...
+
+class InterpolateRequest(_message.Message):
+    __slots__ = ("model", "version", "keyframes", "steps", "method", "truncation", "output")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEYFRAMES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    keyframes: _containers.RepeatedCompositeFieldContainer[Keyframe]
+    steps: int
+    method: InterpolationMethod
+    truncation: float
+    output: OutputOptions
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keyframes: _Optional[_Iterable[_Union[Keyframe, _Mapping]]] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., truncation: _Optional[float] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ...) -> None: ...

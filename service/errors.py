@@ -1,0 +1,27 @@
+"""Domain errors. The servicer raises these; server.py maps them to gRPC status codes in one place."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class; the message is safe to show to the client."""
+
+
+class InvalidArgument(ServiceError):
+    """A bad request; the message names the offending field."""
+
+
+class NotFound(ServiceError):
+    """Unknown model, version or class."""
+
+
+class QueueFull(ServiceError):
+    """The batcher's queue is at capacity; the client should back off and retry."""
+
+
+class Unavailable(ServiceError):
+    """Not ready yet, or draining for shutdown."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before it could run."""

@@ -1,0 +1,73 @@
+"""Prometheus metrics, declared once. Base units, bounded labels (method, model, version, code, provider).
+
+A fresh CollectorRegistry is injected, so tests and several servers in one process never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+UNKNOWN_MODEL = "unknown"  # the label for requests naming no loaded model: keeps label values bounded
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.requests = Counter(
+            "gan_requests", "RPCs handled, by method, model and status code.", ["method", "model", "code"],
+            registry=registry,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "gan_request_duration_seconds", "RPC latency as seen by the server.", ["method", "model"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.queue_wait_seconds = Histogram(
+            "gan_queue_wait_seconds", "Time a request chunk waited in the batcher's queue.", ["model", "version"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.run_seconds = Histogram(
+            "gan_model_run_seconds", "ONNX Runtime time per formed batch.", ["model", "version"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "gan_batch_size", "Samples per formed batch.", ["model", "version"], buckets=BATCH_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.images = Counter("gan_images_generated", "Images generated.", ["model"], registry=registry)
+        self.queue_depth = Gauge(
+            "gan_queue_depth", "Samples waiting in the batcher's queue.", ["model", "version"], registry=registry
+        )
+        self.model_info = Gauge(
+            "gan_model_info", "1 for every loaded model version, with its execution provider.",
+            ["model", "version", "provider"], registry=registry,
+        )  # fmt: skip
+        self.load_failures = Counter(
+            "gan_model_load_failures", "Model versions that failed to load.", ["model"], registry=registry
+        )
+
+    def observer(self, model: str, version: int) -> BatchObserverImpl:
+        return BatchObserverImpl(self, model, str(version))
+
+
+class BatchObserverImpl:
+    """The batcher's hooks, bound to one model version's label values."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str):
+        self._wait = metrics.queue_wait_seconds.labels(model, version)
+        self._run = metrics.run_seconds.labels(model, version)
+        self._size = metrics.batch_size.labels(model, version)
+        self._depth = metrics.queue_depth.labels(model, version)
+        self._images = metrics.images.labels(model)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._wait.observe(seconds)
+
+    def batch(self, size: int, run_seconds: float) -> None:
+        self._size.observe(size)
+        self._run.observe(run_seconds)
+        self._images.inc(size)  # every sample ONNX Runtime ran is an image generated
+
+    def depth(self, samples: int) -> None:
+        self._depth.set(samples)

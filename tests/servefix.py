@@ -1,0 +1,111 @@
+"""Fixtures for service tests: tiny ONNX generators built with onnx.helper, and an in-process server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.config import ServerConfig
+from service.server import Server, build
+
+ECHO_LATENT, ECHO_CLASSES = 5, ("cat", "dog", "eel")
+
+
+def _save(graph: onnx.GraphProto, path: Path, meta: dict[str, object]) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    helper.set_model_props(model, props)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _meta(latent: int, classes: tuple[str, ...], shape: list[int]) -> dict[str, object]:
+    return {
+        "latent_dim": str(latent), "prior": "normal", "num_classes": str(len(classes)),
+        "class_names": list(classes), "image_shape": shape, "output_range": [-1.0, 1.0],
+    }  # fmt: skip
+
+
+def echo_model(path: Path) -> Path:
+    """Conditional: images [n, 1, 2, 4] = concat(clip(z, −1, 1) [n, 5], y [n, 3]) — output shows its inputs."""
+    lo, hi = (
+        helper.make_tensor("lo", TensorProto.FLOAT, [], [-1.0]),
+        helper.make_tensor("hi", TensorProto.FLOAT, [], [1.0]),
+    )
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 4])
+    nodes = [
+        helper.make_node("Clip", ["z", "lo", "hi"], ["zc"]),
+        helper.make_node("Concat", ["zc", "y"], ["flat"], axis=1),
+        helper.make_node("Reshape", ["flat", "shape"], ["images"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "echo",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", ECHO_LATENT]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", len(ECHO_CLASSES)])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 4])],
+        initializer=[lo, hi, shape],
+    )  # fmt: skip
+    return _save(graph, path, _meta(ECHO_LATENT, ECHO_CLASSES, [1, 2, 4]))
+
+
+def plain_model(path: Path, slow_iterations: int = 0, width: int = 512) -> Path:
+    """Unconditional: images [n, 1, 2, 4] = clip(z [n, 8]).
+
+    With `slow_iterations`, a Loop first multiplies a [n, width] state by a [width, width] matrix that many
+    times: a real model that takes a predictable while, for queue and deadline tests.
+    """
+    lo, hi = helper.make_tensor("lo", TensorProto.FLOAT, [], [-1.0]), helper.make_tensor("hi", TensorProto.FLOAT, [], [1.0])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 4])
+    inits, nodes, x = [lo, hi, shape], [], "z"
+    if slow_iterations:
+        up, down = np.eye(8, width, dtype=np.float32), np.eye(width, 8, dtype=np.float32)
+        sq = np.eye(width, dtype=np.float32)  # the state stays as it was: outputs equal the fast model's
+        trips = helper.make_tensor("trips", TensorProto.INT64, [], [slow_iterations])
+        cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+        inits += [onnx.numpy_helper.from_array(a, n) for a, n in ((up, "up"), (sq, "sq"), (down, "down"))]
+        inits += [trips, cond]
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("MatMul", ["h_in", "sq"], ["h_out"])],
+            "body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("h_in", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None)],
+        )  # fmt: skip
+        nodes.append(helper.make_node("MatMul", ["z", "up"], ["h0"]))
+        nodes.append(helper.make_node("Loop", ["trips", "cond", "h0"], ["h"], body=body))
+        nodes.append(helper.make_node("MatMul", ["h", "down"], ["x"]))
+        x = "x"
+    nodes += [helper.make_node("Clip", [x, "lo", "hi"], ["c"]), helper.make_node("Reshape", ["c", "shape"], ["images"])]
+    graph = helper.make_graph(
+        nodes, "plain",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 4])],
+        initializer=inits,
+    )  # fmt: skip
+    return _save(graph, path, _meta(8, (), [1, 2, 4]))
+
+
+@contextlib.asynccontextmanager
+async def running(repository: Path, **changes) -> AsyncIterator[tuple[Server, pb_grpc.GeneratorStub, grpc.aio.Channel]]:
+    """A real server on free ports over `repository`, and a stub connected to it."""
+    cfg = ServerConfig(model_repository=str(repository), host="127.0.0.1", port=0, metrics_port=0, **changes)
+    server = build(cfg)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield server, pb_grpc.GeneratorStub(channel), channel
+    finally:
+        await channel.close()
+        await server.stop(grace=1)

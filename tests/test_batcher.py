@@ -1,0 +1,320 @@
+"""Unit tests for the dynamic batcher, with a fake run_batch (no gRPC, no ONNX)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from service.batcher import BatchConfig, Batcher
+from service.errors import DeadlineExceeded, QueueFull, Unavailable
+
+
+class FakeModel:
+    """run_batch stand-in: out = 2·z + sum(y); records batch sizes, the z rows it saw, and its threads."""
+
+    def __init__(
+        self, delay: float = 0.0, gate: threading.Event | None = None, barrier: threading.Barrier | None = None
+    ):
+        self.delay, self.gate, self.barrier = delay, gate, barrier
+        self.sizes: list[int] = []
+        self.rows: list[float] = []
+        self.threads: set[int] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        z, y = inputs["z"], inputs["y"]
+        with self.lock:
+            self.sizes.append(len(z))
+            self.rows.extend(z[:, 0].tolist())
+            self.threads.add(threading.get_ident())
+        if self.barrier is not None:
+            self.barrier.wait()
+        if self.gate is not None:
+            assert self.gate.wait(timeout=5), "test never opened the gate"
+        time.sleep(self.delay)
+        if (z[:, 0] < 0).any():
+            raise ValueError("poisoned row")
+        return z * 2 + y.sum(axis=1, keepdims=True)
+
+
+class FakeClock:
+    def __init__(self, now: float = 100.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    """A BatchObserver that remembers every call."""
+
+    def __init__(self):
+        self.waits: list[float] = []
+        self.batches: list[int] = []
+        self.depths: list[int] = []
+
+    def queue_wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def batch(self, size: int, run_seconds: float) -> None:
+        assert run_seconds >= 0
+        self.batches.append(size)
+
+    def depth(self, samples: int) -> None:
+        self.depths.append(samples)
+
+
+def request(tag: int, n: int = 1) -> dict[str, np.ndarray]:
+    """n rows whose values identify the request (tag) and the row; z[:, 0] = tag·1000 + row."""
+    z = (np.arange(n * 4, dtype=np.float32).reshape(n, 4) // 4) + np.float32(tag * 1000)
+    y = np.full((n, 3), tag, dtype=np.float32)
+    return {"z": z, "y": y}
+
+
+def expected(inputs: dict[str, np.ndarray]) -> np.ndarray:
+    return inputs["z"] * 2 + inputs["y"].sum(axis=1, keepdims=True)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Yield to the loop until `condition` holds; fail the test instead of hanging."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.001)
+
+
+def run(make_batcher: Callable[[], Batcher], body: Callable[[Batcher], object]) -> None:
+    """Start a batcher inside asyncio.run, run the async `body`, always stop it."""
+
+    async def main() -> None:
+        batcher = make_batcher()
+        await batcher.start()
+        try:
+            await body(batcher)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_batch_size", 0), ("max_delay_s", -0.001), ("max_delay_s", float("inf")), ("max_queue", 0), ("workers", 0)],
+)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        BatchConfig(**{field: value})
+
+
+def test_concurrent_requests_form_batches_and_each_gets_its_own_rows():
+    model = FakeModel(delay=0.01)
+    inputs = [request(tag) for tag in range(16)]
+
+    async def body(b: Batcher) -> None:
+        results = await asyncio.gather(*(b.submit(x) for x in inputs))
+        for x, out in zip(inputs, results, strict=True):
+            np.testing.assert_array_equal(out, expected(x))
+
+    # A long delay: batches must go because they are full, not because the delay ran out.
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=5.0)), body)
+    assert sum(model.sizes) == 16
+    assert all(1 < s <= 8 for s in model.sizes), model.sizes
+
+
+def test_zero_delay_takes_what_piled_up_while_the_worker_was_busy():
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+
+    async def body(b: Batcher) -> None:
+        first = asyncio.create_task(b.submit(request(0)))
+        await until(lambda: model.sizes == [1])  # the worker is now blocked inside run_batch
+        rest = [asyncio.create_task(b.submit(request(tag))) for tag in range(1, 6)]
+        await until(lambda: b.queue_depth == 5)
+        gate.set()
+        await asyncio.gather(first, *rest)
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=0.0)), body)
+    assert model.sizes == [1, 5]
+
+
+def test_delay_lets_a_partial_batch_gather_then_go():
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        await asyncio.gather(*(b.submit(request(tag)) for tag in range(3)))
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=0.05)), body)
+    assert model.sizes == [3]
+
+
+def test_oversized_request_is_split_and_reassembled_in_order():
+    model = FakeModel()
+    big, small = request(1, n=10), request(2, n=1)
+
+    async def body(b: Batcher) -> None:
+        out_big, out_small = await asyncio.gather(b.submit(big), b.submit(small))
+        np.testing.assert_array_equal(out_big, expected(big))
+        np.testing.assert_array_equal(out_small, expected(small))
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=0.0)), body)
+    assert sum(model.sizes) == 11
+    assert max(model.sizes) <= 4
+    assert model.rows[:10] == big["z"][:, 0].tolist()  # chunks ran oldest first
+
+
+def test_disabled_batching_runs_every_chunk_alone():
+    model = FakeModel(delay=0.005)
+
+    async def body(b: Batcher) -> None:
+        inputs = [request(tag) for tag in range(6)] + [request(9, n=5)]
+        results = await asyncio.gather(*(b.submit(x) for x in inputs))
+        for x, out in zip(inputs, results, strict=True):
+            np.testing.assert_array_equal(out, expected(x))
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0, enabled=False)), body)
+    assert sorted(model.sizes) == [1, 1, 1, 1, 1, 1, 1, 4]
+
+
+def test_queue_full_is_raised_beyond_capacity():
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        # Nothing runs yet: the batch is not full and the 5 s delay has not passed.
+        queued = asyncio.create_task(b.submit(request(0, n=3)))
+        await until(lambda: b.queue_depth == 3)
+        with pytest.raises(QueueFull, match="4"):
+            await b.submit(request(1, n=2))
+        fits = asyncio.create_task(b.submit(request(2, n=1)))
+        await until(lambda: b.queue_depth == 4)
+        await b.stop()  # drains both
+        np.testing.assert_array_equal(await queued, expected(request(0, n=3)))
+        np.testing.assert_array_equal(await fits, expected(request(2, n=1)))
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=64, max_delay_s=5.0, max_queue=4)), body)
+    assert model.rows == [0.0, 1.0, 2.0, 2000.0]  # the rejected request never ran
+
+
+def test_expired_chunk_is_dropped_with_deadline_exceeded():
+    gate, clock, seen = threading.Event(), FakeClock(), Recorder()
+    model = FakeModel(gate=gate)
+
+    async def body(b: Batcher) -> None:
+        with pytest.raises(DeadlineExceeded):
+            await b.submit(request(1), deadline=clock.now - 1)  # already past
+        blocker = asyncio.create_task(b.submit(request(2)))
+        await until(lambda: len(model.sizes) == 1)
+        late = asyncio.create_task(b.submit(request(3), deadline=clock.now + 1))
+        patient = asyncio.create_task(b.submit(request(4)))
+        await until(lambda: b.queue_depth == 2)
+        clock.now += 5  # the deadline passes while `late` waits behind the busy worker
+        gate.set()
+        with pytest.raises(DeadlineExceeded):
+            await late
+        np.testing.assert_array_equal(await patient, expected(request(4)))
+        await blocker
+
+    run(lambda: Batcher(model, BatchConfig(max_delay_s=0.0), observer=seen, clock=clock), body)
+    assert model.rows == [2000.0, 4000.0]  # neither expired request reached run_batch
+    assert seen.waits == [0.0, 5.0]  # queue wait is measured on the injected clock
+
+
+def test_cancelled_submit_frees_the_queue_and_never_runs():
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        task = asyncio.create_task(b.submit(request(1, n=3)))
+        await until(lambda: b.queue_depth == 3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert b.queue_depth == 0
+        follower = asyncio.create_task(b.submit(request(2)))
+        await until(lambda: b.queue_depth == 1)
+        await b.stop()
+        np.testing.assert_array_equal(await follower, expected(request(2)))
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0)), body)
+    assert model.rows == [2000.0]
+
+
+def test_run_batch_error_reaches_only_that_batch_and_batcher_keeps_serving():
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        inputs = [request(tag) for tag in range(1, 9)]
+        inputs[1]["z"][0, 0] = -1  # poisons the first batch of four
+        results = await asyncio.gather(*(b.submit(x) for x in inputs), return_exceptions=True)
+        assert all(isinstance(r, ValueError) for r in results[:4]), results[:4]
+        for x, out in zip(inputs[4:], results[4:], strict=True):
+            np.testing.assert_array_equal(out, expected(x))
+        np.testing.assert_array_equal(await b.submit(request(20, n=4)), expected(request(20, n=4)))
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0)), body)
+    assert model.sizes == [4, 4, 4]
+
+
+def test_stop_finishes_queued_work_then_rejects_new_requests():
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        inputs = [request(tag) for tag in range(3)]
+        tasks = [asyncio.create_task(b.submit(x)) for x in inputs]
+        await until(lambda: b.queue_depth == 3)  # held back by the 5 s delay
+        await b.stop()
+        assert all(t.done() for t in tasks)
+        for x, t in zip(inputs, tasks, strict=True):
+            np.testing.assert_array_equal(t.result(), expected(x))
+        with pytest.raises(Unavailable):
+            await b.submit(request(9))
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=5.0)), body)
+    assert model.sizes == [3]
+
+
+def test_submit_before_start_is_unavailable():
+    async def main() -> None:
+        with pytest.raises(Unavailable):
+            await Batcher(FakeModel(), BatchConfig()).submit(request(0))
+
+    asyncio.run(main())
+
+
+def test_observer_sees_depth_batch_sizes_and_waits():
+    seen = Recorder()
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        await b.submit(request(1, n=6))
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=0.0), observer=seen), body)
+    assert seen.depths == [6, 2, 0]
+    assert seen.batches == [4, 2] == model.sizes
+    assert len(seen.waits) == 2 and all(w >= 0 for w in seen.waits)
+
+
+def test_workers_run_batches_concurrently_off_the_event_loop():
+    # Each run_batch waits for the other at a barrier: this only completes if two run at the same time.
+    model = FakeModel(barrier=threading.Barrier(2, timeout=5))
+
+    async def body(b: Batcher) -> None:
+        inputs = [request(1), request(2)]
+        results = await asyncio.gather(*(b.submit(x) for x in inputs))
+        for x, out in zip(inputs, results, strict=True):
+            np.testing.assert_array_equal(out, expected(x))
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=1, workers=2)), body)
+    assert model.sizes == [1, 1]
+    assert len(model.threads) == 2 and threading.get_ident() not in model.threads
+
+
+def test_wrong_row_count_from_run_batch_fails_the_batch():
+    async def body(b: Batcher) -> None:
+        with pytest.raises(RuntimeError, match="shape"):
+            await b.submit(request(1, n=3))
+
+    run(lambda: Batcher(lambda inputs: inputs["z"][:1], BatchConfig(max_delay_s=0.0)), body)

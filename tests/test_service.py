@@ -1,0 +1,338 @@
+"""The gRPC service end to end: a real in-process server on port 0 over real (tiny) ONNX models."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service import latents
+from service.api.ganserve.v1 import generator_pb2 as pb
+from tests.servefix import ECHO_CLASSES, echo_model, plain_model, running
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    echo_model(root / "echo" / "1" / "model.onnx")
+    plain_model(root / "plain" / "1" / "model.onnx")
+    plain_model(root / "plain" / "2" / "model.onnx")
+    return root
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def floats(resp: pb.GenerateResponse) -> np.ndarray:
+    """RAW_FLOAT32 images → [n, C, H, W]."""
+    return np.stack([np.frombuffer(b, "<f4").reshape(resp.image_shape) for b in resp.images])
+
+
+RAW = pb.OutputOptions(format=pb.RAW_FLOAT32)
+
+
+def test_list_and_get_models(repo):
+    async def go():
+        async with running(repo) as (_, stub, _ch):
+            models = {m.name: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
+            assert set(models) == {"echo", "plain"}
+            echo = models["echo"]
+            assert (echo.latent_dim, echo.prior, list(echo.class_names)) == (5, "normal", list(ECHO_CLASSES))
+            assert list(echo.image_shape) == [1, 2, 4] and (echo.output_min, echo.output_max) == (-1, 1)
+            assert echo.provider == "CPUExecutionProvider" and echo.ready
+            assert list(models["plain"].versions) == [1, 2] and models["plain"].version == 2
+            one = await stub.GetModel(pb.GetModelRequest(name="plain", version=1))
+            assert one.version == 1 and one.metadata["latent_dim"] == "8"
+
+    run(go())
+
+
+def test_seeds_follow_the_documented_contract_and_repeat_across_servers(repo):
+    request = pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[7, 0, 2**40]), output=RAW)
+
+    async def once():
+        async with running(repo) as (_, stub, _ch):
+            return await stub.Generate(request)
+
+    a, b = run(once()), run(once())
+    assert a.images == b.images  # identical bytes from two separate server instances
+    expected = np.clip(latents.seed_latents([7, 0, 2**40], 8, "normal"), -1, 1)
+    assert np.array_equal(floats(a).reshape(3, 8), expected)
+    # A seed's sample does not depend on the rest of the batch.
+    single = run(_generate(repo, pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[0]), output=RAW)))
+    assert single.images[0] == a.images[1]
+
+
+async def _generate(repo, request):
+    async with running(repo) as (_, stub, _ch):
+        return await stub.Generate(request)
+
+
+def test_explicit_latents_truncation_and_returned_latents(repo):
+    z = np.array([[0.5, -0.25, 0.1, 0.0, -0.9, 0.3, 0.2, 0.7], [0.2] * 8], np.float32)
+    resp = run(_generate(repo, pb.GenerateRequest(
+        model="plain", rows=pb.LatentRows(values=z.ravel()), truncation=0.5,
+        output=pb.OutputOptions(format=pb.RAW_FLOAT32, return_latents=True),
+    )))  # fmt: skip
+    assert np.allclose(floats(resp).reshape(2, 8), 0.5 * z)
+    assert np.allclose(np.array(resp.latents).reshape(2, 8), 0.5 * z)
+
+
+def test_labels_are_honoured_exactly(repo):
+    labels = [pb.Label(index=2), pb.Label(name="dog"), pb.Label(soft=pb.SoftLabel(weights=[1, 0, 3]))]
+    resp = run(_generate(repo, pb.GenerateRequest(
+        model="echo", seeds=pb.SeedList(seeds=[1, 2, 3]), labels=labels, output=RAW,
+    )))  # fmt: skip
+    y = floats(resp).reshape(3, 8)[:, 5:]
+    assert np.allclose(y, [[0, 0, 1], [0, 1, 0], [0.25, 0, 0.75]])
+    one_for_all = run(_generate(repo, pb.GenerateRequest(
+        model="echo", seed_range=pb.SeedRange(start=5, count=4), labels=[pb.Label(name="eel")], output=RAW,
+    )))  # fmt: skip
+    assert np.allclose(floats(one_for_all).reshape(4, 8)[:, 5:], [[0, 0, 1]] * 4)
+
+
+def test_png_uint8_and_grid_outputs(repo):
+    from io import BytesIO
+
+    from PIL import Image
+
+    request = pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(start=0, count=6))
+    png = run(_generate(repo, request))
+    assert png.format == pb.PNG and all(b.startswith(b"\x89PNG") for b in png.images)
+    request.output.format = pb.RAW_UINT8
+    request.output.grid = True
+    request.output.grid_columns = 3
+    raw = run(_generate(repo, request))
+    assert list(raw.image_shape) == [2, 4, 1] and len(raw.images[0]) == 8
+    for p, r in zip(png.images, raw.images, strict=True):
+        assert np.array_equal(np.asarray(Image.open(BytesIO(p))).ravel(), np.frombuffer(r, np.uint8))
+    grid = Image.open(BytesIO(raw.grid_png))
+    assert grid.size == (3 * 6 + 2, 2 * 4 + 2)
+
+
+def test_interpolation_hits_keyframes_and_keeps_the_norm(repo):
+    a = np.array([0.6, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], np.float32)
+    b = np.array([0.0, 0.6, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], np.float32)
+    keys = [pb.Keyframe(row=pb.LatentRows(values=a)), pb.Keyframe(row=pb.LatentRows(values=b))]
+    resp = run(_interpolate(repo, pb.InterpolateRequest(model="plain", keyframes=keys, steps=4, output=RAW)))
+    frames = floats(resp).reshape(-1, 8)
+    assert len(frames) == 5 and np.allclose(frames[0], a) and np.allclose(frames[-1], b)
+    assert np.allclose(np.linalg.norm(frames, axis=1), 0.6, atol=1e-6)  # slerp: equal-norm keys keep the norm
+    assert np.allclose(frames[2], 0.6 * np.array([math.sqrt(0.5), math.sqrt(0.5), 0, 0, 0, 0, 0, 0]), atol=1e-6)
+    resp = run(
+        _interpolate(repo, pb.InterpolateRequest(model="plain", keyframes=keys, steps=4, method=pb.LERP, output=RAW))
+    )
+    assert np.allclose(floats(resp).reshape(-1, 8)[2], (a + b) / 2)
+
+
+async def _interpolate(repo, request):
+    async with running(repo) as (_, stub, _ch):
+        return await stub.Interpolate(request)
+
+
+def test_conditional_interpolation_blends_labels(repo):
+    keys = [pb.Keyframe(seed=1, label=pb.Label(name="cat")), pb.Keyframe(seed=2, label=pb.Label(name="eel"))]
+    resp = run(_interpolate(repo, pb.InterpolateRequest(model="echo", keyframes=keys, steps=2, output=RAW)))
+    y = floats(resp).reshape(-1, 8)[:, 5:]
+    assert np.allclose(y, [[1, 0, 0], [0.5, 0, 0.5], [0, 0, 1]])
+
+
+def test_streaming_thousands_of_images_under_a_small_message_limit(repo):
+    async def go():
+        # 6,000 float images are ~190 kB; the limit is 64 kB per message, so only chunking gets them through.
+        async with running(repo, max_message_bytes=64 << 10, stream_chunk=500) as (_, stub, _ch):
+            request = pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(start=0, count=6000), output=RAW)
+            offsets, images = [], []
+            async for part in stub.GenerateStream(request):
+                offsets.append(part.offset)
+                images.extend(part.images)
+            return offsets, images
+
+    offsets, images = run(go())
+    assert offsets == list(range(0, 6000, 500)) and len(images) == 6000
+    expected = np.clip(latents.seed_latents([4321], 8, "normal"), -1, 1)
+    assert np.array_equal(np.frombuffer(images[4321], "<f4"), expected.ravel())
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "field"),
+    [
+        (pb.GenerateRequest(model="nope", seeds=pb.SeedList(seeds=[1])), grpc.StatusCode.NOT_FOUND, "model"),
+        (pb.GenerateRequest(model="plain", version=9, seeds=pb.SeedList(seeds=[1])), grpc.StatusCode.NOT_FOUND, "version"),
+        (pb.GenerateRequest(seeds=pb.SeedList(seeds=[1])), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+        (pb.GenerateRequest(model="plain"), grpc.StatusCode.INVALID_ARGUMENT, "latents"),
+        (pb.GenerateRequest(model="plain", rows=pb.LatentRows(values=[0.1] * 7)), grpc.StatusCode.INVALID_ARGUMENT, "rows.values"),
+        (pb.GenerateRequest(model="plain", rows=pb.LatentRows(values=[0.1] * 7 + [float("nan")])), grpc.StatusCode.INVALID_ARGUMENT, "rows.values"),
+        (pb.GenerateRequest(model="plain", rows=pb.LatentRows(values=[float("inf")] * 8)), grpc.StatusCode.INVALID_ARGUMENT, "rows.values"),
+        (pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(count=5000)), grpc.StatusCode.INVALID_ARGUMENT, "latents"),
+        (pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(count=0)), grpc.StatusCode.INVALID_ARGUMENT, "seed_range.count"),
+        (pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[1]), truncation=1.5), grpc.StatusCode.INVALID_ARGUMENT, "truncation"),
+        (pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[1]), labels=[pb.Label(index=0)]), grpc.StatusCode.INVALID_ARGUMENT, "labels"),
+        (pb.GenerateRequest(model="echo", seeds=pb.SeedList(seeds=[1])), grpc.StatusCode.INVALID_ARGUMENT, "labels"),
+        (pb.GenerateRequest(model="echo", seeds=pb.SeedList(seeds=[1]), labels=[pb.Label(index=3)]), grpc.StatusCode.INVALID_ARGUMENT, "labels[0].index"),
+        (pb.GenerateRequest(model="echo", seeds=pb.SeedList(seeds=[1]), labels=[pb.Label(name="emu")]), grpc.StatusCode.INVALID_ARGUMENT, "labels[0].name"),
+        (pb.GenerateRequest(model="echo", seeds=pb.SeedList(seeds=[1]), labels=[pb.Label(soft=pb.SoftLabel(weights=[1, 2]))]), grpc.StatusCode.INVALID_ARGUMENT, "labels[0].soft"),
+        (pb.GenerateRequest(model="echo", seeds=pb.SeedList(seeds=[1, 2, 3]), labels=[pb.Label(index=0)] * 2), grpc.StatusCode.INVALID_ARGUMENT, "labels"),
+        (pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[1]), output=pb.OutputOptions(format=9)), grpc.StatusCode.INVALID_ARGUMENT, "output.format"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_a_status_and_a_message_naming_the_field(repo, request_, code, field):
+    async def go():
+        async with running(repo, max_images=1024) as (_, stub, _ch):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(request_)
+            # The server keeps serving after the error.
+            ok = await stub.Generate(pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[1])))
+            return err.value, ok
+
+    err, ok = run(go())
+    assert err.code() == code
+    assert err.details().startswith(f"{field}:") and "Traceback" not in err.details()
+    assert len(ok.images) == 1
+
+
+def test_interpolate_errors(repo):
+    async def go():
+        async with running(repo) as (_, stub, _ch):
+            cases = [
+                (pb.InterpolateRequest(model="plain", keyframes=[pb.Keyframe(seed=1)], steps=3), "keyframes"),
+                (pb.InterpolateRequest(model="plain", keyframes=[pb.Keyframe(seed=1)] * 2, steps=0), "steps"),
+                (pb.InterpolateRequest(model="plain", keyframes=[pb.Keyframe(seed=1)] * 2, steps=2000), "steps"),
+                (pb.InterpolateRequest(model="echo", keyframes=[pb.Keyframe(seed=1)] * 2, steps=2), "keyframes"),
+                (pb.InterpolateRequest(model="plain", keyframes=[pb.Keyframe(seed=1), pb.Keyframe()], steps=2), "keyframes[1]"),
+            ]  # fmt: skip
+            out = []
+            for request, field in cases:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Interpolate(request)
+                out.append((err.value.code(), err.value.details(), field))
+            return out
+
+    for code, details, field in run(go()):
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(f"{field}:"), details
+
+
+def test_full_queue_deadline_and_cancellation(tmp_path):
+    plain_model(tmp_path / "slow" / "1" / "model.onnx", slow_iterations=4000, width=2048)  # ~1 s per run here
+
+    async def go():
+        async with running(tmp_path, max_queue=4, max_batch_size=4, max_delay_ms=0) as (server, stub, _ch):
+            mv = server.registry.get("slow")
+            labels = {"model": "slow", "version": "1"}
+
+            def taken() -> float:  # chunks a worker has taken off the queue
+                return server.metrics.registry.get_sample_value("gan_queue_wait_seconds_count", labels) or 0
+
+            slow = pb.GenerateRequest(model="slow", seed_range=pb.SeedRange(start=0, count=4))
+            busy = asyncio.ensure_future(stub.Generate(slow))  # occupies the only worker
+            await _until(lambda: taken() == 1)
+            queued = asyncio.ensure_future(stub.Generate(slow))
+            await _until(lambda: mv.batcher.queue_depth == 4)
+            with pytest.raises(grpc.aio.AioRpcError) as full:
+                await stub.Generate(slow)  # the queue holds 4 samples: no room for 4 more
+            queued.cancel()  # a cancelled call leaves the queue at once, long before the worker is free
+            await _until(lambda: mv.batcher.queue_depth == 0)
+            assert not busy.done()
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await stub.Generate(slow, timeout=0.05)  # expires while queued behind the busy worker
+            await _until(lambda: mv.batcher.queue_depth == 0)
+            still_busy = not busy.done()
+            await busy
+            assert taken() == 1  # neither the cancelled nor the expired request ever ran
+            return full.value, late.value, still_busy
+
+    full, late, still_busy = run(go())
+    assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in full.details()
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert still_busy
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)
+
+
+def test_metrics_are_scraped_over_http_after_traffic(repo):
+    async def go():
+        async with running(repo) as (server, stub, _ch):
+            await stub.Generate(pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(count=3)))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Generate(pb.GenerateRequest(model="nope", seeds=pb.SeedList(seeds=[1])))
+            url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+
+    text = run(go())
+    for line in (
+        'gan_requests_total{code="OK",method="Generate",model="plain"} 1.0',
+        'gan_requests_total{code="NOT_FOUND",method="Generate",model="unknown"} 1.0',
+        'gan_images_generated_total{model="plain"} 3.0',
+        'gan_batch_size_count{model="plain",version="2"} 1.0',
+        'gan_batch_size_sum{model="plain",version="2"} 3.0',
+        'gan_model_info{model="echo",provider="CPUExecutionProvider",version="1"} 1.0',
+        'gan_queue_depth{model="plain",version="2"} 0.0',
+    ):
+        assert line in text, line
+    for family in (
+        "gan_request_duration_seconds_bucket",
+        "gan_queue_wait_seconds_bucket",
+        "gan_model_run_seconds_bucket",
+    ):
+        assert family in text
+
+
+def test_health_follows_the_registry_and_reflection_lists_the_service(tmp_path):
+    async def go():
+        async with running(tmp_path) as (server, _stub, channel):
+            health = health_pb2_grpc.HealthStub(channel)
+            empty = [
+                (await health.Check(health_pb2.HealthCheckRequest(service=s))).status
+                for s in ("", "ganserve.v1.Generator")
+            ]
+            plain_model(tmp_path / "late" / "1" / "model.onnx")
+            assert await server.reload() == 1
+            loaded = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+            refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = [s.name async for r in responses for s in r.list_services_response.service]
+            return empty, loaded, names
+
+    empty, loaded, names = run(go())
+    assert empty == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+    assert loaded == health_pb2.HealthCheckResponse.SERVING
+    assert "ganserve.v1.Generator" in names and "grpc.health.v1.Health" in names
+
+
+def test_a_bad_model_is_skipped_and_counted(tmp_path, caplog):
+    plain_model(tmp_path / "good" / "1" / "model.onnx")
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not onnx")
+    echo_model(tmp_path / "liar" / "1" / "model.onnx")
+    import onnx
+
+    liar = onnx.load(str(tmp_path / "liar" / "1" / "model.onnx"))
+    for p in liar.metadata_props:
+        if p.key == "latent_dim":
+            p.value = "6"
+    onnx.save(liar, str(tmp_path / "liar" / "1" / "model.onnx"))
+
+    async def go():
+        async with running(tmp_path) as (server, stub, _ch):
+            names = [m.name for m in (await stub.ListModels(pb.ListModelsRequest())).models]
+            failures = {n: server.metrics.load_failures.labels(n)._value.get() for n in ("broken", "liar")}
+            return names, failures
+
+    with caplog.at_level("ERROR"):
+        names, failures = run(go())
+    assert names == ["good"] and failures == {"broken": 1, "liar": 1}
+    assert "skipping model liar version 1" in caplog.text and "input z" in caplog.text

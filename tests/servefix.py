@@ -64,7 +64,10 @@ def plain_model(path: Path, slow_iterations: int = 0, width: int = 512) -> Path:
     With `slow_iterations`, a Loop first multiplies a [n, width] state by a [width, width] matrix that many
     times: a real model that takes a predictable while, for queue and deadline tests.
     """
-    lo, hi = helper.make_tensor("lo", TensorProto.FLOAT, [], [-1.0]), helper.make_tensor("hi", TensorProto.FLOAT, [], [1.0])
+    lo, hi = (
+        helper.make_tensor("lo", TensorProto.FLOAT, [], [-1.0]),
+        helper.make_tensor("hi", TensorProto.FLOAT, [], [1.0]),
+    )
     shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 4])
     inits, nodes, x = [lo, hi, shape], [], "z"
     if slow_iterations:

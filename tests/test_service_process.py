@@ -1,0 +1,132 @@
+"""The server as users run it: `python -m service` in its own process, the client CLI, SIGTERM, config."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import filecmp
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import client as client_cli
+from service.api.ganserve.v1 import generator_pb2 as pb
+from service.config import ServerConfig, parse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_checked_in_stubs_match_the_proto(tmp_path):
+    """service/api is generated from proto/; regenerating must give the same files."""
+    from grpc_tools import protoc
+
+    args = ["protoc", f"-Iservice/api={ROOT / 'proto'}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}", str(ROOT / "proto" / "ganserve" / "v1" / "generator.proto")]  # fmt: skip
+    assert protoc.main(args) == 0
+    generated = tmp_path / "service" / "api" / "ganserve" / "v1"
+    names = ["generator_pb2.py", "generator_pb2_grpc.py", "generator_pb2.pyi"]
+    _match, mismatch, errors = filecmp.cmpfiles(
+        generated, ROOT / "service" / "api" / "ganserve" / "v1", names, shallow=False
+    )
+    assert (mismatch, errors) == ([], []), "regenerate: see README, 'Changing the API'"
+
+
+def test_flags_override_environment_which_overrides_defaults():
+    env = {"GAN_PORT": "6000", "GAN_MAX_BATCH_SIZE": "32", "GAN_BATCHING": "false"}
+    cfg = parse(["--max-batch-size", "16"], environ=env)
+    assert (cfg.port, cfg.max_batch_size, cfg.batching) == (6000, 16, False)
+    assert parse([], environ={}) == ServerConfig()
+    with pytest.raises(SystemExit):
+        parse(["--max-batch-size", "0"], environ={})
+    with pytest.raises(SystemExit, match="GAN_BATCHING"):
+        parse([], environ={"GAN_BATCHING": "maybe"})
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    """`python -m service` on the shipped model, free ports; yields (process, port)."""
+    env = os.environ | {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_GRACE_SECONDS": "20", "GAN_HOST": "127.0.0.1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--model-repository", str(ROOT / "models")],
+        stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    port = None
+    log: list[str] = []
+    deadline = time.monotonic() + 60
+    while port is None and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        log.append(line)
+        if m := re.search(r"serving \d+ model version\(s\) on port (\d+)", line):
+            port = int(m.group(1))
+        if not line and proc.poll() is not None:
+            break
+    assert port, "".join(log)
+    yield proc, port
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def test_client_cli_writes_a_grid_of_digits(server_process, tmp_path, capsys):
+    _, port = server_process
+    target = f"127.0.0.1:{port}"
+    assert client_cli.main(["--target", target, "models"]) == 0
+    assert "mnist-cdcgan" in capsys.readouterr().out
+    grid = tmp_path / "grid.png"
+    args = [
+        "--target",
+        target,
+        "sample",
+        "--model",
+        "mnist-cdcgan",
+        "--seeds",
+        "0-19",
+        "--labels",
+        "0-9",
+        "--grid",
+        str(grid),
+    ]
+    assert client_cli.main(args) == 0
+    im = np.asarray(Image.open(grid))
+    assert im.shape == (2 * 30 + 2, 10 * 30 + 2) and 0.05 < (im > 128).mean() < 0.4
+    strip = tmp_path / "strip.png"
+    args = ["--target", target, "interpolate", "--model", "mnist-cdcgan", "--seeds", "3,7", "--labels", "3,8",
+            "--steps", "8", "--out", str(strip)]  # fmt: skip
+    assert client_cli.main(args) == 0 and Image.open(strip).size == (9 * 30 + 2, 32)
+    assert client_cli.main(["--target", target, "sample", "--model", "nope", "--seeds", "1", "--grid", str(grid)]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_sigterm_during_traffic_loses_no_accepted_request(server_process):
+    proc, port = server_process
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = __import__("service.api.ganserve.v1.generator_pb2_grpc", fromlist=["x"]).GeneratorStub(channel)
+    request = pb.GenerateRequest(
+        model="mnist-cdcgan", seed_range=pb.SeedRange(start=0, count=64), labels=[pb.Label(index=1)]
+    )
+    stub.Generate(request, timeout=30)  # connected and warm
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        calls = [pool.submit(stub.Generate, request, timeout=60) for _ in range(32)]
+        time.sleep(0.2)  # requests are in flight: accepted, queued in the batcher or running
+        proc.send_signal(signal.SIGTERM)
+        results = []
+        for call in calls:
+            try:
+                results.append(len(call.result().images))
+            except grpc.RpcError as e:  # refused after the drain began: never accepted, so nothing lost
+                results.append(e.code())
+    assert proc.wait(timeout=60) == 0
+    accepted = [r for r in results if isinstance(r, int)]
+    print(f"{len(accepted)} accepted and completed, {len(results) - len(accepted)} refused during the drain")
+    assert accepted and all(n == 64 for n in accepted)
+    assert all(r == grpc.StatusCode.UNAVAILABLE for r in results if not isinstance(r, int))
+    channel.close()

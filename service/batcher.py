@@ -45,6 +45,9 @@ class BatchConfig:
     max_queue: int = 4096  # queued samples; beyond it submit() raises QueueFull
     workers: int = 1  # concurrent run_batch calls (threads)
     enabled: bool = True  # False: every chunk runs alone (the no-batching baseline for benchmarks)
+    # True: wait max_delay_s only while requests arrive together (the last batch held several chunks or more
+    # queued meanwhile), so a lone caller never pays it. False: always wait, as Triton and TF Serving do.
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "workers"):
@@ -92,6 +95,7 @@ class Batcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._accepting = False
         self._closing = False
+        self._concurrent = False  # did the last batch show requests arriving together? (adaptive delay)
 
     @property
     def queue_depth(self) -> int:
@@ -171,6 +175,8 @@ class Batcher:
         cfg = self.config
         if self._closing or not cfg.enabled or self._depth >= cfg.max_batch_size:
             return 0.0
+        if cfg.adaptive and not self._concurrent:
+            return 0.0
         return max(0.0, self._queue[0].queued_at + cfg.max_delay_s - self._clock())
 
     def _take(self) -> list[_Chunk]:
@@ -201,6 +207,9 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[_Chunk]) -> None:
+        # Adaptive delay: wait for company only while requests are arriving together. A lone caller (the
+        # last batch held one chunk) never pays max_delay_s; under concurrency the wait fills batches.
+        self._concurrent = len(batch) > 1 or len(self._queue) > 0
         loop = asyncio.get_running_loop()
         result, seconds = await loop.run_in_executor(self._executor, self._call, batch)
         self._observer.batch(sum(chunk.size for chunk in batch), seconds)

@@ -23,13 +23,14 @@ class ServerConfig:
     metrics_port: int = 9090  # 0 picks a free port; -1 disables the HTTP endpoint
     # Dynamic batching, per model version
     max_batch_size: int = 128
-    max_delay_ms: float = 2.0
+    max_delay_ms: float = 2.0  # waited only under concurrency: a lone request never pays it
     max_queue: int = 8192  # queued samples before RESOURCE_EXHAUSTED
-    batch_workers: int = 1  # concurrent ONNX Runtime runs per model version
+    # Two single-threaded ONNX Runtime runs in parallel beat one run on two threads here (P1 in bench/README.md)
+    batch_workers: int = 2  # concurrent ONNX Runtime runs per model version
     batching: bool = True  # off: every request runs alone (for comparison)
     # ONNX Runtime
     providers: str = "auto"
-    intra_op_threads: int = 0
+    intra_op_threads: int = 1  # per run; 0 = ONNX Runtime's default (all cores)
     inter_op_threads: int = 1
     allow_spinning: bool = False
     # Limits

@@ -133,6 +133,9 @@ class Sampler:
         raise InvalidArgument("latents: give seeds, seed_range or rows")
 
     async def _encode(self, mv: ModelVersion, images: np.ndarray, output: Output, offset: int = 0) -> Result:
+        # Raw bytes cost microseconds: a thread hand-off would cost more. PNG and grids leave the event loop.
+        if output.format != "png" and not output.grid:
+            return _encode(mv, images, output, offset)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.encoder, _encode, mv, images, output, offset)
 

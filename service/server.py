@@ -178,12 +178,13 @@ def build(cfg: ServerConfig, metrics_registry: CollectorRegistry | None = None) 
 
 
 async def serve(cfg: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+    """Run until SIGTERM or SIGINT, then drain. SIGHUP loads versions added to the repository since."""
     server = build(cfg)
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(_shutdown(server, s)))
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload()))
     await server.wait()
 
 

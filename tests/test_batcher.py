@@ -108,7 +108,7 @@ def run(make_batcher: Callable[[], Batcher], body: Callable[[Batcher], object]) 
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
-        BatchConfig(**{field: value})
+        BatchConfig(**{field: value}, adaptive=False)
 
 
 def test_concurrent_requests_form_batches_and_each_gets_its_own_rows():
@@ -121,7 +121,7 @@ def test_concurrent_requests_form_batches_and_each_gets_its_own_rows():
             np.testing.assert_array_equal(out, expected(x))
 
     # A long delay: batches must go because they are full, not because the delay ran out.
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=5.0)), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=5.0, adaptive=False)), body)
     assert sum(model.sizes) == 16
     assert all(1 < s <= 8 for s in model.sizes), model.sizes
 
@@ -138,7 +138,7 @@ def test_zero_delay_takes_what_piled_up_while_the_worker_was_busy():
         gate.set()
         await asyncio.gather(first, *rest)
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=0.0)), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=0.0, adaptive=False)), body)
     assert model.sizes == [1, 5]
 
 
@@ -148,7 +148,7 @@ def test_delay_lets_a_partial_batch_gather_then_go():
     async def body(b: Batcher) -> None:
         await asyncio.gather(*(b.submit(request(tag)) for tag in range(3)))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=0.05)), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=0.05, adaptive=False)), body)
     assert model.sizes == [3]
 
 
@@ -161,7 +161,7 @@ def test_oversized_request_is_split_and_reassembled_in_order():
         np.testing.assert_array_equal(out_big, expected(big))
         np.testing.assert_array_equal(out_small, expected(small))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=0.0)), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=0.0, adaptive=False)), body)
     assert sum(model.sizes) == 11
     assert max(model.sizes) <= 4
     assert model.rows[:10] == big["z"][:, 0].tolist()  # chunks ran oldest first
@@ -176,7 +176,7 @@ def test_disabled_batching_runs_every_chunk_alone():
         for x, out in zip(inputs, results, strict=True):
             np.testing.assert_array_equal(out, expected(x))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0, enabled=False)), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0, enabled=False, adaptive=False)), body)
     assert sorted(model.sizes) == [1, 1, 1, 1, 1, 1, 1, 4]
 
 
@@ -195,7 +195,7 @@ def test_queue_full_is_raised_beyond_capacity():
         np.testing.assert_array_equal(await queued, expected(request(0, n=3)))
         np.testing.assert_array_equal(await fits, expected(request(2, n=1)))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=64, max_delay_s=5.0, max_queue=4)), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=64, max_delay_s=5.0, max_queue=4, adaptive=False)), body)
     assert model.rows == [0.0, 1.0, 2.0, 2000.0]  # the rejected request never ran
 
 
@@ -218,7 +218,7 @@ def test_expired_chunk_is_dropped_with_deadline_exceeded():
         np.testing.assert_array_equal(await patient, expected(request(4)))
         await blocker
 
-    run(lambda: Batcher(model, BatchConfig(max_delay_s=0.0), observer=seen, clock=clock), body)
+    run(lambda: Batcher(model, BatchConfig(max_delay_s=0.0, adaptive=False), observer=seen, clock=clock), body)
     assert model.rows == [2000.0, 4000.0]  # neither expired request reached run_batch
     assert seen.waits == [0.0, 5.0]  # queue wait is measured on the injected clock
 
@@ -238,7 +238,7 @@ def test_cancelled_submit_frees_the_queue_and_never_runs():
         await b.stop()
         np.testing.assert_array_equal(await follower, expected(request(2)))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0)), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0, adaptive=False)), body)
     assert model.rows == [2000.0]
 
 
@@ -254,7 +254,7 @@ def test_run_batch_error_reaches_only_that_batch_and_batcher_keeps_serving():
             np.testing.assert_array_equal(out, expected(x))
         np.testing.assert_array_equal(await b.submit(request(20, n=4)), expected(request(20, n=4)))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0)), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0, adaptive=False)), body)
     assert model.sizes == [4, 4, 4]
 
 
@@ -272,7 +272,7 @@ def test_stop_finishes_queued_work_then_rejects_new_requests():
         with pytest.raises(Unavailable):
             await b.submit(request(9))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=5.0)), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=5.0, adaptive=False)), body)
     assert model.sizes == [3]
 
 
@@ -291,7 +291,7 @@ def test_observer_sees_depth_batch_sizes_and_waits():
     async def body(b: Batcher) -> None:
         await b.submit(request(1, n=6))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=0.0), observer=seen), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=0.0, adaptive=False), observer=seen), body)
     assert seen.depths == [6, 2, 0]
     assert seen.batches == [4, 2] == model.sizes
     assert len(seen.waits) == 2 and all(w >= 0 for w in seen.waits)
@@ -307,7 +307,7 @@ def test_workers_run_batches_concurrently_off_the_event_loop():
         for x, out in zip(inputs, results, strict=True):
             np.testing.assert_array_equal(out, expected(x))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=1, workers=2)), body)
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=1, workers=2, adaptive=False)), body)
     assert model.sizes == [1, 1]
     assert len(model.threads) == 2 and threading.get_ident() not in model.threads
 
@@ -317,4 +317,18 @@ def test_wrong_row_count_from_run_batch_fails_the_batch():
         with pytest.raises(RuntimeError, match="shape"):
             await b.submit(request(1, n=3))
 
-    run(lambda: Batcher(lambda inputs: inputs["z"][:1], BatchConfig(max_delay_s=0.0)), body)
+    run(lambda: Batcher(lambda inputs: inputs["z"][:1], BatchConfig(max_delay_s=0.0, adaptive=False)), body)
+
+
+def test_adaptive_delay_spares_a_lone_caller_and_waits_under_concurrency():
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        start = time.monotonic()
+        await b.submit(request(0))  # nothing else in flight: no 5 s wait
+        assert time.monotonic() - start < 1.0
+        # A burst: the first batch shows concurrency, so the next chunks wait to be batched together.
+        await asyncio.gather(*(b.submit(request(i)) for i in range(1, 9)))
+
+    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0)), body)
+    assert model.sizes[0] == 1 and max(model.sizes) == 4

@@ -1,0 +1,229 @@
+"""Service vs raw ONNX Runtime vs an echo server, batching on vs off: one run, one machine.
+
+    python bench/serve_bench.py [--duration 8]
+
+Builds a DCGAN and the paper's MLP generator (untrained weights cost the same), starts `python -m service`
+and an echo server in their own processes, drives them from an async gRPC client in this process, and
+measures raw ONNX Runtime here with its default (all-core) threading. Prints the P1–P4 ratios of the service
+issue; raw uint8 output is the headline, PNG is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from service.api.ganserve.v1 import generator_pb2 as pb
+from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.runtime import RuntimeConfig, Session
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_models(repo: Path) -> None:
+    from training.config import PRESETS
+    from training.export import export
+    from training.loop import Trainer
+
+    for name, preset in (("dcgan", "mnist-dcgan"), ("mlp", "paper-mlp")):
+        out = repo.parent / f"run-{name}"
+        cfg = PRESETS[preset].config.replace(steps=1, out=str(out), sample_every=0, log_every=0)
+        export(Trainer(cfg).train(progress=False), repo, name)
+
+
+@dataclass
+class Stats:
+    requests: int
+    images: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def ips(self) -> float:
+        return self.images / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000 if self.latencies else float("nan")
+
+
+async def load(port: int, request: pb.GenerateRequest, concurrency: int, duration: float) -> Stats:
+    """`concurrency` callers in a closed loop for `duration` seconds (after a short warm-up)."""
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        for _ in range(3):
+            await stub.Generate(request)
+        latencies: list[float] = []
+        images = 0
+        stop = time.perf_counter() + duration
+
+        async def caller() -> None:
+            nonlocal images
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                response = await stub.Generate(request)
+                latencies.append(time.perf_counter() - t)
+                images += len(response.images)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        return Stats(len(latencies), images, time.perf_counter() - start, latencies)
+
+
+def raw_ort(path: Path, batch: int, duration: float) -> Stats:
+    """ONNX Runtime alone with its default threads (all cores), one batch after another: the strict baseline."""
+    session = Session(path, RuntimeConfig())
+    feeds = {
+        "z": np.random.default_rng(0).standard_normal((batch, session.session.get_inputs()[0].shape[1]), np.float32)
+    }
+    for _ in range(3):
+        session.run(feeds)
+    latencies = []
+    stop = time.perf_counter() + duration
+    start = time.perf_counter()
+    while time.perf_counter() < stop:
+        t = time.perf_counter()
+        session.run(feeds)
+        latencies.append(time.perf_counter() - t)
+    return Stats(len(latencies), len(latencies) * batch, time.perf_counter() - start, latencies)
+
+
+class Process:
+    """A server subprocess; its port (and metrics port) are read from its log."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}), cwd=ROOT)
+        self.port = self.metrics_port = None
+        deadline = time.monotonic() + 120
+        while self.port is None:
+            line = self.proc.stderr.readline()
+            if m := re.search(r"on port (\d+)(?:, metrics on (\d+))?", line):
+                self.port = int(m.group(1))
+                self.metrics_port = int(m.group(2)) if m.group(2) else None
+            elif (not line and self.proc.poll() is not None) or time.monotonic() > deadline:
+                raise RuntimeError(f"{args} did not start")
+
+    def mean_batch(self) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
+        total = sum(float(v) for v in re.findall(r"^gan_batch_size_sum\{[^}]*\} (\S+)", text, re.M))
+        count = sum(float(v) for v in re.findall(r"^gan_batch_size_count\{[^}]*\} (\S+)", text, re.M))
+        return total / count if count else float("nan")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def service(repo: Path, **flags) -> Process:
+    env = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HOST": "127.0.0.1", "GAN_GRACE_SECONDS": "1"}
+    env |= {f"GAN_{k.upper()}": str(v) for k, v in flags.items()}
+    return Process([sys.executable, "-m", "service", "--model-repository", str(repo)], env)
+
+
+def run_service(repo: Path, request: pb.GenerateRequest, concurrency: int, duration: float, **flags):
+    server = service(repo, **flags)
+    try:
+        stats = asyncio.run(load(server.port, request, concurrency, duration))
+        return stats, server.mean_batch()
+    finally:
+        server.close()
+
+
+def request(model: str, n: int, fmt: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model=model, seed_range=pb.SeedRange(start=0, count=n), output=pb.OutputOptions(format=fmt)
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    args = p.parse_args()
+    d = args.duration
+    rows: list[tuple[str, str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "models"
+        build_models(repo)
+        dcgan = repo / "dcgan" / "1" / "model.onnx"
+
+        # P1: DCGAN, 16-image requests, concurrency 8 (compute-bound).
+        p1, p1_batch = run_service(repo, request("dcgan", 16, pb.RAW_UINT8), 8, d)
+        p1_png, _ = run_service(repo, request("dcgan", 16, pb.PNG), 8, d)
+        raw128 = raw_ort(dcgan, 128, d)
+        raw_formed = raw_ort(dcgan, max(1, round(p1_batch)), d)
+        print(f"P1 service {p1.ips:,.0f} img/s (PNG {p1_png.ips:,.0f}), p50 {p1.pct(50):.1f} ms, p99 {p1.pct(99):.1f} ms;"
+              f" mean formed batch {p1_batch:.1f}; raw ORT {raw128.ips:,.0f} img/s at 128,"
+              f" {raw_formed.ips:,.0f} at {round(p1_batch)}", flush=True)  # fmt: skip
+        rows.append(
+            (
+                "P1",
+                "service img/s ÷ raw ORT img/s at batch 128",
+                f"{p1.ips / raw128.ips:.2f} (PNG {p1_png.ips / raw128.ips:.2f})",
+                "≥ 0.90",
+            )
+        )
+
+        # P2/P3: paper MLP, 1-image requests, concurrency 64 (overhead-bound).
+        echo = Process(
+            [sys.executable, str(ROOT / "bench" / "echo_server.py"), "--images", "1", "--image-bytes", "784"]
+        )
+        try:
+            p2_echo = asyncio.run(load(echo.port, request("mlp", 1, pb.RAW_UINT8), 64, d))
+        finally:
+            echo.close()
+        p2, p2_batch = run_service(repo, request("mlp", 1, pb.RAW_UINT8), 64, d)
+        p2_png, _ = run_service(repo, request("mlp", 1, pb.PNG), 64, d)
+        p3_off, _ = run_service(repo, request("mlp", 1, pb.RAW_UINT8), 64, d, batching="false")
+        print(f"P2 service {p2.rps:,.0f} req/s (PNG {p2_png.rps:,.0f}), p50 {p2.pct(50):.1f} ms, p99 {p2.pct(99):.1f} ms,"
+              f" mean formed batch {p2_batch:.1f}; echo {p2_echo.rps:,.0f} req/s; batching off {p3_off.rps:,.0f} req/s,"
+              f" p99 {p3_off.pct(99):.1f} ms", flush=True)  # fmt: skip
+        rows.append(
+            (
+                "P2",
+                "service req/s ÷ echo req/s",
+                f"{p2.rps / p2_echo.rps:.2f} (PNG {p2_png.rps / p2_echo.rps:.2f})",
+                "≥ 0.80",
+            )
+        )
+        rows.append(("P3", "batching on ÷ off, req/s", f"{p2.rps / p3_off.rps:.2f}", "≥ 1.5"))
+
+        # P4: one client, one image: service p50 vs raw batch-1 p50.
+        p4, _ = run_service(repo, request("dcgan", 1, pb.RAW_UINT8), 1, d)
+        p4_png, _ = run_service(repo, request("dcgan", 1, pb.PNG), 1, d)
+        raw1 = raw_ort(dcgan, 1, d)
+        print(
+            f"P4 service p50 {p4.pct(50):.2f} ms (PNG {p4_png.pct(50):.2f}); raw batch-1 p50 {raw1.pct(50):.2f} ms",
+            flush=True,
+        )
+        rows.append(
+            (
+                "P4",
+                "service p50 − raw batch-1 p50",
+                f"{p4.pct(50) - raw1.pct(50):+.2f} ms (PNG {p4_png.pct(50) - raw1.pct(50):+.2f} ms)",
+                "≤ +1.5 ms",
+            )
+        )
+
+    print("\n| | measure | measured | target |\n|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -223,7 +223,11 @@ def test_full_queue_deadline_and_cancellation(tmp_path):
     plain_model(tmp_path / "slow" / "1" / "model.onnx", slow_iterations=4000, width=2048)  # ~1 s per run here
 
     async def go():
-        async with running(tmp_path, max_queue=4, max_batch_size=4, max_delay_ms=0) as (server, stub, _ch):
+        async with running(tmp_path, max_queue=4, max_batch_size=4, max_delay_ms=0, batch_workers=1) as (
+            server,
+            stub,
+            _ch,
+        ):
             mv = server.registry.get("slow")
             labels = {"model": "slow", "version": "1"}
 

@@ -190,6 +190,10 @@ def main() -> None:
         p2, p2_batch = run_service(repo, request("mlp", 1, pb.RAW_UINT8), 64, d)
         p2_png, _ = run_service(repo, request("mlp", 1, pb.PNG), 64, d)
         p3_off, _ = run_service(repo, request("mlp", 1, pb.RAW_UINT8), 64, d, batching="false")
+        # The same workload with the server tuned for it: one worker, a longer delay, so bigger batches.
+        p2_tuned, p2_tuned_batch = run_service(
+            repo, request("mlp", 1, pb.RAW_UINT8), 64, d, batch_workers=1, max_delay_ms=5
+        )
         print(f"P2 service {p2.rps:,.0f} req/s (PNG {p2_png.rps:,.0f}), p50 {p2.pct(50):.1f} ms, p99 {p2.pct(99):.1f} ms,"
               f" mean formed batch {p2_batch:.1f}; echo {p2_echo.rps:,.0f} req/s; batching off {p3_off.rps:,.0f} req/s,"
               f" p99 {p3_off.pct(99):.1f} ms", flush=True)  # fmt: skip
@@ -200,6 +204,13 @@ def main() -> None:
                 f"{p2.rps / p2_echo.rps:.2f} (PNG {p2_png.rps / p2_echo.rps:.2f})",
                 "≥ 0.80",
             )
+        )
+        print(
+            f"P2 tuned (--batch-workers 1 --max-delay-ms 5) {p2_tuned.rps:,.0f} req/s, batch {p2_tuned_batch:.1f}",
+            flush=True,
+        )
+        rows.append(
+            ("P2′", "same, server tuned for it (1 worker, 5 ms)", f"{p2_tuned.rps / p2_echo.rps:.2f}", "≥ 0.80")
         )
         rows.append(("P3", "batching on ÷ off, req/s", f"{p2.rps / p3_off.rps:.2f}", "≥ 1.5"))
 

@@ -261,7 +261,7 @@ class Batcher:
 
 def _leading_length(inputs: dict[str, np.ndarray]) -> int:
     """The shared length n >= 1 of the arrays' first axis."""
-    lengths = {name: np.shape(array)[0] if np.ndim(array) else 0 for name, array in inputs.items()}
+    lengths = {name: len(array) if getattr(array, "ndim", 0) else 0 for name, array in inputs.items()}
     n = next(iter(lengths.values()), 0)
     if n < 1 or any(length != n for length in lengths.values()):
         raise ValueError(f"inputs must be arrays sharing a leading axis of length >= 1, got lengths {lengths}")

@@ -13,9 +13,12 @@ def to_uint8(images: np.ndarray, output_range: tuple[float, float]) -> np.ndarra
     if images.ndim != 4:
         raise ValueError(f"expected images of shape [N, C, H, W], got {images.shape}")
     lo, hi = output_range
-    scaled = (images.astype(np.float32, copy=False) - lo) * (255.0 / (hi - lo))
-    # Round half up then clip: one vectorised pass, no per-image Python loop.
-    pixels = np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+    scaled = (images.astype(np.float32, copy=False) - lo) * np.float32(255.0 / (hi - lo))
+    # Round half up, then clamp with in-place ufuncs: vectorised, and cheaper than np.clip on small batches.
+    scaled += 0.5
+    np.maximum(scaled, 0, out=scaled)
+    np.minimum(scaled, 255, out=scaled)
+    pixels = scaled.astype(np.uint8)
     return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 

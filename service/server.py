@@ -98,9 +98,18 @@ class Server:
             record(model, code, start)
             await context.abort(code, message)
 
+        children: dict[tuple[str, grpc.StatusCode], tuple] = {}  # labels() per call costs more than the update
+
         def record(model: str, code: grpc.StatusCode, start: float) -> None:
-            metrics.requests.labels(method, model, code.name).inc()
-            metrics.request_seconds.labels(method, model).observe(time.perf_counter() - start)
+            key = (model, code)
+            if key not in children:
+                children[key] = (
+                    metrics.requests.labels(method, model, code.name),
+                    metrics.request_seconds.labels(method, model),
+                )
+            count, seconds = children[key]
+            count.inc()
+            seconds.observe(time.perf_counter() - start)
 
         if inspect.isasyncgenfunction(fn):
 

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -118,6 +119,8 @@ class Process:
                 self.metrics_port = int(m.group(2)) if m.group(2) else None
             elif (not line and self.proc.poll() is not None) or time.monotonic() > deadline:
                 raise RuntimeError(f"{args} did not start")
+        # Keep draining its log, so a chatty server can never block on a full pipe.
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
 
     def mean_batch(self) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()

@@ -26,7 +26,7 @@ class BatchObserver(Protocol):
         """Once per request chunk when it is taken into a batch: seconds since it was queued."""
 
     def batch(self, size: int, run_seconds: float) -> None:
-        """Once per run_batch call, failed ones included: samples in it and seconds to assemble and run it."""
+        """Once per successful run_batch call: samples in it and seconds to assemble and run it."""
 
     def depth(self, samples: int) -> None:
         """Queued samples, whenever that number changes."""
@@ -212,11 +212,11 @@ class Batcher:
         self._concurrent = len(batch) > 1 or len(self._queue) > 0
         loop = asyncio.get_running_loop()
         result, seconds = await loop.run_in_executor(self._executor, self._call, batch)
-        self._observer.batch(sum(chunk.size for chunk in batch), seconds)
         if isinstance(result, Exception):
             for chunk in batch:
                 self._fail(chunk.request, result)
             return
+        self._observer.batch(sum(chunk.size for chunk in batch), seconds)
         offset = 0
         for chunk in batch:
             request = chunk.request
@@ -246,7 +246,8 @@ class Batcher:
     def _fail(self, request: _Request, exc: Exception) -> None:
         if not request.future.done():
             request.future.set_exception(exc)
-        self._discard(request)  # its other chunks would only produce rows nobody can receive
+        if len(request.parts) > 1:  # a one-chunk request failing here is off the queue: skip the O(queue) scan
+            self._discard(request)  # its other chunks would only produce rows nobody can receive
 
     def _discard(self, request: _Request) -> None:
         removed = sum(c.size for c in self._queue if c.request is request)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--method", choices=("slerp", "lerp"), default="slerp")
     i.add_argument("--out", type=Path, required=True, help="the strip PNG")
     args = p.parse_args(argv)
-    if getattr(args, "labels", None) and len(args.labels) == 1 and "-" in args.labels[0]:
-        args.labels = [str(v) for v in parse_ints(args.labels[0])]
+    if getattr(args, "labels", None) and all(re.fullmatch(r"\d+(-\d+)?", lab) for lab in args.labels):
+        args.labels = [str(v) for v in parse_ints(",".join(args.labels))]  # index ranges: 0-4,7
 
     try:
         with Client(args.target) as client:

@@ -46,6 +46,8 @@ class ServerConfig:
         for name in ("max_batch_size", "max_queue", "batch_workers", "max_images", "stream_chunk", "encoder_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)})")
+        if self.max_queue < self.max_images:
+            raise ValueError(f"max_queue: must be >= max_images ({self.max_images}), or big requests could never run")
         if self.max_delay_ms < 0 or self.grace_seconds < 0:
             raise ValueError("max_delay_ms / grace_seconds: must be >= 0")
 

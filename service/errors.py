@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def short(text: str, limit: int = 64) -> str:
+    """A client-supplied string, quoted and cut to a length fit for an error message."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
 class ServiceError(Exception):
     """Base class; the message is safe to show to the client."""
 

@@ -6,6 +6,7 @@ ONNX Runtime session and batcher. A model that fails validation is skipped with 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from service.batcher import BatchConfig, Batcher, BatchObserver
-from service.errors import NotFound
+from service.errors import NotFound, short
 from service.runtime import RuntimeConfig, Session
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,13 @@ def read_spec(session: Session) -> ModelSpec:
         raise ModelError(f"prior {prior!r} is neither normal nor uniform")
     if len(class_names) != num_classes:
         raise ModelError(f"num_classes {num_classes} but {len(class_names)} class_names")
-    if len(shape) != 3 or not out_range or len(out_range) != 2 or not out_range[0] < out_range[1]:
+    if (
+        len(shape) != 3
+        or shape[0] not in (1, 3)
+        or not out_range
+        or len(out_range) != 2
+        or not out_range[0] < out_range[1]
+    ):
         raise ModelError(f"not an image generator: image_shape {list(shape)}, output_range {out_range}")
 
     inputs = {i.name: i for i in session.session.get_inputs()}
@@ -136,7 +143,8 @@ class Registry:
             if version in self.models.get(name, {}):
                 continue
             try:
-                mv = self.load(name, version, path)
+                # Session creation and warm-up take a while: off the event loop, so serving goes on meanwhile.
+                mv = await asyncio.get_running_loop().run_in_executor(None, self.load, name, version, path)
             except Exception as e:  # any failure to load one model must not stop the others
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 log.error("skipping model %s version %d (%s): %s", name, version, path, reason)
@@ -158,7 +166,7 @@ class Registry:
         versions = self.models.get(name)
         if not versions:
             known = ", ".join(sorted(self.models)) or "none loaded"
-            raise NotFound(f"model: no model named {name!r} (models: {known})")
+            raise NotFound(f"model: no model named {short(name)} (models: {known})")
         if version == 0:
             return versions[max(versions)]
         if version not in versions:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service import encode, latents
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, short
 from service.registry import ModelVersion, Registry
 
 FORMATS = ("png", "uint8", "float32")
@@ -86,7 +86,9 @@ def _label_row(class_names: tuple[str, ...], label: Label, field: str) -> np.nda
         return (w / w.sum()).astype(np.float32)
     if label.name is not None:
         if label.name not in class_names:
-            raise InvalidArgument(f"{field}.name: unknown class {label.name!r} (classes: {', '.join(class_names)})")
+            raise InvalidArgument(
+                f"{field}.name: unknown class {short(label.name)} (classes: {', '.join(class_names)})"
+            )
         row[class_names.index(label.name)] = 1
         return row
     if label.index is None:
@@ -106,6 +108,12 @@ def check_rows(values: np.ndarray, latent_dim: int, field: str) -> np.ndarray:
     return values.reshape(-1, latent_dim).astype(np.float32, copy=False)
 
 
+def image_bytes(mv: ModelVersion, output: Output) -> int:
+    """Upper bound of one image's bytes on the wire (PNG never exceeds raw uint8 by more than its headers)."""
+    c, h, w = mv.spec.image_shape
+    return c * h * w * (4 if output.format == "float32" else 1) + 128
+
+
 def check_truncation(psi: float) -> float | None:
     if psi == 0:
         return None
@@ -117,16 +125,23 @@ def check_truncation(psi: float) -> float | None:
 class Sampler:
     """Turns requests into batcher work and encoded images; encoding runs on `encoder`, not the event loop."""
 
-    def __init__(self, registry: Registry, limits: Limits, encoder: Executor | None = None):
-        self.registry, self.limits, self.encoder = registry, limits, encoder
+    def __init__(
+        self, registry: Registry, limits: Limits, encoder: Executor | None = None, max_message: int = 64 << 20
+    ):
+        self.registry, self.limits, self.encoder, self.max_message = registry, limits, encoder, max_message
 
     def model(self, name: str, version: int) -> ModelVersion:
         if not name:
             raise InvalidArgument("model: required")
         return self.registry.get(name, version)
 
-    def latents(self, mv: ModelVersion, seeds: Sequence[int] | None, rows: np.ndarray | None, field: str):
+    async def latents(self, mv: ModelVersion, seeds: Sequence[int] | None, rows: np.ndarray | None, field: str):
         if seeds is not None:
+            if len(seeds) > 64:  # ~12 µs a seed: thousands would stall every other caller on the event loop
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(
+                    self.encoder, latents.seed_latents, list(seeds), mv.spec.latent_dim, mv.spec.prior
+                )
             return latents.seed_latents(list(seeds), mv.spec.latent_dim, mv.spec.prior)
         if rows is not None:
             return check_rows(rows, mv.spec.latent_dim, field)
@@ -154,6 +169,13 @@ class Sampler:
         if n > limit:
             raise InvalidArgument(f"latents: {n} images requested, the limit per request is {limit}")
         _check_output(output, self.limits)
+        copies = (not output.grid_only) + output.grid  # the images, the grid, or both
+        size = n * image_bytes(mv, output) * copies
+        if size > self.max_message:
+            raise InvalidArgument(
+                f"latents: {n} images of this model make a response of about {size >> 20} MiB, over the"
+                f" {self.max_message >> 20} MiB message limit; use GenerateStream"
+            )
         y = label_vectors(mv, labels, n)
         psi = check_truncation(truncation)
         if psi is not None:
@@ -172,7 +194,9 @@ class Sampler:
         deadline: float | None,
     ) -> AsyncIterator[Result]:
         """Chunks of `stream_chunk` images; two chunks in flight keep the batcher busy while one is sent."""
-        n, chunk = len(z), self.limits.stream_chunk
+        # Chunks fit in half a message whatever the image size, so no stream ever hits the limit.
+        n = len(z)
+        chunk = max(1, min(self.limits.stream_chunk, self.max_message // (2 * image_bytes(mv, output))))
         if n > self.limits.max_stream_images:
             raise InvalidArgument(f"latents: {n} images requested, the stream limit is {self.limits.max_stream_images}")
         if output.grid:
@@ -242,7 +266,7 @@ def _check_output(output: Output, limits: Limits) -> None:
 
 
 def _with_latents(result: Result, z: np.ndarray) -> Result:
-    return Result(result.images, result.image_shape, result.grid_png, z, result.offset)
+    return dataclasses.replace(result, latents=z)
 
 
 def _encode(mv: ModelVersion, images: np.ndarray, output: Output, offset: int) -> Result:

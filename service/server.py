@@ -42,6 +42,12 @@ STATUS = {
 RPCS = ("ListModels", "GetModel", "Generate", "GenerateStream", "Interpolate")
 
 
+def cancelled(context) -> grpc.StatusCode:
+    """Why gRPC cancelled a handler: its deadline ran out, or the client went away."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for cls in type(exc).__mro__:
         if cls in STATUS:
@@ -62,7 +68,7 @@ class Server:
             on_failure=lambda name, reason: self.metrics.load_failures.labels(name).inc(),
         )
         self.encoder = ThreadPoolExecutor(cfg.encoder_threads, thread_name_prefix="encode")
-        self.sampler = Sampler(self.registry, cfg.limits(), self.encoder)
+        self.sampler = Sampler(self.registry, cfg.limits(), self.encoder, cfg.max_message_bytes)
         self.servicer = GeneratorServicer(self.registry, self.sampler)
         for name in RPCS:
             setattr(self.servicer, name, self.guard(name, getattr(self.servicer, name)))
@@ -82,6 +88,7 @@ class Server:
         self.metrics_port = 0
         self._http = None
         self._stopped = asyncio.Event()
+        self._stopping = False
 
     def guard(self, method: str, fn):
         """Wrap one RPC: map domain errors to status codes, count and time it. The one place for both."""
@@ -120,7 +127,7 @@ class Server:
                     async for response in fn(request, context):
                         yield response
                 except asyncio.CancelledError:
-                    record(model, grpc.StatusCode.CANCELLED, start)
+                    record(model, cancelled(context), start)
                     raise
                 except Exception as exc:
                     await fail(exc, context, model, start)
@@ -134,7 +141,7 @@ class Server:
             try:
                 response = await fn(request, context)
             except asyncio.CancelledError:
-                record(model, grpc.StatusCode.CANCELLED, start)
+                record(model, cancelled(context), start)
                 raise
             except Exception as exc:
                 await fail(exc, context, model, start)
@@ -161,22 +168,28 @@ class Server:
 
     async def reload(self) -> int:
         """Load versions that appeared in the repository since start; the old ones keep serving meanwhile."""
+        if self._stopping:
+            return 0
         loaded = await self.registry.load_all()
-        await self._set_health(self.registry.ready)
+        if not self._stopping:
+            await self._set_health(self.registry.ready)
         return loaded
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING first, then finish accepted requests within the grace period, then stop."""
-        if self._stopped.is_set():
+        if self._stopping:
             return
-        await self._set_health(False)
-        await self.grpc.stop(self.cfg.grace_seconds if grace is None else grace)
-        await self.registry.stop()
-        self.encoder.shutdown(wait=False)
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-        self._stopped.set()
+        self._stopping = True
+        try:
+            await self._set_health(False)
+            await self.grpc.stop(self.cfg.grace_seconds if grace is None else grace)
+            await self.registry.stop()
+        finally:
+            self.encoder.shutdown(wait=False)
+            if self._http is not None:
+                self._http.shutdown()
+                self._http.server_close()
+            self._stopped.set()
 
     async def wait(self) -> None:
         await self._stopped.wait()

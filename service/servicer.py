@@ -54,6 +54,13 @@ def to_output(msg: pb.OutputOptions) -> Output:
     return Output(FORMATS[msg.format], msg.grid, msg.grid_columns, msg.return_latents, msg.grid_only)
 
 
+def _check_count(field: str, count: int, limit: int, allow_zero: bool = False) -> None:
+    if count == 0 and not allow_zero:
+        raise InvalidArgument(f"{field}: empty")
+    if count > limit:
+        raise InvalidArgument(f"{field}: {count} requested, the limit per request is {limit}")
+
+
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -87,35 +94,37 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         mv = self.sampler.model(request.name, request.version)
         return model_info(mv, sorted(self.registry.models[mv.name]))
 
-    def _request(self, request: pb.GenerateRequest) -> tuple[ModelVersion, np.ndarray, list[Label], Output]:
+    async def _request(
+        self, request: pb.GenerateRequest, limit: int
+    ) -> tuple[ModelVersion, np.ndarray, list[Label], Output]:
+        """Counts are checked against `limit` before anything is built from the request."""
         mv = self.sampler.model(request.model, request.version)
         output = to_output(request.output)
         kind = request.WhichOneof("latents")
         seeds = rows = None
         if kind == "seeds":
+            _check_count("seeds.seeds", len(request.seeds.seeds), limit)
             seeds = list(request.seeds.seeds)
-            if not seeds:
-                raise InvalidArgument("seeds.seeds: empty")
         elif kind == "seed_range":
-            count = request.seed_range.count
-            if count == 0:
-                raise InvalidArgument("seed_range.count: must be >= 1")
-            limit = self.sampler.limits.max_stream_images
-            if count > limit:
-                raise InvalidArgument(f"seed_range.count: {count} is over the limit {limit}")
-            seeds = range(request.seed_range.start, request.seed_range.start + count)
+            start, count = request.seed_range.start, request.seed_range.count
+            _check_count("seed_range.count", count, limit)
+            if start + count > 2**64:
+                raise InvalidArgument("seed_range.start: the range runs past the largest seed, 2**64 - 1")
+            seeds = range(start, start + count)
         elif kind == "rows":
+            _check_count("rows.values", len(request.rows.values) // max(mv.spec.latent_dim, 1), limit)
             rows = np.asarray(request.rows.values, dtype=np.float32)
-        z = self.sampler.latents(mv, seeds, rows, "rows.values")
+        _check_count("labels", len(request.labels), limit, allow_zero=True)
+        z = await self.sampler.latents(mv, seeds, rows, "rows.values")
         return mv, z, [to_label(lab) for lab in request.labels], output
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        mv, z, labels, output = self._request(request)
+        mv, z, labels, output = await self._request(request, self.sampler.limits.max_images)
         result = await self.sampler.generate(mv, z, labels, request.truncation, output, deadline_of(context))
         return to_response(mv, result, output)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
-        mv, z, labels, output = self._request(request)
+        mv, z, labels, output = await self._request(request, self.sampler.limits.max_stream_images)
         async for result in self.sampler.stream(mv, z, labels, request.truncation, output, deadline_of(context)):
             yield to_response(mv, result, output)
 
@@ -124,6 +133,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         output = to_output(request.output)
         if request.method not in METHODS:
             raise InvalidArgument(f"method: unknown value {request.method}")
+        _check_count("keyframes", len(request.keyframes), self.sampler.limits.max_images)
         keys, labels = [], []
         for i, key in enumerate(request.keyframes):
             kind = key.WhichOneof("latent")
@@ -131,7 +141,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                 raise InvalidArgument(f"keyframes[{i}]: give a seed or a row")
             seeds = [key.seed] if kind == "seed" else None
             rows = np.asarray(key.row.values, np.float32) if kind == "row" else None
-            z = self.sampler.latents(mv, seeds, rows, f"keyframes[{i}].row.values")
+            z = await self.sampler.latents(mv, seeds, rows, f"keyframes[{i}].row.values")
             if len(z) != 1:
                 raise InvalidArgument(f"keyframes[{i}].row.values: exactly one row of {mv.spec.latent_dim} values")
             keys.append(z[0])

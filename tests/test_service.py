@@ -149,14 +149,16 @@ def test_streaming_thousands_of_images_under_a_small_message_limit(repo):
         # 6,000 float images are ~190 kB; the limit is 64 kB per message, so only chunking gets them through.
         async with running(repo, max_message_bytes=64 << 10, stream_chunk=500) as (_, stub, _ch):
             request = pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(start=0, count=6000), output=RAW)
-            offsets, images = [], []
+            offsets, sizes, images = [], [], []
             async for part in stub.GenerateStream(request):
                 offsets.append(part.offset)
+                sizes.append(part.ByteSize())
                 images.extend(part.images)
-            return offsets, images
+            return offsets, sizes, images
 
-    offsets, images = run(go())
-    assert offsets == list(range(0, 6000, 500)) and len(images) == 6000
+    offsets, sizes, images = run(go())
+    assert len(images) == 6000 and offsets[0] == 0 and len(offsets) > 1
+    assert offsets == sorted(offsets) and max(sizes) <= 64 << 10  # chunks sized to the limit, in order
     expected = np.clip(latents.seed_latents([4321], 8, "normal"), -1, 1)
     assert np.array_equal(np.frombuffer(images[4321], "<f4"), expected.ravel())
 
@@ -171,7 +173,12 @@ def test_streaming_thousands_of_images_under_a_small_message_limit(repo):
         (pb.GenerateRequest(model="plain", rows=pb.LatentRows(values=[0.1] * 7)), grpc.StatusCode.INVALID_ARGUMENT, "rows.values"),
         (pb.GenerateRequest(model="plain", rows=pb.LatentRows(values=[0.1] * 7 + [float("nan")])), grpc.StatusCode.INVALID_ARGUMENT, "rows.values"),
         (pb.GenerateRequest(model="plain", rows=pb.LatentRows(values=[float("inf")] * 8)), grpc.StatusCode.INVALID_ARGUMENT, "rows.values"),
-        (pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(count=5000)), grpc.StatusCode.INVALID_ARGUMENT, "latents"),
+        (pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(count=5000)), grpc.StatusCode.INVALID_ARGUMENT, "seed_range.count"),
+        (pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=range(1025))), grpc.StatusCode.INVALID_ARGUMENT, "seeds.seeds"),
+        (pb.GenerateRequest(model="plain", seeds=pb.SeedList()), grpc.StatusCode.INVALID_ARGUMENT, "seeds.seeds"),
+        (pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(start=2**64 - 2, count=5)), grpc.StatusCode.INVALID_ARGUMENT, "seed_range.start"),
+        (pb.GenerateRequest(model="echo", seeds=pb.SeedList(seeds=[1]), labels=[pb.Label(index=0)] * 1025), grpc.StatusCode.INVALID_ARGUMENT, "labels"),
+        (pb.GenerateRequest(model="x" * 10_000, seeds=pb.SeedList(seeds=[1])), grpc.StatusCode.NOT_FOUND, "model"),
         (pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(count=0)), grpc.StatusCode.INVALID_ARGUMENT, "seed_range.count"),
         (pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[1]), truncation=1.5), grpc.StatusCode.INVALID_ARGUMENT, "truncation"),
         (pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[1]), labels=[pb.Label(index=0)]), grpc.StatusCode.INVALID_ARGUMENT, "labels"),
@@ -223,7 +230,7 @@ def test_full_queue_deadline_and_cancellation(tmp_path):
     plain_model(tmp_path / "slow" / "1" / "model.onnx", slow_iterations=4000, width=2048)  # ~1 s per run here
 
     async def go():
-        async with running(tmp_path, max_queue=4, max_batch_size=4, max_delay_ms=0, batch_workers=1) as (
+        async with running(tmp_path, max_queue=4, max_images=4, max_batch_size=4, max_delay_ms=0, batch_workers=1) as (
             server,
             stub,
             _ch,
@@ -340,3 +347,47 @@ def test_a_bad_model_is_skipped_and_counted(tmp_path, caplog):
         names, failures = run(go())
     assert names == ["good"] and failures == {"broken": 1, "liar": 1}
     assert "skipping model liar version 1" in caplog.text and "input z" in caplog.text
+
+
+def test_more_error_paths(repo):
+    async def go():
+        async with running(repo, max_message_bytes=4096) as (_, stub, _ch):
+            calls = [
+                (stub.GetModel(pb.GetModelRequest(name="nope")), grpc.StatusCode.NOT_FOUND, "model"),
+                (stub.Interpolate(pb.InterpolateRequest(model="plain", version=7, keyframes=[pb.Keyframe(seed=1)] * 2, steps=2)),
+                 grpc.StatusCode.NOT_FOUND, "version"),
+                (stub.Interpolate(pb.InterpolateRequest(
+                    model="plain", steps=2,
+                    keyframes=[pb.Keyframe(seed=1), pb.Keyframe(row=pb.LatentRows(values=[float("nan")] * 8))])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "keyframes[1].row.values"),
+                # 200 float images of 32 bytes do not fit a 4 kB message: Generate says so and names the way out.
+                (stub.Generate(pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(count=200), output=RAW)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "latents"),
+            ]  # fmt: skip
+            out = []
+            for call, code, field in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                out.append((err.value, code, field))
+            request = pb.GenerateRequest(
+                model="plain", seeds=pb.SeedList(seeds=[1]), output=pb.OutputOptions(grid=True)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _drain(stub.GenerateStream(request))
+            out.append((err.value, grpc.StatusCode.INVALID_ARGUMENT, "output.grid"))
+            # ...while the same images stream through in chunks that fit.
+            request = pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(count=200), output=RAW)
+            streamed = [len(part.images) async for part in stub.GenerateStream(request)]
+            return out, streamed
+
+    out, streamed = run(go())
+    for err, code, field in out:
+        assert err.code() == code and err.details().startswith(f"{field}:"), err.details()
+        assert len(err.details()) < 400
+    assert "GenerateStream" in out[3][0].details()
+    assert sum(streamed) == 200 and len(streamed) > 1
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass

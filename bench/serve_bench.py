@@ -162,7 +162,9 @@ def main() -> None:
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
-        build_models(repo)
+        # In a child process: torch (and its thread pool) never lives in the process that drives the load.
+        code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.serve_bench import build_models; build_models(__import__('pathlib').Path({str(repo)!r}))"
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
         dcgan = repo / "dcgan" / "1" / "model.onnx"
 
         # P1: DCGAN, 16-image requests, concurrency 8 (compute-bound).

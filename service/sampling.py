@@ -162,24 +162,18 @@ class Sampler:
         truncation: float,
         output: Output,
         deadline: float | None,
-        limit: int | None = None,
     ) -> Result:
         n = len(z)
-        limit = limit or self.limits.max_images
-        if n > limit:
-            raise InvalidArgument(f"latents: {n} images requested, the limit per request is {limit}")
-        _check_output(output, self.limits)
+        if n > self.limits.max_images:
+            raise InvalidArgument(f"latents: {n} images requested, the limit per request is {self.limits.max_images}")
         copies = (not output.grid_only) + output.grid  # the images, the grid, or both
         size = n * image_bytes(mv, output) * copies
         if size > self.max_message:
             raise InvalidArgument(
-                f"latents: {n} images of this model make a response of about {size >> 20} MiB, over the"
-                f" {self.max_message >> 20} MiB message limit; use GenerateStream"
+                f"latents: {n} images of this model make a response of about {size:,} bytes, over the"
+                f" {self.max_message:,}-byte message limit; use GenerateStream"
             )
-        y = label_vectors(mv, labels, n)
-        psi = check_truncation(truncation)
-        if psi is not None:
-            z = latents.truncate(z, psi)
+        z, y = _prepare(mv, z, labels, truncation, output)
         images = await mv.run(z, y, deadline)
         result = await self._encode(mv, images, output)
         return result if not output.return_latents else _with_latents(result, z)
@@ -201,11 +195,7 @@ class Sampler:
             raise InvalidArgument(f"latents: {n} images requested, the stream limit is {self.limits.max_stream_images}")
         if output.grid:
             raise InvalidArgument("output.grid: not available on GenerateStream; use Generate")
-        _check_output(output, self.limits)
-        y = label_vectors(mv, labels, n)
-        psi = check_truncation(truncation)
-        if psi is not None:
-            z = latents.truncate(z, psi)
+        z, y = _prepare(mv, z, labels, truncation, output)
 
         async def part(start: int) -> Result:
             stop = min(start + chunk, n)
@@ -258,11 +248,17 @@ class Sampler:
         return await self.generate(mv, z, labels, truncation, strip, deadline)
 
 
-def _check_output(output: Output, limits: Limits) -> None:
+def _prepare(
+    mv: ModelVersion, z: np.ndarray, labels: Sequence[Label], truncation: float, output: Output
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Check the output options and labels, apply truncation: the model's (z, y) inputs."""
     if output.format not in FORMATS:
         raise InvalidArgument(f"output.format: must be one of {', '.join(FORMATS)}")
     if output.grid_only and not output.grid:
         raise InvalidArgument("output.grid_only: needs output.grid")
+    y = label_vectors(mv, labels, len(z))
+    psi = check_truncation(truncation)
+    return (z if psi is None else latents.truncate(z, psi)), y
 
 
 def _with_latents(result: Result, z: np.ndarray) -> Result:

@@ -7,11 +7,13 @@ INTERNAL with a generic message, and its traceback goes to the log, never to the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -98,13 +100,6 @@ class Server:
             name = getattr(request, "model", "") or getattr(request, "name", "")
             return name if name in self.registry.models else UNKNOWN_MODEL
 
-        async def fail(exc: BaseException, context, model: str, start: float) -> None:
-            code, message = status_of(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method, exc_info=exc)
-            record(model, code, start)
-            await context.abort(code, message)
-
         children: dict[tuple[str, grpc.StatusCode], tuple] = {}  # labels() per call costs more than the update
 
         def record(model: str, code: grpc.StatusCode, start: float) -> None:
@@ -118,35 +113,37 @@ class Server:
             count.inc()
             seconds.observe(time.perf_counter() - start)
 
+        @contextlib.asynccontextmanager
+        async def outcome(request, context) -> AsyncIterator[None]:
+            start, model = time.perf_counter(), model_label(request)
+            try:
+                yield
+            except asyncio.CancelledError:
+                record(model, cancelled(context), start)
+                raise
+            except Exception as exc:
+                code, message = status_of(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", method, exc_info=exc)
+                record(model, code, start)
+                await context.abort(code, message)
+            else:
+                record(model, grpc.StatusCode.OK, start)
+
         if inspect.isasyncgenfunction(fn):
 
             @functools.wraps(fn)
             async def stream(request, context):
-                start, model = time.perf_counter(), model_label(request)
-                try:
+                async with outcome(request, context):
                     async for response in fn(request, context):
                         yield response
-                except asyncio.CancelledError:
-                    record(model, cancelled(context), start)
-                    raise
-                except Exception as exc:
-                    await fail(exc, context, model, start)
-                record(model, grpc.StatusCode.OK, start)
 
             return stream
 
         @functools.wraps(fn)
         async def unary(request, context):
-            start, model = time.perf_counter(), model_label(request)
-            try:
-                response = await fn(request, context)
-            except asyncio.CancelledError:
-                record(model, cancelled(context), start)
-                raise
-            except Exception as exc:
-                await fail(exc, context, model, start)
-            record(model, grpc.StatusCode.OK, start)
-            return response
+            async with outcome(request, context):
+                return await fn(request, context)
 
         return unary
 

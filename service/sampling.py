@@ -19,7 +19,6 @@ from service.errors import InvalidArgument, short
 from service.registry import ModelVersion, Registry
 
 FORMATS = ("png", "uint8", "float32")
-METHODS = ("slerp", "lerp")
 
 
 @dataclass(frozen=True)

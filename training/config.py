@@ -106,6 +106,15 @@ class TrainConfig:
     def ema_enabled(self) -> bool:
         return self.ema > 0
 
+    def batch_per_rank(self, world_size: int) -> int:
+        """Each of `world_size` data-parallel processes trains on an equal share of the global batch_size."""
+        if self.batch_size % world_size:
+            raise ConfigError(
+                f"batch_size: the global batch ({self.batch_size}) must split evenly over the {world_size}"
+                f" processes; use a multiple of {world_size}"
+            )
+        return self.batch_size // world_size
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -3,6 +3,11 @@
 Every dataset becomes either `ImageData` (uint8 images held in memory) or `PointData` (a 2-D mixture
 sampled on demand). Batches are a pure function of (seed, batch counter), so a resumed run sees exactly
 the batches an uninterrupted run would have seen.
+
+Under data-parallel training `batch_size` is the global batch, the same for any number of processes, and
+rank r of W takes its elements r, r + W, r + 2W, ...: the split `torch.utils.data.DistributedSampler`
+(drop_last=True) makes of an epoch, with `set_epoch`'s reshuffle done by the per-epoch permutation below.
+Random access by counter is kept, rather than iterating a sampler, because it resumes mid-epoch exactly.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ class DataSpec:
 
 
 # Independent random streams of one run, each derived from (seed, stream, counter) by SeedSequence,
-# so that no stream ever replays another's numbers (as seed + 1, seed + 2, ... would).
+# so that no stream ever replays another's numbers (as seed + 1, seed + 2, ... would). The data stream's
+# counter is the epoch or batch; the noise stream's is the rank, so that data-parallel processes draw
+# different noise while a single process (rank 0) draws what it always did.
 STREAM_INIT, STREAM_DATA, STREAM_NOISE, STREAM_FIXED = range(4)
 
 
@@ -78,8 +85,10 @@ class ImageData:
         """Mean pixel in [0, 1], per position: the paper initialises G's output bias from it."""
         return self.images.float().mean(0).flatten() / 255.0
 
-    def batch(self, counter: int, batch_size: int, seed: int, out_range: tuple[float, float]):
-        """Batch number `counter` of the run: images in `out_range` [B, C, H, W] and labels [B]."""
+    def batch(
+        self, counter: int, batch_size: int, seed: int, out_range: tuple[float, float], rank: int = 0, world: int = 1
+    ):
+        """Rank `rank`'s share of batch `counter`: images in `out_range` [B / world, C, H, W] and labels."""
         per_epoch = self.size // batch_size
         if per_epoch == 0:
             raise DataError(f"batch_size {batch_size} exceeds the dataset's {self.size} images")
@@ -87,7 +96,7 @@ class ImageData:
         if self._perm is None or self._perm[0] != (seed, epoch):
             g = torch.Generator().manual_seed(stream_seed(seed, STREAM_DATA, epoch))
             self._perm = ((seed, epoch), torch.randperm(self.size, generator=g))
-        idx = self._perm[1][i * batch_size : (i + 1) * batch_size]
+        idx = self._perm[1][i * batch_size : (i + 1) * batch_size][rank::world]
         lo, hi = out_range
         x = self.images[idx].float() * ((hi - lo) / 255.0) + lo
         return x, self.labels[idx]
@@ -107,8 +116,10 @@ class PointData:
         mode = torch.randint(len(self.means), (n,), generator=generator)
         return self.means[mode] + self.std * torch.randn(n, 2, generator=generator), mode
 
-    def batch(self, counter: int, batch_size: int, seed: int, out_range=None):
-        return self.sample(batch_size, torch.Generator().manual_seed(stream_seed(seed, STREAM_DATA, counter)))
+    def batch(self, counter: int, batch_size: int, seed: int, out_range=None, rank: int = 0, world: int = 1):
+        # The whole global batch is drawn on every rank (it is cheap), so it does not depend on `world`.
+        x, mode = self.sample(batch_size, torch.Generator().manual_seed(stream_seed(seed, STREAM_DATA, counter)))
+        return x[rank::world], mode[rank::world]
 
 
 def ring8() -> PointData:
@@ -203,7 +214,8 @@ def sha256_file(path: Path) -> str:
 
 
 def _download(url: str, dest: Path, sha256: str) -> None:
-    part = dest.with_name(dest.name + ".part")
+    # A name of its own per process: data-parallel ranks that fetch at once never write the same file.
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     h = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:

@@ -2,6 +2,10 @@
 
 The Trainer owns G, D, the generator EMA, both optimisers, the schedules, the counters and every RNG,
 and can save and restore all of it: N steps + resume + N steps is bit-identical to 2N steps on CPU.
+
+Under torchrun (see training/dist.py) every process holds a full replica and trains on its share of each
+global batch with noise of its own; DDP averages the gradients, so the replicas stay bit-identical. Rank 0
+alone writes checkpoints, grids and the log; a run is deterministic given its seed and world size.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import data as data_mod
-from training import viz
+from training import dist, viz
 from training.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from training.data import STREAM_FIXED, STREAM_INIT, STREAM_NOISE, DataSpec, ImageData, PointData, stream_seed
 from training.losses import LOSSES, gradient_penalty
@@ -105,17 +109,25 @@ def spec_from_checkpoint(ck: dict[str, Any]) -> DataSpec:
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: ImageData | PointData | None = None):
         self.cfg = cfg
+        self.dist = dist.current()
+        self.device = self.dist.device
+        self.rank_batch = cfg.batch_per_rank(self.dist.world_size)
         torch.manual_seed(stream_seed(cfg.seed, STREAM_INIT))
-        self.data = data if data is not None else data_mod.load(cfg)
+        self.data = data if data is not None else self._load_data()
         self.spec = self.data.spec(cfg.conditional)
         pixel_mean = self.data.pixel_mean() if cfg.arch == "mlp" else None
-        self.G = build_generator(cfg, self.spec, pixel_mean)
-        self.D = build_discriminator(cfg, self.spec)
+        self.G = build_generator(cfg, self.spec, pixel_mean).to(self.device)
+        self.D = build_discriminator(cfg, self.spec).to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg.ema_enabled else None
+        # What the updates run through: DDP wrappers under torchrun (they average the gradients over the
+        # ranks), G and D themselves otherwise. Checkpoints, the EMA and the export use G and D.
+        self.G_ddp, self.D_ddp = self.dist.wrap(self.G), self.dist.wrap(self.D)
+        if self.dist.rank:  # identical initial weights on every rank; from here on, dropout masks of its own
+            torch.manual_seed(stream_seed(cfg.seed, STREAM_INIT, self.dist.rank))
         self.loss = LOSSES[cfg.loss]
         self.opt_g = self._optimizer(self.G, cfg.lr_g)
         self.opt_d = self._optimizer(self.D, cfg.lr_d)
-        self.noise = torch.Generator().manual_seed(stream_seed(cfg.seed, STREAM_NOISE))
+        self.noise = torch.Generator().manual_seed(stream_seed(cfg.seed, STREAM_NOISE, self.dist.rank))
         self.step = 0  # generator updates
         self.d_updates = 0
         self.real_batches = 0
@@ -124,6 +136,15 @@ class Trainer:
         self.interrupted = False  # set by train() when a signal ended the run early
 
     # ---- construction ------------------------------------------------------------------------------
+
+    def _load_data(self) -> ImageData | PointData:
+        # Rank 0 first: it alone downloads what is missing, and the other ranks then read its files.
+        if not self.dist.is_main:
+            self.dist.barrier()
+        data = data_mod.load(self.cfg)
+        if self.dist.is_main:
+            self.dist.barrier()
+        return data
 
     def _optimizer(self, net: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "sgd":
@@ -137,9 +158,10 @@ class Trainer:
         if nc:
             rows = min(nc, 16)
             z = sample_z(GRID_COLS, self.cfg.latent_dim, self.cfg.prior, g).repeat(rows, 1)
-            return z, F.one_hot(torch.arange(rows).repeat_interleave(GRID_COLS), nc).float()
+            y = F.one_hot(torch.arange(rows).repeat_interleave(GRID_COLS), nc).float()
+            return z.to(self.device), y.to(self.device)
         n = 2500 if isinstance(self.data, PointData) else 64
-        return sample_z(n, self.cfg.latent_dim, self.cfg.prior, g), None
+        return sample_z(n, self.cfg.latent_dim, self.cfg.prior, g).to(self.device), None
 
     @property
     def output_range(self) -> tuple[float, float] | None:
@@ -153,7 +175,11 @@ class Trainer:
     # ---- one iteration of Algorithm 1 --------------------------------------------------------------
 
     def _labels(self, labels: torch.Tensor) -> torch.Tensor | None:
-        return F.one_hot(labels, self.spec.num_classes).float() if self.spec.num_classes else None
+        return F.one_hot(labels.to(self.device), self.spec.num_classes).float() if self.spec.num_classes else None
+
+    def _z(self, n: int) -> torch.Tensor:
+        # Drawn on the CPU from the run's own generator, so the numbers do not depend on the device.
+        return sample_z(n, self.cfg.latent_dim, self.cfg.prior, self.noise).to(self.device)
 
     def _schedule(self, opt: torch.optim.Optimizer, base_lr: float, updates: int) -> None:
         cfg = self.cfg
@@ -164,16 +190,18 @@ class Trainer:
 
     def d_step(self) -> dict[str, float]:
         cfg = self.cfg
-        x, labels = self.data.batch(self.real_batches, cfg.batch_size, cfg.seed, self.output_range)
+        rank, world = self.dist.rank, self.dist.world_size
+        x, labels = self.data.batch(self.real_batches, cfg.batch_size, cfg.seed, self.output_range, rank, world)
+        x = x.to(self.device)
         self.real_batches += 1
         # Fakes carry the real batch's labels, so a conditional D compares like with like.
         y = self._labels(labels)
         with torch.no_grad():
-            fake = self.G(sample_z(len(x), cfg.latent_dim, cfg.prior, self.noise), y)
-        real_s, fake_s = self.D(x, y), self.D(fake, y)
+            fake = self.G(self._z(len(x)), y)
+        real_s, fake_s = self.D_ddp(x, y), self.D_ddp(fake, y)
         loss = self.loss.d(real_s, fake_s)
         if self.loss.penalty:
-            loss = loss + cfg.gp_weight * gradient_penalty(self.D, x, fake, y, self.noise)
+            loss = loss + cfg.gp_weight * gradient_penalty(self.D_ddp, x, fake, y, self.noise)
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self._schedule(self.opt_d, cfg.lr_d, self.d_updates)
@@ -188,16 +216,20 @@ class Trainer:
 
     def g_step(self) -> dict[str, float]:
         cfg, nc = self.cfg, self.spec.num_classes
-        z = sample_z(cfg.batch_size, cfg.latent_dim, cfg.prior, self.noise)
-        y = self._labels(torch.randint(nc, (cfg.batch_size,), generator=self.noise)) if nc else None
-        self.D.requires_grad_(False)  # no D gradients in the G step
-        loss = self.loss.g(self.D(self.G(z, y), y))
+        z = self._z(self.rank_batch)
+        y = self._labels(torch.randint(nc, (self.rank_batch,), generator=self.noise)) if nc else None
+        # No D gradients in the G step; D is not updated, so it runs without its DDP wrapper.
+        self.D.requires_grad_(False)
+        loss = self.loss.g(self.D(self.G_ddp(z, y), y))
         self.D.requires_grad_(True)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self._schedule(self.opt_g, cfg.lr_g, self.step)
         self.opt_g.step()
         self.step += 1
+        # Each rank normalised its own share of the batch, so BatchNorm statistics differ between ranks;
+        # their mean keeps the replicas, and the EMA built from them, identical.
+        self.dist.average_buffers(self.G, self.D)
         if self.G_ema is not None:
             self._update_ema()
         return {"loss_g": loss.item()}
@@ -227,15 +259,26 @@ class Trainer:
         g = self.sampler
         was_training = g.training
         g.eval()
-        out = g(self.fixed_z, self.fixed_y).numpy()
+        out = g(self.fixed_z, self.fixed_y).cpu().numpy()
         g.train(was_training)
         if isinstance(self.data, PointData):
             viz.save_scatter(out, self.data.means.numpy(), self.data.std, path)
         else:
             viz.save_grid(out, self.output_range, GRID_COLS if self.fixed_y is not None else 8, path)
 
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"torch": torch.get_rng_state(), "noise": self.noise.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """Everything the run's future depends on. Under torchrun a collective: every rank calls it.
+
+        With a process group it also holds every rank's RNG states (`rng_ranks`; `rng` is this rank's) and
+        a digest of every rank's replica (`replica_sha256`), and it raises if the replicas differ.
+        """
+        state = {
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
             "spec": {"shape": list(self.spec.shape), "class_names": list(self.spec.class_names)},
@@ -245,11 +288,27 @@ class Trainer:
             "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state()},
+            "rng": self._rng_state(),
+            "world_size": self.dist.world_size,
             "torch_version": str(torch.__version__),
         }
+        if self.dist.group:
+            replica = dist.state_digest(state[k] for k in ("G", "D", "G_ema", "opt_g", "opt_d"))
+            ranks = self.dist.gather({"rng": state["rng"], "sha256": replica})
+            state["rng_ranks"] = [r["rng"] for r in ranks]
+            state["replica_sha256"] = [r["sha256"] for r in ranks]
+            if len(set(state["replica_sha256"])) != 1:
+                raise RuntimeError(f"step {self.step}: the ranks' replicas differ ({state['replica_sha256']})")
+        return state
 
     def load_state_dict(self, ck: dict[str, Any]) -> None:
+        saved = ck.get("world_size", 1)
+        if saved != self.dist.world_size:
+            raise ConfigError(
+                f"world_size: the checkpoint was written by {saved} process(es) and this run has"
+                f" {self.dist.world_size}; resume it with {saved} (torchrun --nproc_per_node={saved} on one node),"
+                " since every process's noise stream is part of the checkpointed run"
+            )
         self.G.load_state_dict(ck["G"])
         self.D.load_state_dict(ck["D"])
         if self.G_ema is not None:
@@ -259,15 +318,21 @@ class Trainer:
         self.step = ck["counters"]["step"]
         self.d_updates = ck["counters"]["d_updates"]
         self.real_batches = ck["counters"]["real_batches"]
-        torch.set_rng_state(ck["rng"]["torch"])
-        self.noise.set_state(ck["rng"]["noise"])
+        rng = ck["rng_ranks"][self.dist.rank] if "rng_ranks" in ck else ck["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.noise.set_state(rng["noise"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes the checkpoint; every rank calls this and gets its path."""
         path = checkpoint_path(self.out, self.step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
+        state = self.state_dict()
+        if self.dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
         return path
 
     @classmethod
@@ -305,19 +370,29 @@ class Trainer:
         """Run until cfg.steps generator updates; returns the last checkpoint's path.
 
         SIGINT / SIGTERM end the run after the current iteration, with a checkpoint, and set
-        `interrupted`: no work is lost, and a resume continues exactly.
+        `interrupted`: no work is lost, and a resume continues exactly. Under torchrun every rank calls
+        this; a signal to any rank stops them all at the same iteration.
         """
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        log = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, unit="it", dynamic_ncols=True)
+        cfg, main = self.cfg, self.dist.is_main
+        log = None
+        if main:  # the other ranks only train
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            log = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+        show = progress and main
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, unit="it", dynamic_ncols=True)
         sums: dict[str, float] = {}
         t_last, n_last = time.perf_counter(), 0
         last_ckpt = None
+        stopped = False
         with stop_requests() as stop:
             try:
-                while self.step < cfg.steps and not stop.is_set():
+                while self.step < cfg.steps:
+                    # Agreed by all ranks (a one-integer all_reduce): a rank that stopped alone would leave
+                    # the others waiting forever in the next collective.
+                    if self.dist.any(stop.is_set()):
+                        stopped = True
+                        break
                     for key, v in self.iteration().items():
                         sums[key] = sums.get(key, 0.0) + v
                     n_last += 1
@@ -325,17 +400,22 @@ class Trainer:
                     at_end = self.step == cfg.steps
                     if (cfg.log_every and self.step % cfg.log_every == 0) or at_end:
                         now = time.perf_counter()
-                        self._log({k: v / n_last for k, v in sums.items()}, n_last, now - t_last, log, bar)
+                        rec = self.dist.mean({k: v / n_last for k, v in sums.items()})  # over the global batch
+                        if main:
+                            self._log(rec, n_last, now - t_last, log, bar)
                         sums, t_last, n_last = {}, now, 0
-                    if cfg.sample_every and self.step % cfg.sample_every == 0 and not at_end:
+                    if cfg.sample_every and self.step % cfg.sample_every == 0 and not at_end and main:
                         self.save_samples(self.out / "samples" / f"step_{self.step:07d}.png")
                     if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or at_end:
                         last_ckpt = self.save_checkpoint()
             finally:
                 bar.close()
-                log.close()
-        self.interrupted = stop.is_set() and self.step < cfg.steps
+                if log is not None:
+                    log.close()
+        self.interrupted = stopped
         if last_ckpt != checkpoint_path(self.out, self.step):  # interrupted, or resumed a finished run
             last_ckpt = self.save_checkpoint()
-        self.save_samples(self.out / "samples" / "final.png")
+        if main:
+            self.save_samples(self.out / "samples" / "final.png")
+        self.dist.barrier()  # no rank returns before the checkpoint and the grid exist
         return last_ckpt

@@ -65,7 +65,8 @@ def gradient_penalty(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """WGAN-GP (Gulrajani et al. 2017): E[(‖∇D(x̂)‖₂ − 1)²] at random interpolates x̂ of real and fake."""
-    eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), generator=generator, dtype=real.dtype)
+    # Drawn where `generator` lives (the CPU in training), then moved to the samples' device.
+    eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), generator=generator, dtype=real.dtype).to(real.device)
     x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat, y).sum(), x_hat, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()

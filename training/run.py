@@ -62,6 +62,13 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imported here so that --help is instant (torch takes seconds to import).
+    from training.dist import process_group
+
+    with process_group() as dist:  # under torchrun: one replica per process; rank 0 reports and exports
+        return _train(args, dist.is_main)
+
+
+def _train(args: argparse.Namespace, main: bool) -> int:
     from training.export import ExportError, export
     from training.loop import Trainer, latest_checkpoint
 
@@ -73,12 +80,15 @@ def main(argv: list[str] | None = None) -> int:
             if ckpt is None or not ckpt.exists():
                 raise FileNotFoundError(f"resume: no checkpoint at {args.resume if ckpt else base.out}")
             trainer = Trainer.resume(ckpt, **changes)
-            print(f"resumed {ckpt} at step {trainer.step}", file=sys.stderr)
+            if main:
+                print(f"resumed {ckpt} at step {trainer.step}", file=sys.stderr)
         else:
             trainer = Trainer(PRESETS[args.preset].config.replace(**changes))
         cfg = trainer.cfg
         start = time.perf_counter()
         final = trainer.train(progress=not args.no_progress)
+        if not main:
+            return 130 if trainer.interrupted else 0
         if trainer.interrupted:
             print(f"stopped at step {trainer.step}; checkpoint {final}; continue with --resume", file=sys.stderr)
             return 130

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from training import nets
-from training.config import TrainConfig
+from training.config import PRESETS, ConfigError, TrainConfig
 from training.data import DataSpec
 
 TEN = tuple("0123456789")
@@ -107,3 +107,21 @@ def test_conditional_batchnorm_is_linear_in_the_label():
     assert not torch.allclose(a, b)
     assert torch.allclose(norm(h, 0.5 * (eye[[1, 1]] + eye[[6, 6]])), 0.5 * (a + b), atol=1e-6)
     assert nets.ConditionalBatchNorm2d(4, 0).bn.affine  # unconditional: a plain affine BatchNorm
+
+
+def test_packed_point_discriminator_judges_consecutive_samples_together():
+    d = nets.PointDiscriminator(DataSpec((2,)), width=16, pack=4)
+    x = torch.randn(8, 2)
+    scores = d(x)
+    assert scores.shape == (2,)
+    x2 = x.clone()
+    x2[5] += 1  # a sample of the second pack
+    changed = d(x2)
+    assert changed[0] == scores[0] and changed[1] != scores[1]
+
+
+def test_pack_must_divide_the_batch_and_is_for_points():
+    with pytest.raises(ConfigError, match="pack"):
+        PRESETS["grid25"].config.replace(pack=3)
+    with pytest.raises(ConfigError, match="pack"):
+        PRESETS["tiny"].config.replace(pack=2)

@@ -37,6 +37,8 @@ class TrainConfig:
     d_cond: str = "projection"  # how D sees the label: projection | concat
     d_norm: str = "batch"  # dcgan D normalisation: batch | none | spectral (WGAN-GP forbids batch)
     d_mbstd: bool = False  # dcgan D: minibatch standard deviation feature (against mode collapse)
+    depth: int = 2  # mlp2d: hidden layers in G and in D
+    pack: int = 1  # mlp2d D: samples judged together (PacGAN); the batch must divide into packs
     dropout: bool = True  # mlp D: the paper's input 0.2 / hidden 0.5 dropout
 
     # Objective and optimisation (Algorithm 1)
@@ -53,6 +55,7 @@ class TrainConfig:
     lr_decay: float = 1.0  # lr is divided by this after every update (paper: 1.000004)
     lr_floor: float = 1e-6
     gp_weight: float = 10.0  # wgan-gp penalty λ
+    diffaugment: bool = False  # translation + cutout on every image D sees (Zhao et al. 2020); images only
     ema: float = 0.999  # generator EMA decay; 0 disables (export then uses the raw G)
 
     # Bookkeeping
@@ -88,7 +91,7 @@ class TrainConfig:
             "d_norm",
             "WGAN-GP's critic must not use BatchNorm (the penalty is per-sample); use none or spectral",
         )
-        for name in ("k", "steps", "batch_size", "latent_dim", "width"):
+        for name in ("k", "steps", "batch_size", "latent_dim", "width", "pack", "depth"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("sample_every", "checkpoint_every", "log_every"):
             need(getattr(self, name) >= 0, name, "must be >= 0 (0 disables)")
@@ -100,6 +103,9 @@ class TrainConfig:
         need(self.momentum_epochs[1] > self.momentum_epochs[0], "momentum_epochs", "end must follow start")
         need(self.lr_floor > 0, "lr_floor", "must be positive")
         need(self.gp_weight >= 0, "gp_weight", "must be >= 0")
+        need(self.pack == 1 or self.arch == "mlp2d", "pack", "packing is implemented for mlp2d only")
+        need(self.batch_size % self.pack == 0, "pack", f"must divide batch_size {self.batch_size}")
+        need(not (self.diffaugment and points), "diffaugment", "augments images; 2-D points have none")
         need(not (self.loss == "wgan-gp" and self.d_mbstd), "d_mbstd", "couples samples, which WGAN-GP forbids")
 
     @property

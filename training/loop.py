@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from training import data as data_mod
 from training import dist, viz
+from training.augment import diff_augment
 from training.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from training.data import STREAM_FIXED, STREAM_INIT, STREAM_NOISE, DataSpec, ImageData, PointData, stream_seed
 from training.losses import LOSSES, gradient_penalty
@@ -188,6 +189,9 @@ class Trainer:
             if cfg.optimizer == "sgd":
                 group["momentum"] = momentum_at(self.real_batches * cfg.batch_size / self.data.size, cfg)
 
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.noise, self.output_range[0]) if self.cfg.diffaugment else x
+
     def d_step(self) -> dict[str, float]:
         cfg = self.cfg
         rank, world = self.dist.rank, self.dist.world_size
@@ -198,7 +202,7 @@ class Trainer:
         y = self._labels(labels)
         with torch.no_grad():
             fake = self.G(self._z(len(x)), y)
-        real_s, fake_s = self.D_ddp(x, y), self.D_ddp(fake, y)
+        real_s, fake_s = self.D_ddp(self._augment(x), y), self.D_ddp(self._augment(fake), y)
         loss = self.loss.d(real_s, fake_s)
         if self.loss.penalty:
             loss = loss + cfg.gp_weight * gradient_penalty(self.D_ddp, x, fake, y, self.noise)
@@ -220,7 +224,7 @@ class Trainer:
         y = self._labels(torch.randint(nc, (self.rank_batch,), generator=self.noise)) if nc else None
         # No D gradients in the G step; D is not updated, so it runs without its DDP wrapper.
         self.D.requires_grad_(False)
-        loss = self.loss.g(self.D(self.G_ddp(z, y), y))
+        loss = self.loss.g(self.D(self._augment(self.G_ddp(z, y)), y))
         self.D.requires_grad_(True)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()

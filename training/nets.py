@@ -7,6 +7,7 @@ every discriminator maps (x, y) to one unnormalised score per sample [N]. The la
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -233,19 +234,21 @@ class DCDiscriminator(nn.Module):
 # Small MLPs for 2-D mixtures
 
 
+def _mlp(n_in: int, width: int, depth: int, n_out: int, act, spectral: bool = False) -> nn.Sequential:
+    """`depth` hidden layers of `width` units."""
+    sn = spectral_norm if spectral else (lambda m: m)
+    sizes = [n_in] + [width] * depth
+    layers = [m for a, b in itertools.pairwise(sizes) for m in (sn(nn.Linear(a, b)), act())]
+    return nn.Sequential(*layers, sn(nn.Linear(width, n_out)))
+
+
 class PointGenerator(nn.Module):
     output_range = None  # unbounded
 
-    def __init__(self, latent_dim: int, spec: DataSpec, width: int = 128):
+    def __init__(self, latent_dim: int, spec: DataSpec, width: int = 128, depth: int = 2):
         super().__init__()
         self.latent_dim, self.num_classes, self.shape = latent_dim, spec.num_classes, spec.shape
-        self.net = nn.Sequential(
-            nn.Linear(latent_dim + spec.num_classes, width),
-            nn.ReLU(),
-            nn.Linear(width, width),
-            nn.ReLU(),
-            nn.Linear(width, spec.shape[0]),
-        )
+        self.net = _mlp(latent_dim + spec.num_classes, width, depth, spec.shape[0], nn.ReLU)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs(self, z, y)
@@ -253,19 +256,18 @@ class PointGenerator(nn.Module):
 
 
 class PointDiscriminator(nn.Module):
-    def __init__(self, spec: DataSpec, width: int = 128, norm: str = "none"):
+    """An MLP on points; with `pack` > 1 it judges `pack` samples at once (PacGAN, Lin et al. 2018)."""
+
+    def __init__(self, spec: DataSpec, width: int = 128, norm: str = "none", pack: int = 1, depth: int = 2):
         super().__init__()
-        sn = spectral_norm if norm == "spectral" else (lambda m: m)
-        self.net = nn.Sequential(
-            sn(nn.Linear(spec.shape[0] + spec.num_classes, width)),
-            nn.LeakyReLU(0.2),
-            sn(nn.Linear(width, width)),
-            nn.LeakyReLU(0.2),
-            sn(nn.Linear(width, 1)),
-        )
+        self.pack = pack
+        act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
+        self.net = _mlp((spec.shape[0] + spec.num_classes) * pack, width, depth, 1, act, norm == "spectral")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(x if y is None else torch.cat([x, y], 1)).squeeze(1)
+        """Scores [B / pack]: consecutive samples form a pack."""
+        h = x if y is None else torch.cat([x, y], 1)
+        return self.net(h.reshape(len(h) // self.pack, -1)).squeeze(1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,12 +275,14 @@ class PointDiscriminator(nn.Module):
 GENERATORS = {
     "mlp": lambda cfg, spec, pixel_mean=None: MLPGenerator(cfg.latent_dim, spec, pixel_mean),
     "dcgan": lambda cfg, spec, pixel_mean=None: DCGenerator(cfg.latent_dim, spec, cfg.width),
-    "mlp2d": lambda cfg, spec, pixel_mean=None: PointGenerator(cfg.latent_dim, spec, cfg.width),
+    "mlp2d": lambda cfg, spec, pixel_mean=None: PointGenerator(cfg.latent_dim, spec, cfg.width, cfg.depth),
 }
 DISCRIMINATORS = {
     "mlp": lambda cfg, spec: MaxoutDiscriminator(spec, cfg.d_cond, cfg.dropout),
     "dcgan": lambda cfg, spec: DCDiscriminator(spec, cfg.width, cfg.d_norm, cfg.d_cond, cfg.d_mbstd),
-    "mlp2d": lambda cfg, spec: PointDiscriminator(spec, cfg.width, "spectral" if cfg.d_norm == "spectral" else "none"),
+    "mlp2d": lambda cfg, spec: PointDiscriminator(
+        spec, cfg.width, "spectral" if cfg.d_norm == "spectral" else "none", cfg.pack, cfg.depth
+    ),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 import typing
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, default=Path("models"), help="model repository for the export")
     p.add_argument("--name", help="exported model name (default: the preset name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--evaluate", action="store_true",
+                   help="score the exported model (python -m training.evaluate) into OUT/evaluation.json")  # fmt: skip
     fields = p.add_argument_group("config fields (default: the preset's value)")
     hints = typing.get_type_hints(TrainConfig)
     for f in _FIELDS:
@@ -69,10 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, main: bool) -> int:
+    from training import evaluate
+    from training.classifier import ClassifierError
     from training.export import ExportError, export
     from training.loop import Trainer, latest_checkpoint
 
     try:
+        if args.evaluate and args.no_export:
+            raise ValueError("evaluate: scores the exported ONNX file, so it cannot go with --no-export")
         changes = overrides(args)
         if args.resume:
             base = TrainConfig.from_dict(PRESETS[args.preset].config.to_dict() | changes)
@@ -97,7 +104,11 @@ def _train(args: argparse.Namespace, main: bool) -> int:
         if not args.no_export:
             path = export(final, args.repository, args.name or cfg.preset or Path(cfg.out).name)
             print(f"exported {path}")
-    except (ConfigError, DataError, ExportError, OSError, ValueError) as e:
+            if args.evaluate:
+                result = evaluate.evaluate(path)
+                (Path(cfg.out) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+                print(evaluate.table(result))
+    except (ConfigError, DataError, ExportError, evaluate.EvaluationError, ClassifierError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

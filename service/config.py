@@ -8,9 +8,10 @@ import os
 import typing
 from dataclasses import dataclass
 
-from service.batcher import BatchConfig
-from service.runtime import RuntimeConfig
-from service.sampling import Limits
+if typing.TYPE_CHECKING:  # imported where used, so that `python -m service.probe` starts fast
+    from service.batcher import BatchConfig
+    from service.runtime import RuntimeConfig
+    from service.sampling import Limits
 
 ENV_PREFIX = "GAN_"
 
@@ -57,14 +58,20 @@ class ServerConfig:
                 raise ValueError(f"{name}: must be >= 0 (got {getattr(self, name)})")
 
     def batch(self) -> BatchConfig:
+        from service.batcher import BatchConfig
+
         return BatchConfig(
             self.max_batch_size, self.max_delay_ms / 1000, self.max_queue, self.batch_workers, self.batching
         )
 
     def runtime(self) -> RuntimeConfig:
+        from service.runtime import RuntimeConfig
+
         return RuntimeConfig(self.providers, self.intra_op_threads, self.inter_op_threads, self.allow_spinning)
 
     def limits(self) -> Limits:
+        from service.sampling import Limits
+
         return Limits(self.max_images, self.max_stream_images, self.stream_chunk)
 
 

@@ -33,6 +33,9 @@ def test_paper_preset_matches_the_released_configuration():
         ({"betas": (0.5,)}, "betas"),
         ({"momentum_epochs": (5.0,)}, "momentum_epochs"),
         ({"loss": "wgan-gp", "d_norm": "none", "d_mbstd": True}, "d_mbstd"),
+        ({"instance_noise": -0.1}, "instance_noise"),
+        ({"pack": 2}, "pack"),
+        ({"depth": 0}, "depth"),
     ],
 )
 def test_invalid_configs_name_the_field(changes, field):

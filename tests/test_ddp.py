@@ -125,6 +125,15 @@ def test_a_resumed_run_is_bit_identical_to_the_uninterrupted_one(ddp):
         assert state_digest([resumed[key]]) == state_digest([straight[key]]), key
 
 
+def test_the_gradient_penalty_and_diffaugment_keep_replicas_identical(tmp_path):
+    # WGAN-GP differentiates D's gradient through the DDP wrapper (autograd.grad with create_graph).
+    args = ("--steps", "3", "--loss", "wgan-gp", "--d-norm", "none", "--diffaugment")
+    out = finish(torchrun(tmp_path, *args))
+    ck = load_checkpoint(latest_checkpoint(tmp_path))
+    assert ck["counters"]["step"] == 3, out
+    assert ck["replica_sha256"] == [state_digest(ck[k] for k in REPLICA)] * WORLD
+
+
 def test_rank_0_alone_writes_the_log_and_the_grid(ddp):
     records = [json.loads(line) for line in (ddp["root"] / "resumed" / "metrics.jsonl").read_text().splitlines()]
     s = step_of(ddp["last"])

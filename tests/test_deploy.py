@@ -256,6 +256,9 @@ def test_training_job_runs_torchrun_on_the_gpus_it_asks_for(rendered):
     assert env["PRESET"] in PRESETS
     assert int(env["NPROC_PER_NODE"]) == container["resources"]["limits"][GPU]
     assert job["spec"]["completionMode"] == "Indexed"
+    # torchrun kills its workers this long after SIGTERM; the checkpoint must be written before the kubelet's SIGKILL.
+    shutdown = int(re.search(r"--shutdown-timeout=(\d+)", script).group(1))
+    assert shutdown < spec["terminationGracePeriodSeconds"]
     assert int(env["NNODES"]) == job["spec"]["completions"] == job["spec"]["parallelism"]
     # Pod 0 is the rendezvous, reached through the headless Service named by the pods' subdomain.
     rendezvous = one(resources, "Service", spec["subdomain"])

@@ -79,7 +79,7 @@ def _tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 RESUME_CASES = {
     "tiny-cdcgan-adam-ema": lambda out: tiny_config(out, **QUIET),
-    "tiny-cdcgan-diffaugment": lambda out: tiny_config(out, diffaugment=True, **QUIET),
+    "tiny-cdcgan-diffaugment-noise": lambda out: tiny_config(out, diffaugment=True, instance_noise=0.1, **QUIET),
     "paper-mlp-sgd-dropout": lambda out: PRESETS["paper-mlp"].config.replace(
         out=str(out), batch_size=16, lr_decay=1.001, momentum_epochs=(0.0, 0.05), conditional=True, **QUIET
     ),

@@ -190,7 +190,12 @@ class Trainer:
                 group["momentum"] = momentum_at(self.real_batches * cfg.batch_size / self.data.size, cfg)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        return diff_augment(x, self.noise, self.output_range[0]) if self.cfg.diffaugment else x
+        """What D sees of an image batch: DiffAugment and instance noise, when configured."""
+        if self.cfg.diffaugment:
+            x = diff_augment(x, self.noise, self.output_range[0])
+        if self.cfg.instance_noise:
+            x = x + self.cfg.instance_noise * torch.randn(x.shape, generator=self.noise).to(x.device)
+        return x
 
     def d_step(self) -> dict[str, float]:
         cfg = self.cfg

@@ -129,7 +129,12 @@ class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm whose gain and bias are linear in the label y: 1 + W_γ·y and W_β·y (as in BigGAN).
 
     Being linear in y, it accepts soft labels; unconditional models get a plain affine BatchNorm.
+    W_γ and W_β start at N(0, LABEL_INIT_STD), like BigGAN's N(0, 1) class embeddings, not at DCGAN's 0.02:
+    Adam moves a weight by about lr per step, so from 0.02 the label took ~5,000 steps to matter
+    (label accuracy at step 1,500 on mnist5k: 21 % from 0.02, 68 % from 0.5).
     """
+
+    LABEL_INIT_STD = 0.5
 
     def __init__(self, channels: int, num_classes: int):
         super().__init__()
@@ -169,6 +174,9 @@ class DCGenerator(nn.Module):
             for k, (i, o) in enumerate(zip(chans, outs, strict=True))
         )
         _dcgan_init(self)
+        for norm in self.norms if nc else ():
+            for embed in (norm.gain, norm.bias):
+                nn.init.normal_(embed.weight, 0.0, ConditionalBatchNorm2d.LABEL_INIT_STD)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs(self, z, y)

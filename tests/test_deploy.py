@@ -314,7 +314,7 @@ def test_readme_deploy_commands_match_the_files():
     stages = dockerfile_stages()
     targets = re.findall(r"docker build [^\n]*?--target (\S+)", section)
     assert {"serve", "train"} <= set(targets) and set(targets) <= set(stages)
-    applied = re.findall(r"kubectl (?:apply|delete|diff) -k (\S+)", section)
+    applied = re.findall(r"kubectl (?:apply|delete|diff) -k ([^\s`]+)", section)
     assert {"deploy/overlays/gpu", "deploy/overlays/cpu", "deploy/monitoring", "deploy/train"} <= set(applied)
     files = re.findall(r"\b(deploy/[\w.-]+/[\w./-]*\w)", section)  # two levels: not deploy/NAME, kubectl's form
     for path in set(applied) | set(files):

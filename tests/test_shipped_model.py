@@ -9,7 +9,8 @@ import pytest
 
 from training.export import METADATA_KEYS
 
-SHIPPED = Path(__file__).resolve().parent.parent / "models" / "mnist-cdcgan" / "1" / "model.onnx"
+REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "mnist-cdcgan"
+SHIPPED = max(REPOSITORY.glob("*/model.onnx"), key=lambda p: int(p.parent.name))  # the newest version
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +46,12 @@ def test_soft_labels_interpolate_between_classes(session):
     (images,) = session.run(["images"], {"z": z, "y": y})
     a, mid, b = images
     assert np.abs(mid - a).mean() < np.abs(b - a).mean() and np.abs(mid - b).mean() < np.abs(b - a).mean()
+
+
+def test_shipped_model_draws_the_requested_digit():
+    from training import evaluate
+
+    r = evaluate.evaluate(SHIPPED, n=1000)
+    # README "Results" records 10,000 samples; 1,000 keep the suite fast and still catch a regression.
+    assert r["conditional"]["label_accuracy"] >= 0.98
+    assert r["fid"]["model"] < 2 * r["fid"]["floor"]

@@ -198,7 +198,7 @@ PRESETS: dict[str, Preset] = dict(
             "conditional DCGAN on mnist5k: conditional-BatchNorm G, label maps concatenated into D, EMA",
             conditional=True,
             d_cond="concat",
-            steps=8000,
+            steps=20_000,
         ),
         _preset(
             "ring8",

@@ -171,8 +171,9 @@ _PAPER = dict(
 )
 
 # Shared by the 2-D mixture presets.
-# Long runs whose learning rate decays to ~1/150 (1.0001 per update) with a slow EMA: the modes are only
-# 0.01-0.05 wide, and high quality (within 3 std) needs G to settle; see README "Results".
+# Long runs with a slow EMA and a learning rate divided by 1.0001 per update (1/20 after 30,000 updates, 1/150
+# after 50,000): the modes are only 0.01-0.05 wide, and high quality (within 3 std) needs G to settle; see README
+# "Results".
 _POINTS = dict(
     arch="mlp2d", latent_dim=8, batch_size=256, lr_g=1e-3, lr_d=1e-3, ema=0.999, lr_decay=1.0001,
     checkpoint_every=10_000,

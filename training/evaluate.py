@@ -1,6 +1,6 @@
 """Score an exported generator (the ONNX file the service loads), offline.
 
-    python -m training.evaluate models/mnist-cdcgan/1/model.onnx [--dataset mnist5k] [--n 10000] [--json out.json]
+    python -m training.evaluate models/mnist-cdcgan/2/model.onnx [--dataset mnist5k] [--n 10000] [--json out.json]
 
 Everything about the model comes from its metadata: latent dim, prior, classes, output range, dataset.
 Latents are the service's seed contract with seeds 0..n-1, so every score is reproducible through the API.

@@ -68,10 +68,11 @@ class Model:
     def generate(self, n: int) -> np.ndarray:
         """Outputs for seeds 0..n-1 (and labels(n) for conditional models), in `output_range`."""
         out = []
+        y = np.eye(len(self.class_names), dtype=np.float32)[self.labels(n)] if self.class_names else None
         for i in range(0, n, RUN_BATCH):
             feeds = {"z": seed_latents(list(range(i, min(n, i + RUN_BATCH))), self.latent_dim, self.prior)}
-            if self.class_names:
-                feeds["y"] = np.eye(len(self.class_names), dtype=np.float32)[self.labels(n)[i : i + len(feeds["z"])]]
+            if y is not None:
+                feeds["y"] = y[i : i + RUN_BATCH]
             out.append(self.session.run(None, feeds)[0])
         return np.concatenate(out)
 
@@ -81,7 +82,9 @@ class Model:
         return (images.astype(np.float64) - lo) / (hi - lo)
 
 
+@functools.lru_cache(maxsize=8)
 def _real(cfg: TrainConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels in [0, 1] and labels of one split; cached, so an evaluation reads each split once."""
     d = data_mod.load(cfg.replace(split=split))
     return d.images.numpy().astype(np.float64) / 255.0, d.labels.numpy()
 

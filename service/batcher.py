@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -14,7 +14,10 @@ from typing import Protocol
 
 import numpy as np
 
+from service.config import BatchingConfig
 from service.errors import DeadlineExceeded, QueueFull, Unavailable
+
+log = logging.getLogger(__name__)
 
 RunBatch = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -36,25 +39,29 @@ class _NoObserver(BatchObserver):
     """The default: every hook is the protocol's no-op."""
 
 
-@dataclass(frozen=True)
-class BatchConfig:
-    """Dynamic batching knobs for one model; see Triton's dynamic_batching for the same ideas."""
+class _Shielded:
+    """Forwards to an observer; a hook that raises is logged (once per hook), never fails a request or a worker."""
 
-    max_batch_size: int = 64  # samples per run_batch call
-    max_delay_s: float = 0.002  # how long the oldest queued chunk may wait for more work to join it
-    max_queue: int = 4096  # queued samples; beyond it submit() raises QueueFull
-    workers: int = 1  # concurrent run_batch calls (threads)
-    enabled: bool = True  # False: every chunk runs alone (the no-batching baseline for benchmarks)
-    # True: wait max_delay_s only while requests arrive together (the last batch held several chunks or more
-    # queued meanwhile), so a lone caller never pays it. False: always wait, as Triton and TF Serving do.
-    adaptive: bool = True
+    def __init__(self, observer: BatchObserver):
+        self._observer = observer
+        self._failed: set[str] = set()
 
-    def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.max_delay_s) and self.max_delay_s >= 0):
-            raise ValueError(f"max_delay_s must be a finite number >= 0, got {self.max_delay_s}")
+    def queue_wait(self, seconds: float) -> None:
+        self._call("queue_wait", seconds)
+
+    def batch(self, size: int, run_seconds: float) -> None:
+        self._call("batch", size, run_seconds)
+
+    def depth(self, samples: int) -> None:
+        self._call("depth", samples)
+
+    def _call(self, hook: str, *args: float) -> None:
+        try:
+            getattr(self._observer, hook)(*args)
+        except Exception:  # metrics are not worth a request; the log says what broke
+            if hook not in self._failed:
+                self._failed.add(hook)
+                log.exception("batch observer hook %s failed; further failures of it are not logged", hook)
 
 
 @dataclass(eq=False)
@@ -80,13 +87,13 @@ class Batcher:
     def __init__(
         self,
         run_batch: RunBatch,
-        config: BatchConfig,
+        config: BatchingConfig,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self._run_batch = run_batch
-        self._observer: BatchObserver = observer or _NoObserver()
+        self._observer = _Shielded(observer or _NoObserver())
         self._clock = clock
         self._queue: deque[_Chunk] = deque()  # FIFO, so the head is always the oldest chunk
         self._depth = 0
@@ -96,6 +103,11 @@ class Batcher:
         self._accepting = False
         self._closing = False
         self._concurrent = False  # did the last batch show requests arriving together? (adaptive delay)
+
+    @property
+    def accepting(self) -> bool:
+        """Started and not draining."""
+        return self._accepting
 
     @property
     def queue_depth(self) -> int:
@@ -177,7 +189,7 @@ class Batcher:
             return 0.0
         if cfg.adaptive and not self._concurrent:
             return 0.0
-        return max(0.0, self._queue[0].queued_at + cfg.max_delay_s - self._clock())
+        return max(0.0, self._queue[0].queued_at + cfg.max_delay_ms / 1000 - self._clock())
 
     def _take(self) -> list[_Chunk]:
         """Pop the next batch in FIFO order, up to max_batch_size samples; requests past their deadline fail instead."""
@@ -208,7 +220,7 @@ class Batcher:
 
     async def _run(self, batch: list[_Chunk]) -> None:
         # Adaptive delay: wait for company only while requests are arriving together. A lone caller (the
-        # last batch held one chunk) never pays max_delay_s; under concurrency the wait fills batches.
+        # last batch held one chunk) never pays max_delay_ms; under concurrency the wait fills batches.
         self._concurrent = len(batch) > 1 or len(self._queue) > 0
         loop = asyncio.get_running_loop()
         result, seconds = await loop.run_in_executor(self._executor, self._call, batch)

@@ -26,8 +26,7 @@ def grid(pixels: np.ndarray, ncols: int, pad: int = 2, fill: int = 0) -> np.ndar
     """Tile uint8 images [N, H, W, C] into one [rows·(H+pad)+pad, cols·(W+pad)+pad, C] image, row-major."""
     n, h, w, c = pixels.shape
     ncols = max(1, min(ncols, n))
-    nrows = -(-n // ncols)
-    out = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), fill, dtype=np.uint8)
+    out = np.full(grid_shape(n, h, w, c, ncols, pad), fill, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, ncols)
         y, x = pad + r * (h + pad), pad + col * (w + pad)
@@ -44,3 +43,18 @@ def png(pixels: np.ndarray, compress_level: int = 6) -> bytes:
         buf, format="PNG", compress_level=compress_level
     )
     return buf.getvalue()
+
+
+def grid_shape(n: int, h: int, w: int, c: int, ncols: int, pad: int = 2) -> tuple[int, int, int]:
+    """The [H, W, C] shape of grid() over n images of [h, w, c]."""
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    return nrows * (h + pad) + pad, ncols * (w + pad) + pad, c
+
+
+def png_bound(h: int, w: int, c: int) -> int:
+    """An upper bound of png()'s size for any [h, w, c] image, incompressible noise included."""
+    raw = h * (w * c + 1)  # each row starts with its filter byte
+    deflated = raw + (raw >> 12) + (raw >> 14) + (raw >> 25) + 13  # zlib's compressBound
+    chunks = deflated // 8192 + 1  # IDAT chunks, 12 bytes each; Pillow writes them 64 KiB at a time
+    return 8 + 25 + 12 * chunks + deflated + 12  # signature, IHDR, IDATs, IEND

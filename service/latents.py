@@ -1,37 +1,10 @@
-"""Latent math, pure numpy with the RNG passed in or derived from a seed. No torch, no server.
-
-Seed contract (an API guarantee, identical on every platform): sample i with seed s uses
-    rng = numpy.random.default_rng(s)
-    z   = rng.standard_normal(latent_dim, dtype=numpy.float32)            # prior "normal"
-    z   = (rng.random(latent_dim, dtype=numpy.float32) * 2 - 1) * sqrt(3)  # prior "uniform"
-so a sample depends on its own seed only, never on the rest of the batch.
-"""
+"""Latent math, pure numpy: truncation and interpolation. No torch, no server. (Seed → z is in service.contract.)"""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-
-SQRT3 = np.float32(math.sqrt(3.0))
-
-
-def seed_latent(seed: int, latent_dim: int, prior: str) -> np.ndarray:
-    """The documented seed → z mapping for one sample, float32 [latent_dim]."""
-    rng = np.random.default_rng(seed)
-    if prior == "normal":
-        return rng.standard_normal(latent_dim, dtype=np.float32)
-    if prior == "uniform":
-        return (rng.random(latent_dim, dtype=np.float32) * 2 - 1) * SQRT3
-    raise ValueError(f"unknown prior {prior!r}")
-
-
-def seed_latents(seeds: list[int], latent_dim: int, prior: str) -> np.ndarray:
-    """float32 [len(seeds), latent_dim], row i from seeds[i]."""
-    out = np.empty((len(seeds), latent_dim), dtype=np.float32)
-    for i, s in enumerate(seeds):
-        out[i] = seed_latent(s, latent_dim, prior)
-    return out
 
 
 def truncate(z: np.ndarray, psi: float) -> np.ndarray:

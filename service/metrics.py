@@ -1,11 +1,20 @@
 """Prometheus metrics, declared once. Base units, bounded labels (method, model, version, code, provider).
 
-A fresh CollectorRegistry is injected, so tests and several servers in one process never collide.
+A fresh CollectorRegistry is injected, so tests and several servers in one process never collide. It also
+carries the client library's standard process_*, python_gc_* and python_info series, as the default registry would.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -15,6 +24,8 @@ UNKNOWN_MODEL = "unknown"  # the label for requests naming no loaded model: keep
 class Metrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
+        for standard in (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR):
+            registry.register(standard)
         self.requests = Counter(
             "gan_requests", "RPCs handled, by method, model and status code.", ["method", "model", "code"],
             registry=registry,

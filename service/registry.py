@@ -7,94 +7,43 @@ ONNX Runtime session and batcher. A model that fails validation is skipped with 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from service.batcher import BatchConfig, Batcher, BatchObserver
+from service.batcher import Batcher, BatchObserver
+from service.config import BatchingConfig, RuntimeConfig
+from service.contract import ContractError, ModelSpec
 from service.errors import NotFound, short
-from service.runtime import RuntimeConfig, Session
+from service.runtime import Session
 
 log = logging.getLogger(__name__)
 
 
-class ModelError(Exception):
-    """A model file that does not honour the ONNX contract; the message says how."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the ONNX contract (metadata_props + signature) says about a generator."""
-
-    latent_dim: int
-    prior: str
-    class_names: tuple[str, ...]
-    image_shape: tuple[int, int, int]  # C, H, W
-    output_range: tuple[float, float]
-    metadata: dict[str, str] = field(default_factory=dict, compare=False)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
 def read_spec(session: Session) -> ModelSpec:
-    """Validate metadata and signature against each other; raise ModelError naming what is wrong."""
-    meta = dict(session.session.get_modelmeta().custom_metadata_map)
-
-    def need(key: str) -> str:
-        if key not in meta:
-            raise ModelError(f"metadata_props lacks {key!r}")
-        return meta[key]
-
-    try:
-        latent_dim = int(need("latent_dim"))
-        num_classes = int(need("num_classes"))
-        class_names = tuple(json.loads(need("class_names")))
-        shape = tuple(json.loads(need("image_shape")))
-        out_range = json.loads(need("output_range"))
-    except (ValueError, TypeError) as e:
-        raise ModelError(f"unreadable metadata: {e}") from None
-    prior = need("prior")
-    if prior not in ("normal", "uniform"):
-        raise ModelError(f"prior {prior!r} is neither normal nor uniform")
-    if len(class_names) != num_classes:
-        raise ModelError(f"num_classes {num_classes} but {len(class_names)} class_names")
-    if (
-        len(shape) != 3
-        or shape[0] not in (1, 3)
-        or not out_range
-        or len(out_range) != 2
-        or not out_range[0] < out_range[1]
-    ):
-        raise ModelError(f"not an image generator: image_shape {list(shape)}, output_range {out_range}")
-
-    inputs = {i.name: i for i in session.session.get_inputs()}
-    expected = {"z": latent_dim} | ({"y": num_classes} if num_classes else {})
-    if set(inputs) != set(expected):
-        raise ModelError(f"inputs {sorted(inputs)} do not match the metadata (expected {sorted(expected)})")
-    for name, width in expected.items():
-        arg = inputs[name]
-        if arg.type != "tensor(float)" or len(arg.shape) != 2 or arg.shape[1] != width:
-            raise ModelError(f"input {name}: expected float [batch, {width}], got {arg.type} {arg.shape}")
-    outputs = {o.name: o for o in session.session.get_outputs()}
-    if "images" not in outputs or list(outputs["images"].shape[1:]) != list(shape):
-        raise ModelError(f"output 'images' must be [batch, {', '.join(map(str, shape))}]")
-    return ModelSpec(latent_dim, prior, class_names, shape, (float(out_range[0]), float(out_range[1])), meta)
+    """The file's spec, checked against its graph; ContractError says what does not hold."""
+    spec = ModelSpec.from_metadata(session.metadata)
+    if spec.kind != "image":
+        raise ContractError(f"kind: {spec.kind!r} generators are not served; this server serves image generators")
+    spec.check_signature(*session.signature)
+    return spec
 
 
 @dataclass
 class ModelVersion:
     name: str
     version: int
-    path: Path
     session: Session
     spec: ModelSpec
     batcher: Batcher
+
+    @property
+    def ready(self) -> bool:
+        """Taking requests: loaded and not draining."""
+        return self.batcher.accepting
 
     async def run(self, z: np.ndarray, y: np.ndarray | None, deadline: float | None) -> np.ndarray:
         feeds = {"z": z} if y is None else {"z": z, "y": y}
@@ -109,7 +58,7 @@ class Registry:
         self,
         repository: Path,
         runtime: RuntimeConfig,
-        batching: BatchConfig,
+        batching: BatchingConfig,
         observer: ObserverFactory = lambda name, version: None,
         on_load: Callable[[ModelVersion], None] = lambda mv: None,
         on_failure: Callable[[str, str], None] = lambda name, reason: None,
@@ -134,7 +83,7 @@ class Registry:
         spec = read_spec(session)
         session.warm_up(self.batching.max_batch_size, spec.latent_dim, spec.num_classes)
         batcher = Batcher(session.run, self.batching, self._observer(name, version))
-        return ModelVersion(name, version, path, session, spec, batcher)
+        return ModelVersion(name, version, session, spec, batcher)
 
     async def load_all(self) -> int:
         """Load every version not loaded yet; returns how many loaded. Failures are logged and skipped."""
@@ -160,6 +109,10 @@ class Registry:
     @property
     def ready(self) -> bool:
         return any(self.models.values())
+
+    def versions(self, name: str) -> list[int]:
+        """Loaded versions of `name`, ascending (empty when none)."""
+        return sorted(self.models.get(name, ()))
 
     def get(self, name: str, version: int = 0) -> ModelVersion:
         """A version (0 = the latest loaded); NotFound names what is missing."""

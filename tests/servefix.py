@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,26 +13,23 @@ from onnx import TensorProto, helper
 
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.config import ServerConfig
-from service.server import Server, build
+from service.contract import ModelSpec
+from service.server import Server
 
 ECHO_LATENT, ECHO_CLASSES = 5, ("cat", "dog", "eel")
 
 
-def _save(graph: onnx.GraphProto, path: Path, meta: dict[str, object]) -> Path:
+def _save(graph: onnx.GraphProto, path: Path, spec: ModelSpec) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    helper.set_model_props(model, props)
+    helper.set_model_props(model, spec.to_metadata())
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
     return path
 
 
-def _meta(latent: int, classes: tuple[str, ...], shape: list[int]) -> dict[str, object]:
-    return {
-        "latent_dim": str(latent), "prior": "normal", "num_classes": str(len(classes)),
-        "class_names": list(classes), "image_shape": shape, "output_range": [-1.0, 1.0],
-    }  # fmt: skip
+def _spec(latent: int, classes: tuple[str, ...], shape: tuple[int, ...], prior: str = "normal") -> ModelSpec:
+    return ModelSpec("image", latent, prior, classes, shape, (-1.0, 1.0))
 
 
 def echo_model(path: Path) -> Path:
@@ -55,23 +51,27 @@ def echo_model(path: Path) -> Path:
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 4])],
         initializer=[lo, hi, shape],
     )  # fmt: skip
-    return _save(graph, path, _meta(ECHO_LATENT, ECHO_CLASSES, [1, 2, 4]))
+    return _save(graph, path, _spec(ECHO_LATENT, ECHO_CLASSES, (1, 2, 4)))
 
 
-def plain_model(path: Path, slow_iterations: int = 0, width: int = 512) -> Path:
-    """Unconditional: images [n, 1, 2, 4] = clip(z [n, 8]).
+def plain_model(
+    path: Path, slow_iterations: int = 0, width: int = 512, shape: tuple[int, int, int] = (1, 2, 4), prior="normal"
+) -> Path:
+    """Unconditional: images [n, *shape] = clip(z [n, C·H·W]) — each image shows its latent.
 
     With `slow_iterations`, a Loop first multiplies a [n, width] state by a [width, width] matrix that many
-    times: a real model that takes a predictable while, for queue and deadline tests.
+    times: a real model that takes a predictable while, for queue and deadline tests. With a uniform prior
+    and a large shape, the images are incompressible noise: the worst case for PNG sizes.
     """
+    d = int(np.prod(shape))
     lo, hi = (
         helper.make_tensor("lo", TensorProto.FLOAT, [], [-1.0]),
         helper.make_tensor("hi", TensorProto.FLOAT, [], [1.0]),
     )
-    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 4])
-    inits, nodes, x = [lo, hi, shape], [], "z"
+    reshape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, *shape])
+    inits, nodes, x = [lo, hi, reshape], [], "z"
     if slow_iterations:
-        up, down = np.eye(8, width, dtype=np.float32), np.eye(width, 8, dtype=np.float32)
+        up, down = np.eye(d, width, dtype=np.float32), np.eye(width, d, dtype=np.float32)
         sq = np.eye(width, dtype=np.float32)  # the state stays as it was: outputs equal the fast model's
         trips = helper.make_tensor("trips", TensorProto.INT64, [], [slow_iterations])
         cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
@@ -93,18 +93,18 @@ def plain_model(path: Path, slow_iterations: int = 0, width: int = 512) -> Path:
     nodes += [helper.make_node("Clip", [x, "lo", "hi"], ["c"]), helper.make_node("Reshape", ["c", "shape"], ["images"])]
     graph = helper.make_graph(
         nodes, "plain",
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", d])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *shape])],
         initializer=inits,
     )  # fmt: skip
-    return _save(graph, path, _meta(8, (), [1, 2, 4]))
+    return _save(graph, path, _spec(d, (), shape, prior))
 
 
 @contextlib.asynccontextmanager
 async def running(repository: Path, **changes) -> AsyncIterator[tuple[Server, pb_grpc.GeneratorStub, grpc.aio.Channel]]:
     """A real server on free ports over `repository`, and a stub connected to it."""
-    cfg = ServerConfig(model_repository=str(repository), host="127.0.0.1", port=0, metrics_port=0, **changes)
-    server = build(cfg)
+    cfg = ServerConfig.from_flags(model_repository=str(repository), host="127.0.0.1", port=0, metrics_port=0, **changes)
+    server = Server(cfg)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

@@ -10,8 +10,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from service.batcher import BatchConfig, Batcher
+from service.batcher import Batcher
+from service.config import BatchingConfig
 from service.errors import DeadlineExceeded, QueueFull, Unavailable
+from tests.waiting import until
 
 
 class FakeModel:
@@ -69,6 +71,11 @@ class Recorder:
         self.depths.append(samples)
 
 
+def config(**changes) -> BatchingConfig:
+    """One worker and a fixed delay, unless a test says otherwise."""
+    return BatchingConfig(**({"workers": 1, "adaptive": False} | changes))
+
+
 def request(tag: int, n: int = 1) -> dict[str, np.ndarray]:
     """n rows whose values identify the request (tag) and the row; z[:, 0] = tag·1000 + row."""
     z = (np.arange(n * 4, dtype=np.float32).reshape(n, 4) // 4) + np.float32(tag * 1000)
@@ -78,14 +85,6 @@ def request(tag: int, n: int = 1) -> dict[str, np.ndarray]:
 
 def expected(inputs: dict[str, np.ndarray]) -> np.ndarray:
     return inputs["z"] * 2 + inputs["y"].sum(axis=1, keepdims=True)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Yield to the loop until `condition` holds; fail the test instead of hanging."""
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached in time"
-        await asyncio.sleep(0.001)
 
 
 def run(make_batcher: Callable[[], Batcher], body: Callable[[Batcher], object]) -> None:
@@ -104,11 +103,11 @@ def run(make_batcher: Callable[[], Batcher], body: Callable[[Batcher], object]) 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_batch_size", 0), ("max_delay_s", -0.001), ("max_delay_s", float("inf")), ("max_queue", 0), ("workers", 0)],
+    [("max_batch_size", 0), ("max_delay_ms", -1), ("max_delay_ms", float("inf")), ("max_queue", 0), ("workers", 0)],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
-        BatchConfig(**{field: value}, adaptive=False)
+        BatchingConfig(**{field: value})
 
 
 def test_concurrent_requests_form_batches_and_each_gets_its_own_rows():
@@ -121,7 +120,7 @@ def test_concurrent_requests_form_batches_and_each_gets_its_own_rows():
             np.testing.assert_array_equal(out, expected(x))
 
     # A long delay: batches must go because they are full, not because the delay ran out.
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=5.0, adaptive=False)), body)
+    run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=5000)), body)
     assert sum(model.sizes) == 16
     assert all(1 < s <= 8 for s in model.sizes), model.sizes
 
@@ -138,18 +137,24 @@ def test_zero_delay_takes_what_piled_up_while_the_worker_was_busy():
         gate.set()
         await asyncio.gather(first, *rest)
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=0.0, adaptive=False)), body)
+    run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=0)), body)
     assert model.sizes == [1, 5]
 
 
-def test_delay_lets_a_partial_batch_gather_then_go():
+@pytest.mark.parametrize(("delay_ms", "sizes"), [(300, [3]), (0, [1, 1, 1])])
+def test_delay_lets_a_partial_batch_gather_then_go(delay_ms, sizes):
+    """Requests 20 ms apart: a 300 ms delay gathers them into one batch; with none each runs alone."""
     model = FakeModel()
 
     async def body(b: Batcher) -> None:
-        await asyncio.gather(*(b.submit(request(tag)) for tag in range(3)))
+        calls = []
+        for tag in range(3):
+            calls.append(asyncio.create_task(b.submit(request(tag))))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*calls)
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=0.05, adaptive=False)), body)
-    assert model.sizes == [3]
+    run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=delay_ms)), body)
+    assert model.sizes == sizes
 
 
 def test_oversized_request_is_split_and_reassembled_in_order():
@@ -161,7 +166,7 @@ def test_oversized_request_is_split_and_reassembled_in_order():
         np.testing.assert_array_equal(out_big, expected(big))
         np.testing.assert_array_equal(out_small, expected(small))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=0.0, adaptive=False)), body)
+    run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=0)), body)
     assert sum(model.sizes) == 11
     assert max(model.sizes) <= 4
     assert model.rows[:10] == big["z"][:, 0].tolist()  # chunks ran oldest first
@@ -176,7 +181,9 @@ def test_disabled_batching_runs_every_chunk_alone():
         for x, out in zip(inputs, results, strict=True):
             np.testing.assert_array_equal(out, expected(x))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0, enabled=False, adaptive=False)), body)
+    run(
+        lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=5000, enabled=False)), body
+    )
     assert sorted(model.sizes) == [1, 1, 1, 1, 1, 1, 1, 4]
 
 
@@ -195,7 +202,7 @@ def test_queue_full_is_raised_beyond_capacity():
         np.testing.assert_array_equal(await queued, expected(request(0, n=3)))
         np.testing.assert_array_equal(await fits, expected(request(2, n=1)))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=64, max_delay_s=5.0, max_queue=4, adaptive=False)), body)
+    run(lambda: Batcher(model, config(max_batch_size=64, max_delay_ms=5000, max_queue=4)), body)
     assert model.rows == [0.0, 1.0, 2.0, 2000.0]  # the rejected request never ran
 
 
@@ -218,7 +225,7 @@ def test_expired_chunk_is_dropped_with_deadline_exceeded():
         np.testing.assert_array_equal(await patient, expected(request(4)))
         await blocker
 
-    run(lambda: Batcher(model, BatchConfig(max_delay_s=0.0, adaptive=False), observer=seen, clock=clock), body)
+    run(lambda: Batcher(model, config(max_delay_ms=0), observer=seen, clock=clock), body)
     assert model.rows == [2000.0, 4000.0]  # neither expired request reached run_batch
     assert seen.waits == [0.0, 5.0]  # queue wait is measured on the injected clock
 
@@ -238,7 +245,7 @@ def test_cancelled_submit_frees_the_queue_and_never_runs():
         await b.stop()
         np.testing.assert_array_equal(await follower, expected(request(2)))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0, adaptive=False)), body)
+    run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=5000)), body)
     assert model.rows == [2000.0]
 
 
@@ -254,7 +261,7 @@ def test_run_batch_error_reaches_only_that_batch_and_batcher_keeps_serving():
             np.testing.assert_array_equal(out, expected(x))
         np.testing.assert_array_equal(await b.submit(request(20, n=4)), expected(request(20, n=4)))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0, adaptive=False)), body)
+    run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=5000)), body)
     assert model.sizes == [4, 4, 4]
 
 
@@ -272,14 +279,14 @@ def test_stop_finishes_queued_work_then_rejects_new_requests():
         with pytest.raises(Unavailable):
             await b.submit(request(9))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=8, max_delay_s=5.0, adaptive=False)), body)
+    run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=5000)), body)
     assert model.sizes == [3]
 
 
 def test_submit_before_start_is_unavailable():
     async def main() -> None:
         with pytest.raises(Unavailable):
-            await Batcher(FakeModel(), BatchConfig()).submit(request(0))
+            await Batcher(FakeModel(), config()).submit(request(0))
 
     asyncio.run(main())
 
@@ -291,7 +298,7 @@ def test_observer_sees_depth_batch_sizes_and_waits():
     async def body(b: Batcher) -> None:
         await b.submit(request(1, n=6))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=0.0, adaptive=False), observer=seen), body)
+    run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=0), observer=seen), body)
     assert seen.depths == [6, 2, 0]
     assert seen.batches == [4, 2] == model.sizes
     assert len(seen.waits) == 2 and all(w >= 0 for w in seen.waits)
@@ -307,7 +314,7 @@ def test_workers_run_batches_concurrently_off_the_event_loop():
         for x, out in zip(inputs, results, strict=True):
             np.testing.assert_array_equal(out, expected(x))
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=1, workers=2, adaptive=False)), body)
+    run(lambda: Batcher(model, config(max_batch_size=1, workers=2)), body)
     assert model.sizes == [1, 1]
     assert len(model.threads) == 2 and threading.get_ident() not in model.threads
 
@@ -317,7 +324,7 @@ def test_wrong_row_count_from_run_batch_fails_the_batch():
         with pytest.raises(RuntimeError, match="shape"):
             await b.submit(request(1, n=3))
 
-    run(lambda: Batcher(lambda inputs: inputs["z"][:1], BatchConfig(max_delay_s=0.0, adaptive=False)), body)
+    run(lambda: Batcher(lambda inputs: inputs["z"][:1], config(max_delay_ms=0)), body)
 
 
 def test_adaptive_delay_spares_a_lone_caller_and_waits_under_concurrency():
@@ -325,10 +332,31 @@ def test_adaptive_delay_spares_a_lone_caller_and_waits_under_concurrency():
 
     async def body(b: Batcher) -> None:
         start = time.monotonic()
-        await b.submit(request(0))  # nothing else in flight: no 5 s wait
-        assert time.monotonic() - start < 1.0
-        # A burst: the first batch shows concurrency, so the next chunks wait to be batched together.
-        await asyncio.gather(*(b.submit(request(i)) for i in range(1, 9)))
+        await b.submit(request(0))  # nothing else in flight: no 500 ms wait
+        assert time.monotonic() - start < 0.25
+        await asyncio.gather(*(b.submit(request(i)) for i in (1, 2)))  # two at once: concurrency seen
+        # Now requests 20 ms apart wait for each other: two batches of two, not four of one.
+        calls = []
+        for tag in range(3, 7):
+            calls.append(asyncio.create_task(b.submit(request(tag))))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*calls)
 
-    run(lambda: Batcher(model, BatchConfig(max_batch_size=4, max_delay_s=5.0)), body)
-    assert model.sizes[0] == 1 and max(model.sizes) == 4
+    run(lambda: Batcher(model, config(max_batch_size=2, max_delay_ms=500, adaptive=True)), body)
+    assert model.sizes == [1, 2, 2, 2]
+
+
+def test_a_failing_observer_hook_costs_no_request_and_no_worker(caplog):
+    class Broken(Recorder):
+        def batch(self, size: int, run_seconds: float) -> None:
+            raise RuntimeError("metrics backend down")
+
+    inputs = [request(tag) for tag in range(4)]
+
+    async def body(b: Batcher) -> None:
+        for x in inputs:  # one at a time: each needs the single worker to have survived the last hook
+            np.testing.assert_array_equal(await asyncio.wait_for(b.submit(x), 5), expected(x))
+
+    with caplog.at_level("ERROR"):
+        run(lambda: Batcher(FakeModel(), config(max_delay_ms=0), observer=Broken()), body)
+    assert caplog.text.count("observer hook batch failed") == 1  # logged once, not once per batch

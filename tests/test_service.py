@@ -12,9 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service import latents
+from service import contract
 from service.api.ganserve.v1 import generator_pb2 as pb
 from tests.servefix import ECHO_CLASSES, echo_model, plain_model, running
+from tests.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_seeds_follow_the_documented_contract_and_repeat_across_servers(repo):
 
     a, b = run(once()), run(once())
     assert a.images == b.images  # identical bytes from two separate server instances
-    expected = np.clip(latents.seed_latents([7, 0, 2**40], 8, "normal"), -1, 1)
+    expected = np.clip(contract.seed_latents([7, 0, 2**40], 8, "normal"), -1, 1)
     assert np.array_equal(floats(a).reshape(3, 8), expected)
     # A seed's sample does not depend on the rest of the batch.
     single = run(_generate(repo, pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[0]), output=RAW)))
@@ -159,7 +160,7 @@ def test_streaming_thousands_of_images_under_a_small_message_limit(repo):
     offsets, sizes, images = run(go())
     assert len(images) == 6000 and offsets[0] == 0 and len(offsets) > 1
     assert offsets == sorted(offsets) and max(sizes) <= 64 << 10  # chunks sized to the limit, in order
-    expected = np.clip(latents.seed_latents([4321], 8, "normal"), -1, 1)
+    expected = np.clip(contract.seed_latents([4321], 8, "normal"), -1, 1)
     assert np.array_equal(np.frombuffer(images[4321], "<f4"), expected.ravel())
 
 
@@ -243,17 +244,17 @@ def test_full_queue_deadline_and_cancellation(tmp_path):
 
             slow = pb.GenerateRequest(model="slow", seed_range=pb.SeedRange(start=0, count=4))
             busy = asyncio.ensure_future(stub.Generate(slow))  # occupies the only worker
-            await _until(lambda: taken() == 1)
+            await until(lambda: taken() == 1)
             queued = asyncio.ensure_future(stub.Generate(slow))
-            await _until(lambda: mv.batcher.queue_depth == 4)
+            await until(lambda: mv.batcher.queue_depth == 4)
             with pytest.raises(grpc.aio.AioRpcError) as full:
                 await stub.Generate(slow)  # the queue holds 4 samples: no room for 4 more
             queued.cancel()  # a cancelled call leaves the queue at once, long before the worker is free
-            await _until(lambda: mv.batcher.queue_depth == 0)
+            await until(lambda: mv.batcher.queue_depth == 0)
             assert not busy.done()
             with pytest.raises(grpc.aio.AioRpcError) as late:
                 await stub.Generate(slow, timeout=0.05)  # expires while queued behind the busy worker
-            await _until(lambda: mv.batcher.queue_depth == 0)
+            await until(lambda: mv.batcher.queue_depth == 0)
             still_busy = not busy.done()
             await busy
             assert taken() == 1  # neither the cancelled nor the expired request ever ran
@@ -263,15 +264,6 @@ def test_full_queue_deadline_and_cancellation(tmp_path):
     assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in full.details()
     assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert still_busy
-
-
-async def _until(predicate, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.001)
 
 
 def test_metrics_are_scraped_over_http_after_traffic(repo):
@@ -340,7 +332,8 @@ def test_a_bad_model_is_skipped_and_counted(tmp_path, caplog):
     async def go():
         async with running(tmp_path) as (server, stub, _ch):
             names = [m.name for m in (await stub.ListModels(pb.ListModelsRequest())).models]
-            failures = {n: server.metrics.load_failures.labels(n)._value.get() for n in ("broken", "liar")}
+            samples = server.metrics.registry.get_sample_value
+            failures = {n: samples("gan_model_load_failures_total", {"model": n}) for n in ("broken", "liar")}
             return names, failures
 
     with caplog.at_level("ERROR"):

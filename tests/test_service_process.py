@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import filecmp
+import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +21,6 @@ from PIL import Image
 from service import client as client_cli
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
-from service.config import ServerConfig, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,39 +40,27 @@ def test_checked_in_stubs_match_the_proto(tmp_path):
     assert (mismatch, errors) == ([], []), "regenerate: see README, 'Changing the API'"
 
 
-def test_flags_override_environment_which_overrides_defaults():
-    env = {"GAN_PORT": "6000", "GAN_MAX_BATCH_SIZE": "32", "GAN_BATCHING": "false"}
-    cfg = parse(["--max-batch-size", "16"], environ=env)
-    assert (cfg.port, cfg.max_batch_size, cfg.batching) == (6000, 16, False)
-    assert parse([], environ={}) == ServerConfig()
-    with pytest.raises(SystemExit):
-        parse(["--max-batch-size", "0"], environ={})
-    with pytest.raises(SystemExit, match="GAN_BATCHING"):
-        parse([], environ={"GAN_BATCHING": "maybe"})
+def start_server(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, dict]:
+    """`python -m service ARGS`; returns the process and its ready line (ports, models) once it serves."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=os.environ | env, cwd=cwd,
+    )  # fmt: skip
+    log: list[str] = []
+    # Keep reading its log, so a chatty server can never block on a full pipe.
+    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+    line = proc.stdout.readline()  # the one JSON line, printed once it serves
+    assert line, "".join(log)
+    return proc, json.loads(line)
 
 
 @pytest.fixture
 def server_process(tmp_path):
     """`python -m service` on the shipped model, free ports; yields (process, port)."""
-    env = os.environ | {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_GRACE_SECONDS": "20", "GAN_HOST": "127.0.0.1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--model-repository", str(ROOT / "models")],
-        stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    port = None
-    log: list[str] = []
-    deadline = time.monotonic() + 60
-    while port is None and time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        log.append(line)
-        if m := re.search(r"serving \d+ model version\(s\) on port (\d+)", line):
-            port = int(m.group(1))
-        if not line and proc.poll() is not None:
-            break
-    assert port, "".join(log)
-    # Keep reading its log, so a chatty server can never block on a full pipe.
-    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
-    yield proc, port
+    env = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_GRACE_SECONDS": "20", "GAN_HOST": "127.0.0.1"}
+    proc, ready = start_server(["--model-repository", str(ROOT / "models")], env, tmp_path)
+    assert ready["event"] == "serving" and ready["models"] == 1 and ready["metrics_port"] > 0
+    yield proc, ready["port"]
     if proc.poll() is None:
         proc.kill()
     proc.wait()

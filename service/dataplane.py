@@ -1,0 +1,394 @@
+"""The data plane: domain requests in, domain results out. No gRPC, no ONNX; every front end shares it.
+
+A front end turns its wire message into one request object below, in one pass and without judging it. Everything
+that decides anything lives here: limits, validation (every message names the field), labels, latents,
+batching, encoding and the response size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service import contract, encode, latents
+from service.config import Limits
+from service.contract import ModelSpec
+from service.errors import InvalidArgument, short
+from service.registry import ModelVersion, Registry
+
+FORMATS = ("png", "uint8", "float32")
+METHODS = ("slerp", "lerp")
+SEEDS_ON_LOOP = 64  # ~12 µs a seed: more would stall every other caller on the event loop
+
+
+@dataclass(frozen=True)
+class Label:
+    """Exactly one of: a class index, a class name, or soft weights over the classes."""
+
+    index: int | None = None
+    name: str | None = None
+    soft: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Seeds:
+    values: Sequence[int]
+
+
+@dataclass(frozen=True)
+class SeedRange:
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Rows:
+    values: np.ndarray  # flat float32, whole rows of latent_dim
+
+
+@dataclass(frozen=True)
+class Output:
+    format: str = "png"  # one of FORMATS; a front end passes values it does not know through as text
+    grid: bool = False
+    grid_columns: int = 0
+    return_latents: bool = False
+    grid_only: bool = False
+
+
+@dataclass(frozen=True)
+class Generate:
+    model: str
+    version: int = 0
+    latents: Seeds | SeedRange | Rows | None = None
+    labels: Sequence[Label] = ()
+    truncation: float = 0.0  # 0: none
+    output: Output = Output()
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    seed: int | None = None
+    row: np.ndarray | None = None  # flat float32, one row
+    label: Label | None = None
+
+
+@dataclass(frozen=True)
+class Interpolate:
+    model: str
+    version: int = 0
+    keyframes: Sequence[Keyframe] = ()
+    steps: int = 0
+    method: str = "slerp"  # one of METHODS
+    truncation: float = 0.0
+    output: Output = Output()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: int
+    versions: list[int]
+    ready: bool
+    spec: ModelSpec
+    provider: str
+    metadata: dict[str, str]  # the file's metadata_props
+
+
+@dataclass(frozen=True)
+class Result:
+    model: str
+    version: int
+    format: str
+    images: list[bytes]
+    image_shape: tuple[int, ...]  # [H, W, C]; [C, H, W] for float32
+    grid_png: bytes = b""
+    latents: np.ndarray | None = None
+    offset: int = 0  # streams: this chunk's first image in the whole request
+
+
+class DataPlane:
+    """Validates requests, runs them through the model's batcher, encodes the images off the event loop."""
+
+    def __init__(self, registry: Registry, limits: Limits, encoder: Executor | None = None):
+        self.registry, self.limits, self.encoder = registry, limits, encoder
+
+    # ---- models ------------------------------------------------------------------------------------
+
+    def list_models(self) -> list[ModelInfo]:
+        return [self._info(self.registry.get(name)) for name in sorted(self.registry.models)]
+
+    def get_model(self, name: str, version: int = 0) -> ModelInfo:
+        return self._info(self._model(name, version))
+
+    def _info(self, mv: ModelVersion) -> ModelInfo:
+        versions = self.registry.versions(mv.name)
+        return ModelInfo(mv.name, mv.version, versions, mv.ready, mv.spec, mv.session.provider, mv.session.metadata)
+
+    def _model(self, name: str, version: int) -> ModelVersion:
+        if not name:
+            raise InvalidArgument("model: required")
+        return self.registry.get(name, version)
+
+    # ---- generation --------------------------------------------------------------------------------
+
+    async def generate(self, req: Generate, deadline: float | None = None) -> Result:
+        mv = self._model(req.model, req.version)
+        output = _check_output(req.output)
+        n = _count(req.latents, mv.spec.latent_dim, self.limits.max_images)
+        size = response_bytes(mv, n, output)
+        if size > self.limits.max_message_bytes:
+            raise InvalidArgument(
+                f"latents: {n} images of this model make a response of up to {size:,} bytes, over the"
+                f" {self.limits.max_message_bytes:,}-byte message limit; use GenerateStream"
+            )
+        y = _label_vectors(mv, req.labels, n, self.limits.max_images)
+        psi = _truncation(req.truncation)
+        z = await self._latents(mv, req.latents)
+        return await self._run(mv, _truncate(z, psi), y, output, deadline)
+
+    async def stream(self, req: Generate, deadline: float | None = None) -> AsyncIterator[Result]:
+        """Chunks of at most `stream_chunk` images, each within half a message; two in flight keep the batcher busy."""
+        mv = self._model(req.model, req.version)
+        output = _check_output(req.output)
+        if output.grid:
+            raise InvalidArgument("output.grid: not available on GenerateStream; use Generate")
+        n = _count(req.latents, mv.spec.latent_dim, self.limits.max_stream_images)
+        y = _label_vectors(mv, req.labels, n, self.limits.max_stream_images)
+        psi = _truncation(req.truncation)
+        per_image = response_bytes(mv, 1, output) - response_bytes(mv, 0, output)
+        chunk = max(1, min(self.limits.stream_chunk, self.limits.max_message_bytes // (2 * per_image)))
+        z = _truncate(await self._latents(mv, req.latents), psi)
+
+        def part(start: int) -> asyncio.Task[Result]:
+            stop = min(start + chunk, n)
+            rows = None if y is None else y[start:stop]
+            return asyncio.ensure_future(self._run(mv, z[start:stop], rows, output, deadline, offset=start))
+
+        pending: list[asyncio.Task[Result]] = []
+        try:
+            for start in range(0, n, chunk):
+                pending.append(part(start))
+                if len(pending) == 2:
+                    yield await pending.pop(0)
+            while pending:
+                yield await pending.pop(0)
+        finally:
+            for task in pending:
+                task.cancel()
+            # Collected, so that a sibling's failure is retrieved here rather than reported as never retrieved.
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def interpolate(self, req: Interpolate, deadline: float | None = None) -> Result:
+        mv = self._model(req.model, req.version)
+        output = _check_output(req.output)
+        if req.method not in METHODS:
+            raise InvalidArgument(f"method: unknown value {short(req.method)} (methods: {', '.join(METHODS)})")
+        keys = len(req.keyframes)
+        if not 2 <= keys <= self.limits.max_images:
+            raise InvalidArgument(f"keyframes: {keys} given, between 2 and {self.limits.max_images} needed")
+        if req.steps < 1:
+            raise InvalidArgument("steps: must be >= 1")
+        frames = (keys - 1) * req.steps + 1
+        if frames > self.limits.max_images:
+            limit = self.limits.max_images
+            raise InvalidArgument(f"steps: {frames} frames requested, the limit per request is {limit}")
+        y = _keyframe_labels(mv, req.keyframes, req.steps)
+        z = latents.path(_keyframe_latents(mv, req.keyframes), req.steps, req.method)
+        strip = output if output.grid_columns else dataclasses.replace(output, grid_columns=frames)
+        size = response_bytes(mv, frames, strip)
+        if size > self.limits.max_message_bytes:
+            raise InvalidArgument(
+                f"steps: {frames} frames make a response of up to {size:,} bytes, over the"
+                f" {self.limits.max_message_bytes:,}-byte message limit"
+            )
+        return await self._run(mv, _truncate(z, _truncation(req.truncation)), y, strip, deadline)
+
+    async def _latents(self, mv: ModelVersion, spec: Seeds | SeedRange | Rows) -> np.ndarray:
+        """[n, latent_dim] float32 by the seed contract, or the rows given (already counted by _count)."""
+        if isinstance(spec, Rows):
+            return _rows(spec.values, mv.spec.latent_dim, "rows.values")
+        seeds = spec.values if isinstance(spec, Seeds) else range(spec.start, spec.start + spec.count)
+        d, prior = mv.spec.latent_dim, mv.spec.prior
+        if len(seeds) <= SEEDS_ON_LOOP:
+            return contract.seed_latents(seeds, d, prior)
+        return await asyncio.get_running_loop().run_in_executor(self.encoder, contract.seed_latents, seeds, d, prior)
+
+    async def _run(
+        self, mv: ModelVersion, z: np.ndarray, y: np.ndarray | None, output: Output, deadline: float | None,
+        offset: int = 0,
+    ) -> Result:  # fmt: skip
+        images = await mv.run(z, y, deadline)
+        # Raw bytes cost microseconds: a thread hand-off would cost more. PNG and grids leave the event loop.
+        if output.format != "png" and not output.grid:
+            result = _encode(mv, images, output, offset)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(self.encoder, _encode, mv, images, output, offset)
+        return dataclasses.replace(result, latents=z) if output.return_latents else result
+
+
+def response_bytes(mv: ModelVersion, n: int, output: Output) -> int:
+    """An upper bound of the serialized response for n images: images, grid, latents and protobuf framing."""
+    c, h, w = mv.spec.output_shape
+    image = {"png": encode.png_bound(h, w, c), "uint8": c * h * w, "float32": 4 * c * h * w}[output.format]
+    field = 6  # tag + length varint of one bytes or packed field
+    size = 128 + len(mv.name)  # model, version, format, image_shape, offset
+    if not output.grid_only:
+        size += n * (image + field)
+    if output.grid and n:
+        size += encode.png_bound(*encode.grid_shape(n, h, w, c, output.grid_columns or math.ceil(math.sqrt(n)))) + field
+    if output.return_latents:
+        size += 4 * n * mv.spec.latent_dim + field
+    return size
+
+
+def _check_output(output: Output) -> Output:
+    if output.format not in FORMATS:
+        raise InvalidArgument(f"output.format: unknown value {short(output.format)} (formats: {', '.join(FORMATS)})")
+    if output.grid_only and not output.grid:
+        raise InvalidArgument("output.grid_only: needs output.grid")
+    return output
+
+
+def _count(spec: Seeds | SeedRange | Rows | None, latent_dim: int, limit: int) -> int:
+    """How many samples the request asks for, checked against `limit` before anything is built from it."""
+    if spec is None:
+        raise InvalidArgument("latents: give seeds, seed_range or rows")
+    if isinstance(spec, Rows):
+        field, n = "rows.values", _whole_rows(spec.values, latent_dim, "rows.values")
+    elif isinstance(spec, SeedRange):
+        field, n = "seed_range.count", spec.count
+        if spec.start + spec.count > contract.MAX_SEED + 1:
+            raise InvalidArgument("seed_range.start: the range runs past the largest seed, 2**64 - 1")
+    else:
+        field, n = "seeds.seeds", len(spec.values)
+    if n == 0:
+        raise InvalidArgument(f"{field}: empty")
+    if n > limit:
+        raise InvalidArgument(f"{field}: {n} requested, the limit per request is {limit}")
+    return n
+
+
+def _whole_rows(values: np.ndarray, latent_dim: int, field: str) -> int:
+    if values.size == 0 or values.size % latent_dim:
+        raise InvalidArgument(f"{field}: {values.size} values is not a positive multiple of latent_dim {latent_dim}")
+    return values.size // latent_dim
+
+
+def _rows(values: np.ndarray, latent_dim: int, field: str) -> np.ndarray:
+    """Explicit latents: a flat float array of whole rows, all finite → [n, latent_dim]."""
+    _whole_rows(values, latent_dim, field)
+    if not np.all(np.isfinite(values)):
+        raise InvalidArgument(f"{field}: latents must be finite (found NaN or Inf)")
+    return values.reshape(-1, latent_dim).astype(np.float32, copy=False)
+
+
+def _truncation(psi: float) -> float | None:
+    if psi == 0:
+        return None
+    if not (math.isfinite(psi) and 0 < psi <= 1):
+        raise InvalidArgument(f"truncation: must be in (0, 1], or 0 for none (got {psi})")
+    return psi
+
+
+def _truncate(z: np.ndarray, psi: float | None) -> np.ndarray:
+    return z if psi is None else latents.truncate(z, psi)
+
+
+def _label_vectors(
+    mv: ModelVersion, labels: Sequence[Label], n: int, limit: int, field: str = "labels"
+) -> np.ndarray | None:
+    """The float32 [n, num_classes] y input; one label for all samples or one per sample."""
+    spec = mv.spec
+    if len(labels) > limit:
+        raise InvalidArgument(f"{field}: {len(labels)} given, the limit per request is {limit}")
+    if not spec.num_classes:
+        if labels:
+            raise InvalidArgument(f"{field}: model {mv.name!r} is unconditional and takes no labels")
+        return None
+    if len(labels) not in (1, n):
+        raise InvalidArgument(f"{field}: expected 1 or {n} labels for {n} samples, got {len(labels)}")
+    rows = np.stack([_label_row(spec.class_names, lab, f"{field}[{i}]") for i, lab in enumerate(labels)])
+    return np.ascontiguousarray(np.broadcast_to(rows, (n, spec.num_classes)), dtype=np.float32)
+
+
+def _label_row(class_names: tuple[str, ...], label: Label, field: str) -> np.ndarray:
+    nc = len(class_names)
+    row = np.zeros(nc, np.float32)
+    if label.soft is not None:
+        w = np.asarray(label.soft, np.float64)
+        if len(w) != nc:
+            raise InvalidArgument(f"{field}.soft: expected {nc} weights, got {len(w)}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise InvalidArgument(f"{field}.soft: weights must be finite, non-negative and not all zero")
+        return (w / w.sum()).astype(np.float32)
+    if label.name is not None:
+        if label.name not in class_names:
+            raise InvalidArgument(
+                f"{field}.name: unknown class {short(label.name)} (classes: {', '.join(class_names)})"
+            )
+        row[class_names.index(label.name)] = 1
+        return row
+    if label.index is None:
+        raise InvalidArgument(f"{field}: give an index, a name or soft weights")
+    if not 0 <= label.index < nc:
+        raise InvalidArgument(f"{field}.index: unknown class {label.index} (the model has {nc} classes)")
+    row[label.index] = 1
+    return row
+
+
+def _keyframe_latents(mv: ModelVersion, keyframes: Sequence[Keyframe]) -> np.ndarray:
+    """[k, latent_dim]: each keyframe's seed by the seed contract, or its one explicit row."""
+    d = mv.spec.latent_dim
+    keys = []
+    for i, key in enumerate(keyframes):
+        if (key.seed is None) == (key.row is None):
+            raise InvalidArgument(f"keyframes[{i}]: give a seed or a row")
+        if key.row is None:
+            keys.append(contract.seed_latent(key.seed, d, mv.spec.prior))
+            continue
+        field = f"keyframes[{i}].row.values"
+        if key.row.size != d:
+            raise InvalidArgument(f"{field}: exactly one row of {d} values (got {key.row.size})")
+        keys.append(_rows(key.row, d, field)[0])
+    return np.stack(keys)
+
+
+def _keyframe_labels(mv: ModelVersion, keyframes: Sequence[Keyframe], steps: int) -> np.ndarray | None:
+    """Labels at the keyframes, blended linearly between them (soft labels between classes)."""
+    given = [key.label for key in keyframes if key.label is not None]
+    if not given:
+        if mv.spec.num_classes:
+            raise InvalidArgument(f"keyframes: every keyframe of conditional model {mv.name!r} needs a label")
+        return None
+    if not mv.spec.num_classes:
+        raise InvalidArgument(f"keyframes.label: model {mv.name!r} is unconditional and takes no labels")
+    if len(given) != len(keyframes):
+        raise InvalidArgument("keyframes.label: give a label for every keyframe or for none")
+    y_keys = _label_vectors(mv, given, len(given), len(given), field="keyframes.label")
+    return latents.path(y_keys, steps, "lerp")
+
+
+def _encode(mv: ModelVersion, images: np.ndarray, output: Output, offset: int) -> Result:
+    """Vectorised float → uint8 once; then per-image bytes and an optional grid."""
+    c, h, w = mv.spec.output_shape
+    shape = (c, h, w) if output.format == "float32" else (h, w, c)
+    pixels = encode.to_uint8(images, mv.spec.output_range) if output.format != "float32" or output.grid else None
+    grid_png = b""
+    if output.grid:
+        cols = output.grid_columns or math.ceil(math.sqrt(len(pixels)))
+        grid_png = encode.png(encode.grid(pixels, cols))
+    if output.grid_only:
+        images_out = []
+    elif output.format == "float32":
+        images_out = [img.tobytes() for img in np.ascontiguousarray(images, dtype="<f4")]
+    elif output.format == "uint8":
+        images_out = [p.tobytes() for p in pixels]
+    else:
+        images_out = [encode.png(p) for p in pixels]
+    return Result(mv.name, mv.version, output.format, images_out, shape, grid_png, offset=offset)

@@ -1,0 +1,138 @@
+"""One server interceptor owns what every RPC shares: domain errors → status codes, and request metrics.
+
+It wraps each method handler the server resolves, of every registered service, unary or streaming, including
+methods added later; nothing lists the RPCs by hand. Anything unexpected becomes INTERNAL with a generic message,
+and its traceback goes to the log, never to the client. Authentication will plug in here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from service import errors
+from service.metrics import UNKNOWN_MODEL, Metrics
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls], str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def cancelled(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why gRPC cancelled a handler: its deadline ran out, or the client went away."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+
+
+def code_set(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code a handler set itself (health's NOT_FOUND, an abort), OK when it set none."""
+    code = context.code()
+    if code is None:
+        return grpc.StatusCode.OK
+    return code if isinstance(code, grpc.StatusCode) else CODES.get(code, grpc.StatusCode.UNKNOWN)
+
+
+class Interceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call by method, model and code; maps domain errors to status codes."""
+
+    def __init__(self, metrics: Metrics, is_model: Callable[[str], bool]):
+        self.metrics, self.is_model = metrics, is_model
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._children: dict[tuple[str, str, grpc.StatusCode], tuple] = {}  # labels() per call costs more
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:  # no such method: gRPC answers UNIMPLEMENTED itself
+            return None
+        cached = self._handlers.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(details.method.rsplit("/", 1)[-1], handler))
+            self._handlers[details.method] = cached
+        return cached[1]
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._guard(method, handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._guard(method, handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._guard(method, handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._guard(method, handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
+
+    def _guard(self, method: str, behavior):
+        """The same behaviour, inside `outcome`; an async generator stays one (gRPC tells streams by that)."""
+        outcome = self._outcome
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request, context):
+                async with outcome(method, request, context):
+                    async for response in behavior(request, context):
+                        yield response
+
+            return stream
+
+        async def unary(request, context):
+            async with outcome(method, request, context):
+                return await behavior(request, context)
+
+        return unary
+
+    @contextlib.asynccontextmanager
+    async def _outcome(self, method: str, request, context) -> AsyncIterator[None]:
+        start = time.perf_counter()
+        name = getattr(request, "model", None) or getattr(request, "name", None) or ""
+        model = name if isinstance(name, str) and self.is_model(name) else UNKNOWN_MODEL
+        try:
+            yield
+        except asyncio.CancelledError:
+            self._record(method, model, cancelled(context), start)
+            raise
+        except grpc.aio.AbortError:  # the handler aborted itself: the status is already set
+            self._record(method, model, code_set(context), start)
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method, exc_info=exc)
+            self._record(method, model, code, start)
+            await context.abort(code, message)
+        else:
+            self._record(method, model, code_set(context), start)
+
+    def _record(self, method: str, model: str, code: grpc.StatusCode, start: float) -> None:
+        key = (method, model, code)
+        children = self._children.get(key)
+        if children is None:
+            m = self.metrics
+            children = m.requests.labels(method, model, code.name), m.request_seconds.labels(method, model)
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - start)

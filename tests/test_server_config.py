@@ -1,0 +1,86 @@
+"""The server's configuration tree: flat flags and GAN_* variables, nested sections, one place for defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.config import BatchingConfig, Lifecycle, Limits, RuntimeConfig, ServerConfig, parse
+
+# The flags users and deployments already use: the tree may be reshaped, these names may not change.
+FLAGS = [
+    "model_repository",
+    "host",
+    "port",
+    "metrics_port",
+    "max_batch_size",
+    "max_delay_ms",
+    "max_queue",
+    "batch_workers",
+    "batching",
+    "providers",
+    "intra_op_threads",
+    "inter_op_threads",
+    "allow_spinning",
+    "max_images",
+    "max_stream_images",
+    "stream_chunk",
+    "max_message_bytes",
+    "encoder_threads",
+    "grace_seconds",
+    "max_connection_age_s",
+    "max_connection_age_grace_s",
+]
+
+
+def test_flags_override_environment_which_overrides_defaults():
+    env = {"GAN_PORT": "6000", "GAN_MAX_BATCH_SIZE": "32", "GAN_BATCHING": "false", "GAN_GRACE_SECONDS": "3"}
+    cfg = parse(["--max-batch-size", "16", "--batch-workers", "3"], environ=env)
+    assert (cfg.port, cfg.batching.max_batch_size, cfg.batching.enabled, cfg.batching.workers) == (6000, 16, False, 3)
+    assert cfg.lifecycle.grace_seconds == 3
+    assert parse([], environ={}) == ServerConfig()
+    with pytest.raises(SystemExit, match="GAN_BATCHING"):
+        parse([], environ={"GAN_BATCHING": "maybe"})
+
+
+def test_every_existing_flag_and_variable_keeps_its_name(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--help"], environ={})
+    text = capsys.readouterr().out
+    for flag in FLAGS:
+        assert f"--{flag.replace('_', '-')}" in text and f"GAN_{flag.upper()}" in text, flag
+    # Each flag lands in its section.
+    cfg = ServerConfig.from_flags(max_delay_ms=7, intra_op_threads=3, stream_chunk=9, max_connection_age_s=4)
+    assert (cfg.batching.max_delay_ms, cfg.runtime.intra_op_threads) == (7, 3)
+    assert (cfg.limits.stream_chunk, cfg.lifecycle.max_connection_age_s) == (9, 4)
+    with pytest.raises(TypeError, match="max_dealy_ms"):
+        ServerConfig.from_flags(max_dealy_ms=7)
+
+
+def test_each_default_lives_in_one_place():
+    """The sections are the only defaults: the tree built from nothing is the sections built from nothing."""
+    cfg = ServerConfig()
+    assert (cfg.batching, cfg.runtime, cfg.limits, cfg.lifecycle) == (
+        BatchingConfig(), RuntimeConfig(), Limits(), Lifecycle(),
+    )  # fmt: skip
+    assert cfg.batching.max_batch_size == 128 and cfg.batching.workers == 2 and cfg.runtime.intra_op_threads == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--max-batch-size", "0"], "max_batch_size"),
+        (["--batch-workers", "0"], "batch_workers"),
+        (["--max-delay-ms", "-1"], "max_delay_ms"),
+        (["--max-delay-ms", "inf"], "max_delay_ms"),
+        (["--intra-op-threads", "-1"], "intra_op_threads"),
+        (["--stream-chunk", "0"], "stream_chunk"),
+        (["--max-message-bytes", "0"], "max_message_bytes"),
+        (["--grace-seconds", "-2"], "grace_seconds"),
+        (["--max-queue", "10"], "max_queue"),  # below max_images
+        (["--port", "70000"], "port"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit):
+        parse(argv, environ={})
+    assert f"error: {flag}:" in capsys.readouterr().err

@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[train,dev]'
 	touch $(STAMP)
 
-test: validate
+test: lint validate
 	$(PY) -m pytest
 
 # Renders every kustomization under deploy/, checks the built-in kinds with kubernetes-validate --strict (CRD kinds

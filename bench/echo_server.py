@@ -1,14 +1,14 @@
 """An empty Generate RPC that answers with a fixed response of a given size: the gRPC ceiling on this box.
 
     python bench/echo_server.py --images 1 --image-bytes 784
-Prints 'echo on port N' on stderr once serving.
+Prints one JSON line on stdout once serving, as the service does: {"event": "serving", "port": N}.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+import json
 
 import grpc
 
@@ -37,7 +37,7 @@ async def main() -> None:
     pb_grpc.add_GeneratorServicer_to_server(Echo(response), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    print(f"echo on port {port}", file=sys.stderr, flush=True)
+    print(json.dumps({"event": "serving", "port": port}), flush=True)
     await server.wait_for_termination()
 
 

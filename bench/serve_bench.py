@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -89,7 +89,7 @@ async def load(port: int, request: pb.GenerateRequest, concurrency: int, duratio
 
 def raw_ort(path: Path, batch: int, duration: float) -> Stats:
     """ONNX Runtime alone with its default threads (all cores), one batch after another: the strict baseline."""
-    session = Session(path, RuntimeConfig())
+    session = Session(path, RuntimeConfig(intra_op_threads=0))
     feeds = {
         "z": np.random.default_rng(0).standard_normal((batch, session.session.get_inputs()[0].shape[1]), np.float32)
     }
@@ -106,21 +106,17 @@ def raw_ort(path: Path, batch: int, duration: float) -> Stats:
 
 
 class Process:
-    """A server subprocess; its port (and metrics port) are read from its log."""
+    """A server subprocess; its ports come from the JSON line it prints on stdout once serving."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None):
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}), cwd=ROOT)
-        self.port = self.metrics_port = None
-        deadline = time.monotonic() + 120
-        while self.port is None:
-            line = self.proc.stderr.readline()
-            if m := re.search(r"on port (\d+)(?:, metrics on (\d+))?", line):
-                self.port = int(m.group(1))
-                self.metrics_port = int(m.group(2)) if m.group(2) else None
-            elif (not line and self.proc.poll() is not None) or time.monotonic() > deadline:
-                raise RuntimeError(f"{args} did not start")
-        # Keep draining its log, so a chatty server can never block on a full pipe.
-        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ | (env or {}), cwd=ROOT
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{args} did not start (exit status {self.proc.wait()})")
+        ready = json.loads(line)
+        self.port, self.metrics_port = ready["port"], ready.get("metrics_port")
 
     def mean_batch(self) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()

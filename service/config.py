@@ -144,6 +144,11 @@ def _leaves() -> Iterator[tuple[str, str | None, str, typing.Any]]:
             yield f.name, None, f.name, hints[f.name]
 
 
+def flags() -> list[str]:
+    """Every setting's flag name (its variable is GAN_ + the name in capitals)."""
+    return [flag for flag, *_ in _leaves()]
+
+
 def _default(section: str | None, name: str) -> typing.Any:
     return getattr(ServerConfig() if section is None else getattr(ServerConfig(), section), name)
 

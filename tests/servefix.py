@@ -55,13 +55,18 @@ def echo_model(path: Path) -> Path:
 
 
 def plain_model(
-    path: Path, slow_iterations: int = 0, width: int = 512, shape: tuple[int, int, int] = (1, 2, 4), prior="normal"
+    path: Path,
+    slow_iterations: int = 0,
+    width: int = 512,
+    shape: tuple[int, int, int] = (1, 2, 4),
+    prior: str = "normal",
+    gain: float = 1.0,
 ) -> Path:
     """Unconditional: images [n, *shape] = clip(z [n, C·H·W]) — each image shows its latent.
 
     With `slow_iterations`, a Loop first multiplies a [n, width] state by a [width, width] matrix that many
-    times: a real model that takes a predictable while, for queue and deadline tests. With a uniform prior
-    and a large shape, the images are incompressible noise: the worst case for PNG sizes.
+    times: a real model that takes a predictable while, for queue and deadline tests. With a uniform prior and
+    gain 1/√3 (z ← gain·z before the clip), the images are uniform noise: the worst case for PNG sizes.
     """
     d = int(np.prod(shape))
     lo, hi = (
@@ -90,6 +95,10 @@ def plain_model(
         nodes.append(helper.make_node("Loop", ["trips", "cond", "h0"], ["h"], body=body))
         nodes.append(helper.make_node("MatMul", ["h", "down"], ["x"]))
         x = "x"
+    if gain != 1.0:
+        inits.append(helper.make_tensor("gain", TensorProto.FLOAT, [], [gain]))
+        nodes.append(helper.make_node("Mul", [x, "gain"], ["scaled"]))
+        x = "scaled"
     nodes += [helper.make_node("Clip", [x, "lo", "hi"], ["c"]), helper.make_node("Reshape", ["c", "shape"], ["images"])]
     graph = helper.make_graph(
         nodes, "plain",

@@ -181,9 +181,7 @@ def test_disabled_batching_runs_every_chunk_alone():
         for x, out in zip(inputs, results, strict=True):
             np.testing.assert_array_equal(out, expected(x))
 
-    run(
-        lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=5000, enabled=False)), body
-    )
+    run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=5000, enabled=False)), body)
     assert sorted(model.sizes) == [1, 1, 1, 1, 1, 1, 1, 4]
 
 

@@ -88,6 +88,17 @@ def test_bad_input_is_one_clear_line_not_a_traceback(capsys, tmp_path):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_a_bug_keeps_its_traceback_rather_than_becoming_a_user_error(tmp_path, monkeypatch):
+    from training.loop import Trainer
+
+    def bug(self):
+        raise ValueError("a programming error")
+
+    monkeypatch.setattr(Trainer, "iteration", bug)
+    with pytest.raises(ValueError, match="a programming error"):
+        run.main(["--preset", "tiny", "--steps", "1", "--out", str(tmp_path), "--no-export", "--no-progress"])
+
+
 def test_a_corrupt_image_stops_the_real_command_with_one_line(tmp_path):
     """Through a real process: nothing but one 'error:' line on stderr, exit status 2."""
     (tmp_path / "data").mkdir()

@@ -17,10 +17,11 @@ from torch.utils.data import DistributedSampler
 
 from tests.conftest import tiny_config
 from training import data, run
+from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.config import TrainConfig
 from training.data import STREAM_DATA, stream_seed
 from training.dist import Dist, state_digest
-from training.loop import Trainer, latest_checkpoint, load_checkpoint
+from training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2

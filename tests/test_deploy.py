@@ -9,7 +9,6 @@ options Kubernetes relies on (connection ageing, the health probe) are tested ag
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib.util
 import json
 import re
@@ -23,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from service import probe
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
-from service.config import ENV_PREFIX, ServerConfig, parse
+from service.config import ENV_PREFIX, ServerConfig, flags, parse
 from service.metrics import Metrics
 from service.server import SERVICE_NAME, server_options
 from tests.servefix import plain_model, running
@@ -158,7 +157,7 @@ def test_gpu_limit_only_in_the_gpu_overlay(rendered):
     assert server_container(rendered["overlays/gpu"])["resources"]["limits"][GPU] == 1
     for name in ("base", "overlays/cpu", "monitoring"):
         assert GPU not in yaml.safe_dump_all(rendered[name]), name
-    assert effective_config(rendered["overlays/cpu"]).providers == "CPUExecutionProvider"
+    assert effective_config(rendered["overlays/cpu"]).runtime.providers == "CPUExecutionProvider"
     for overlay in SERVING:
         requests = server_container(rendered[overlay])["resources"]["requests"]
         assert {"cpu", "memory"} <= set(requests), overlay
@@ -170,15 +169,15 @@ def test_settings_parse_and_the_drain_fits_the_termination_grace(rendered, overl
     cfg, container = effective_config(resources), server_container(resources)
     (source,) = container["envFrom"]
     keys = one(resources, "ConfigMap", source["configMapRef"]["name"])["data"].keys()
-    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(ServerConfig)}
+    known = {ENV_PREFIX + flag.upper() for flag in flags()}
     assert set(keys) <= known, set(keys) - known
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts[cfg.model_repository]["readOnly"] is True
-    assert cfg.max_connection_age_s > 0  # an L4 Service otherwise pins each client to one pod for good
+    assert cfg.lifecycle.max_connection_age_s > 0  # an L4 Service otherwise pins each client to one pod for good
     spec = one(resources, "Deployment")["spec"]["template"]["spec"]
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     # SIGTERM comes after preStop; the server then drains for grace_seconds and must exit before the SIGKILL.
-    assert spec["terminationGracePeriodSeconds"] > pre_stop + cfg.grace_seconds
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + cfg.lifecycle.grace_seconds
     assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 120
 
 
@@ -326,7 +325,7 @@ def test_readme_deploy_commands_match_the_files():
     for target in re.findall(r"\bmake (\w+)", section):
         assert re.search(rf"^{target}:", makefile, re.MULTILINE), target
     for name in re.findall(r"\b(GAN_[A-Z_]+)", section):
-        assert name == "GAN_DATA_CACHE" or name[len(ENV_PREFIX) :].lower() in ServerConfig.__dataclass_fields__
+        assert name == "GAN_DATA_CACHE" or name[len(ENV_PREFIX) :].lower() in flags()
     families = {family.name for family in Metrics(CollectorRegistry()).registry.collect()}
     assert gan_names(section) <= exposed_names() | families | {"gan_queue_wait_seconds_per_request"}
 

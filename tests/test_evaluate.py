@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -83,6 +84,23 @@ def test_folder_dataset_trains_its_own_extractor(tmp_path, tiny_run):
     assert r["classifier"]["sha256"] == digest
     assert "fid" in r and "conditional" not in r  # its 3 classes are not the model's 10
     assert r["conditional_skipped"]
+
+
+@pytest.mark.parametrize(
+    ("props", "message"),
+    [
+        ({"format_version": "3"}, "format_version: '3' is not a format this reader knows"),
+        ({"prior": "cauchy"}, "prior: 'cauchy'"),
+        ({"config": "{"}, "unusable training config"),
+    ],
+)
+def test_a_model_that_breaks_the_contract_is_refused_naming_the_key(tiny_run, tmp_path, capsys, props, message):
+    model = onnx.load(str(tiny_run["model"]))
+    onnx.helper.set_model_props(model, {p.key: p.value for p in model.metadata_props} | props)
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    assert evaluate.main([str(tmp_path / "model.onnx"), "--n", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'model.onnx'}: ") and message in err
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,21 @@
-import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
+from service.contract import FORMAT_VERSION, ModelSpec
 from tests.conftest import tiny_config
 from training import export as export_mod
-from training.config import PRESETS
+from training import run
+from training.checkpoint import load_checkpoint
+from training.config import PRESETS, TrainConfig
 from training.data import sha256_file
-from training.export import ExportError, export, read_metadata
-from training.loop import Trainer, load_checkpoint
+from training.export import ExportError, export, read_spec
+from training.loop import Trainer
 
 QUIET = dict(sample_every=0, checkpoint_every=0, log_every=0)
 
@@ -31,29 +34,23 @@ def test_graph_interface_only_batch_is_dynamic(tiny_run):
     assert all(isinstance(t.shape[0], str) for t in (z, y, images))  # symbolic batch axis
 
 
-def test_metadata_round_trip_through_onnxruntime(tiny_run):
-    meta = read_metadata(tiny_run["model"])
-    assert set(export_mod.METADATA_KEYS) <= set(meta)
-    assert meta["latent_dim"] == "16" and meta["prior"] == "normal"
-    assert meta["num_classes"] == "10" and json.loads(meta["class_names"]) == list("0123456789")
-    assert json.loads(meta["image_shape"]) == [1, 28, 28]
-    assert json.loads(meta["output_range"]) == [-1.0, 1.0]
-    assert (meta["architecture"], meta["loss"], meta["dataset"], meta["preset"]) == (
-        "dcgan",
-        "nonsat",
-        "mnist5k",
-        "tiny",
-    )
-    assert meta["steps"] == "20" and json.loads(meta["ema"]) is True
-    assert meta["checkpoint_sha256"] == sha256_file(tiny_run["checkpoint"])
-    assert meta["torch_version"] and meta["onnx_version"] == onnx.__version__
-    assert json.loads(meta["config"])["latent_dim"] == 16
+def test_metadata_is_the_contract_spec_plus_provenance(tiny_run):
+    session = _session(tiny_run["model"])
+    raw = session.get_modelmeta().custom_metadata_map
+    assert (raw["format_version"], raw["kind"], raw["seed_contract"]) == (str(FORMAT_VERSION), "image", "1")
+    spec = read_spec(session)
+    assert spec == ModelSpec("image", 16, "normal", tuple("0123456789"), (1, 28, 28), (-1.0, 1.0))
+    p = spec.provenance
+    assert (p["architecture"], p["loss"], p["dataset"], p["preset"]) == ("dcgan", "nonsat", "mnist5k", "tiny")
+    assert p["steps"] == "20" and p["ema"] == "true"
+    assert p["checkpoint_sha256"] == sha256_file(tiny_run["checkpoint"])
+    assert p["torch_version"] and p["onnx_version"] == onnx.__version__ and p["created"]
+    assert TrainConfig.from_json(p["config"]) == PRESETS["tiny"].config.replace(out=str(tiny_run["run"]))
 
 
 def test_end_to_end_outputs_lie_in_the_declared_range(tiny_run):
     s = _session(tiny_run["model"])
-    meta = read_metadata(tiny_run["model"])
-    lo, hi = json.loads(meta["output_range"])
+    lo, hi = read_spec(s).output_range
     rng = np.random.default_rng(0)
     z = rng.standard_normal((33, 16), dtype=np.float32)
     y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 33)]
@@ -66,7 +63,8 @@ def test_end_to_end_outputs_lie_in_the_declared_range(tiny_run):
 def test_parity_across_architectures(tmp_path, tiny_run):
     ck = load_checkpoint(tiny_run["checkpoint"])
     g = export_mod.generator_from_checkpoint(ck)
-    assert export_mod.check(g, "normal", tiny_run["model"]) <= export_mod.PARITY_ATOL
+    spec = read_spec(_session(tiny_run["model"]))
+    assert export_mod.check(g, spec, tiny_run["model"]) <= export_mod.PARITY_ATOL
     configs = {
         "mlp": PRESETS["paper-mlp"].config.replace(steps=2, batch_size=16),
         "mlp2d": PRESETS["ring8"].config.replace(steps=2),
@@ -76,9 +74,10 @@ def test_parity_across_architectures(tmp_path, tiny_run):
         ckpt = Trainer(cfg.replace(out=str(tmp_path / name), **QUIET)).train(progress=False)
         path = export(ckpt, tmp_path / "models", name)  # runs the checker and the 1/7/64 parity
         g = export_mod.generator_from_checkpoint(load_checkpoint(ckpt))
-        assert export_mod.check(g, cfg.prior, path) <= 1e-4, name
-        inputs = [i.name for i in _session(path).get_inputs()]
-        assert inputs == ["z"]
+        spec = read_spec(_session(path))
+        assert export_mod.check(g, spec, path) <= 1e-4, name
+        assert spec.prior == cfg.prior and spec.num_classes == 0
+        assert (spec.kind, spec.output_range) == (("points", None) if name == "mlp2d" else ("image", g.output_range))
 
 
 def test_versions_increase_and_are_never_overwritten(tmp_path, tiny_run):
@@ -89,7 +88,7 @@ def test_versions_increase_and_are_never_overwritten(tmp_path, tiny_run):
     assert (first.parent.name, second.parent.name) == ("1", "2")
     assert first.read_bytes() == before
     assert first.parent.stat().st_mode & 0o755 == 0o755  # a server running as another user can read it
-    assert json.loads(read_metadata(second)["ema"]) is False
+    assert read_spec(_session(second)).provenance["ema"] == "false"
     # Version 1 holds the EMA generator, version 2 the raw one: same input, their own outputs.
     ck = load_checkpoint(tiny_run["checkpoint"])
     z, y = export_mod.example_inputs(export_mod.generator_from_checkpoint(ck), 5, "normal", seed=3)
@@ -112,6 +111,28 @@ def test_a_failed_check_publishes_nothing(tmp_path, tiny_run, monkeypatch):
     assert list((tmp_path / "models" / "m").iterdir()) == []
 
 
+def test_a_file_that_breaks_the_contract_publishes_nothing(tmp_path, tiny_run, monkeypatch):
+    to_onnx = export_mod.to_onnx
+    monkeypatch.setattr(
+        export_mod, "to_onnx", lambda g, prior, path, props: to_onnx(g, prior, path, props | {"latent_dim": "15"})
+    )
+    with pytest.raises(ExportError, match="does not honour the contract: input z: expected float"):
+        export(tiny_run["checkpoint"], tmp_path / "models", "m")
+    assert list((tmp_path / "models" / "m").iterdir()) == []
+
+
+def test_two_d_generators_stay_out_of_the_serving_repository(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where models/ would be
+    args = ["--preset", "ring8", "--steps", "2", "--out", "run", "--no-progress", "--sample-every", "0"]
+    assert run.main(args) == 0
+    model = Path("run", "models", "ring8", "1", "model.onnx")
+    assert f"exported {model}" in capsys.readouterr().out
+    assert read_spec(_session(model)).kind == "points" and not Path("models").exists()
+    assert export_mod.default_repository(PRESETS["mnist-cdcgan"].config) == Path("models")
+    assert run.main([*args, "--steps", "3", "--resume", "--repository", "served"]) == 0  # an explicit one wins
+    assert Path("served", "ring8", "1", "model.onnx").exists()
+
+
 def test_export_cli(tmp_path, tiny_run, capsys):
     code = export_mod.main([str(tiny_run["checkpoint"]), "--repository", str(tmp_path), "--name", "cli"])
     assert code == 0 and capsys.readouterr().out.strip() == str(tmp_path / "cli" / "1" / "model.onnx")
@@ -119,6 +140,8 @@ def test_export_cli(tmp_path, tiny_run, capsys):
     assert export_mod.main([str(tmp_path / "junk.pt"), "--repository", str(tmp_path), "--name", "x"]) == 2
     err = capsys.readouterr().err
     assert "cannot read checkpoint" in err and "Traceback" not in err
+    assert export_mod.main([str(tmp_path / "missing.pt"), "--name", "x"]) == 2
+    assert f"{tmp_path / 'missing.pt'}: cannot read checkpoint" in capsys.readouterr().err
 
 
 def test_training_command_end_to_end(tmp_path):

@@ -9,8 +9,9 @@ from PIL import Image
 
 from tests.conftest import tiny_config
 from training import run
+from training.checkpoint import checkpoint_path, latest_checkpoint
 from training.config import PRESETS, ConfigError
-from training.loop import Trainer, ema_decay, latest_checkpoint, lr_at, momentum_at
+from training.loop import Trainer, ema_decay, lr_at, momentum_at, trim_log
 
 QUIET = dict(sample_every=0, checkpoint_every=0, log_every=0)
 
@@ -170,6 +171,26 @@ def test_cli_resume_continues_and_refuses_changes_that_would_alter_the_run(tmp_p
     assert "batch_size, lr_d: cannot change on resume" in err and "Traceback" not in err
     with pytest.raises(ConfigError, match="seed"):
         Trainer.resume(latest_checkpoint(tmp_path), seed=99)
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """Steps logged after the checkpoint a run resumes from are logged again by the resumed run, once."""
+    first = Trainer(tiny_config(tmp_path, steps=3, log_every=1, checkpoint_every=2, sample_every=0))
+    first.train(progress=False)
+    resumed = Trainer.resume(checkpoint_path(tmp_path, 2), steps=4)
+    resumed.train(progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_trim_log_keeps_records_up_to_the_step_and_drops_a_torn_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    trim_log(log, 3)  # no log yet: nothing to do
+    assert not log.exists()
+    log.write_text('{"step": 2}\n{"step": 3}\n{"step": 4}\n{"step": 5, "loss_d": 0.')  # a crash mid-line
+    trim_log(log, 3)
+    assert log.read_text() == '{"step": 2}\n{"step": 3}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
 
 def test_a_stop_signal_ends_the_run_cleanly_with_a_resumable_checkpoint(tmp_path):

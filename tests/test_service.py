@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import urllib.request
 
 import grpc
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service import contract
+from service import dataplane as dp
 from service.api.ganserve.v1 import generator_pb2 as pb
 from tests.servefix import ECHO_CLASSES, echo_model, plain_model, running
 from tests.waiting import until
@@ -384,3 +386,144 @@ def test_more_error_paths(repo):
 async def _drain(call) -> None:
     async for _ in call:
         pass
+
+
+def test_partial_latent_row_is_named_as_such(repo):
+    request = pb.GenerateRequest(model="plain", rows=pb.LatentRows(values=[0.1] * 7))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        run(_generate(repo, request))
+    assert err.value.details() == "rows.values: 7 values is not a positive multiple of latent_dim 8"
+
+
+def test_grid_only_reports_the_shape_of_the_format(repo):
+    """RAW_FLOAT32 is [C, H, W] by the proto, grid or no grid; PNG and RAW_UINT8 are [H, W, C]."""
+    shapes = {}
+    for fmt in (pb.RAW_FLOAT32, pb.RAW_UINT8, pb.PNG):
+        output = pb.OutputOptions(format=fmt, grid=True, grid_only=True)
+        resp = run(_generate(repo, pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[1, 2]), output=output)))
+        assert not resp.images and resp.grid_png.startswith(b"\x89PNG")
+        shapes[fmt] = list(resp.image_shape)
+    assert shapes == {pb.RAW_FLOAT32: [1, 2, 4], pb.RAW_UINT8: [2, 4, 1], pb.PNG: [2, 4, 1]}
+
+
+NOISE = {"noise32": (3, 32, 32), "noise64": (3, 64, 64), "gray28": (1, 28, 28)}
+SIZE_CASES = [
+    ("noise32", 16, pb.OutputOptions(format=pb.PNG, grid=True)),
+    ("noise32", 9, pb.OutputOptions(format=pb.RAW_UINT8, grid=True, grid_columns=2)),
+    ("noise64", 8, pb.OutputOptions(format=pb.PNG, grid=True, grid_only=True)),
+    ("noise64", 4, pb.OutputOptions(format=pb.PNG)),
+    ("gray28", 30, pb.OutputOptions(format=pb.RAW_FLOAT32, return_latents=True)),
+    ("gray28", 12, pb.OutputOptions(format=pb.PNG, grid=True, return_latents=True)),
+]
+
+
+def test_a_response_that_would_not_fit_is_refused_before_the_work(tmp_path):
+    """With the limit one byte under a response's real size, Generate says so up front (INVALID_ARGUMENT naming
+    `latents`), rather than doing the work and failing the send (RESOURCE_EXHAUSTED). The images are
+    incompressible noise, PNG's worst case; grids add padding, PNG adds a filter byte per row."""
+    for name, shape in NOISE.items():
+        plain_model(tmp_path / name / "1" / "model.onnx", shape=shape, prior="uniform", gain=1 / math.sqrt(3))
+
+    def request(name, n, output):
+        return pb.GenerateRequest(model=name, seed_range=pb.SeedRange(start=0, count=n), output=output)
+
+    async def sizes():
+        async with running(tmp_path) as (_, stub, _ch):
+            return [(await stub.Generate(request(*case))).ByteSize() for case in SIZE_CASES]
+
+    async def under(limit, case):
+        async with running(tmp_path, max_message_bytes=limit) as (_, stub, _ch):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(request(*case))
+            return err.value
+
+    for case, size in zip(SIZE_CASES, run(sizes()), strict=True):
+        err = run(under(size - 1, case))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("latents:"), (case, size)
+
+
+def test_a_failed_stream_leaves_no_task_behind(repo):
+    """When a chunk fails, the chunk in flight beside it is collected before the error leaves the stream."""
+    release = threading.Event()
+
+    def model(feeds):
+        if len(feeds["z"]) == 2 and feeds["z"][0, 0] != 0:  # the second chunk: still running when the first fails
+            release.wait(5)
+        raise RuntimeError("device lost")
+
+    async def go():
+        async with running(repo, stream_chunk=2, max_batch_size=2, max_delay_ms=0) as (server, _stub, _ch):
+            mv = server.registry.get("plain")
+            mv.batcher._run_batch = model
+            request = dp.Generate("plain", latents=dp.Rows(np.arange(32, dtype=np.float32) / 64))
+            with pytest.raises(RuntimeError, match="device lost"):
+                async for _ in server.plane.stream(request):
+                    pass
+            left = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "DataPlane._run"]
+            release.set()
+            return left
+
+    assert run(go()) == []
+
+
+def test_a_failed_reload_is_logged_not_lost(repo, caplog):
+    async def go():
+        async with running(repo) as (server, _stub, _ch):
+
+            async def broken() -> int:
+                raise OSError("model repository unreadable")
+
+            server.registry.load_all = broken
+            task = server.spawn(server.reload(), "SIGHUP reload")
+            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.sleep(0)
+
+    with caplog.at_level("ERROR"):
+        run(go())
+    assert "SIGHUP reload failed" in caplog.text and "model repository unreadable" in caplog.text
+
+
+def test_metrics_endpoint_binds_the_host_and_carries_process_series(repo):
+    async def go():
+        async with running(repo) as (server, _stub, _ch):
+            url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+            return server._http.server_address[0], text
+
+    address, text = run(go())
+    assert address == "127.0.0.1"  # the configured host, not every interface
+    for series in ("process_resident_memory_bytes", "process_cpu_seconds_total", "python_gc_objects_collected_total"):
+        assert series in text
+
+
+def test_model_info_ready_follows_the_batcher(repo):
+    async def go():
+        async with running(repo) as (server, stub, _ch):
+            before = (await stub.GetModel(pb.GetModelRequest(name="plain", version=1))).ready
+            await server.registry.get("plain", 1).batcher.stop()  # draining
+            after = (await stub.GetModel(pb.GetModelRequest(name="plain", version=1))).ready
+            return before, after
+
+    assert run(go()) == (True, False)
+
+
+def test_unknown_format_versions_and_point_generators_are_skipped_with_a_reason(tmp_path, caplog):
+    import onnx
+
+    plain_model(tmp_path / "good" / "1" / "model.onnx")
+    for name, key, value in (("future", "format_version", "3"), ("points", "kind", "points")):
+        path = plain_model(tmp_path / name / "1" / "model.onnx")
+        model = onnx.load(str(path))
+        for p in model.metadata_props:
+            if p.key == key:
+                p.value = value
+        onnx.save(model, str(path))
+
+    async def go():
+        async with running(tmp_path) as (_, stub, _ch):
+            return [m.name for m in (await stub.ListModels(pb.ListModelsRequest())).models]
+
+    with caplog.at_level("ERROR"):
+        assert run(go()) == ["good"]
+    assert "format_version: '3' is not a format this reader knows" in caplog.text
+    assert "skipping model points version 1" in caplog.text

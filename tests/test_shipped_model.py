@@ -1,13 +1,12 @@
 """The default model in models/ honours the ONNX contract that the service relies on."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from training.export import METADATA_KEYS
+from training.export import read_spec
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "mnist-cdcgan"
 SHIPPED = max(REPOSITORY.glob("*/model.onnx"), key=lambda p: int(p.parent.name))  # the newest version
@@ -20,10 +19,10 @@ def session() -> ort.InferenceSession:
 
 def test_shipped_model_is_small_and_self_describing(session):
     assert SHIPPED.stat().st_size < 8 << 20
-    meta = session.get_modelmeta().custom_metadata_map
-    assert set(METADATA_KEYS) <= set(meta)
-    assert meta["preset"] == "mnist-cdcgan" and meta["num_classes"] == "10" and meta["prior"] == "normal"
-    assert json.loads(meta["class_names"]) == [str(d) for d in range(10)]
+    spec = read_spec(session)  # a format 1 file: read, and its graph checked, through the contract
+    assert (spec.kind, spec.latent_dim, spec.prior, spec.output_shape) == ("image", 100, "normal", (1, 28, 28))
+    assert spec.class_names == tuple(str(d) for d in range(10)) and spec.output_range == (-1.0, 1.0)
+    assert spec.provenance["preset"] == "mnist-cdcgan"
 
 
 def test_shipped_model_draws_distinct_digits_per_label_in_range(session):

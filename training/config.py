@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -135,12 +136,22 @@ class TrainConfig:
             raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        """Inverse of to_json (the `config` an exported model carries)."""
+        try:
+            values = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"config: not JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config: expected a JSON object, got {type(values).__name__}")
+        return cls.from_dict(values)
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
-
-
-# Fields a resumed run may change: they move files or extend the run but do not change its numbers.
-RESUMABLE_CHANGES = ("steps", "out", "data_dir", "sample_every", "checkpoint_every", "log_every")
 
 
 class Preset(NamedTuple):

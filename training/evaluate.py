@@ -2,8 +2,9 @@
 
     python -m training.evaluate models/mnist-cdcgan/2/model.onnx [--dataset mnist5k] [--n 10000] [--json out.json]
 
-Everything about the model comes from its metadata: latent dim, prior, classes, output range, dataset.
-Latents are the service's seed contract with seeds 0..n-1, so every score is reproducible through the API.
+Everything about the model comes from its metadata, read through service/contract.py: latent dim, prior,
+classes, output range, and the training config (dataset) from its provenance. Latents follow the contract's
+seed → z mapping with seeds 0..n-1, so every score is reproducible through the API.
 
 Real data: the dataset's train split and its held-out split (mnist5k: 450 / 50 digits per class). Scores that
 need real images use only the held-out part; the real-vs-real floor compares the train split with it.
@@ -25,12 +26,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.latents import seed_latents
+from service.contract import ContractError, seed_latents
 from training import classifier as clf_mod
 from training import data as data_mod
 from training import scores, viz
 from training.config import POINT_DATASETS, ConfigError, TrainConfig
 from training.data import DataError
+from training.export import read_spec
 
 POINT_SAMPLES = 2500  # the VEEGAN/PacGAN protocol
 IMAGE_SAMPLES = 10_000  # the Parzen protocol, and the usual FID sample count
@@ -43,34 +45,35 @@ class EvaluationError(Exception):
 
 
 class Model:
-    """An exported generator read through ONNX Runtime, described by its metadata."""
+    """An exported generator read through ONNX Runtime and the contract."""
 
     def __init__(self, path: Path):
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            meta = self.session.get_modelmeta().custom_metadata_map
-            self.latent_dim, self.prior = int(meta["latent_dim"]), meta["prior"]
-            self.class_names = tuple(json.loads(meta["class_names"]))
-            self.shape = tuple(json.loads(meta["image_shape"]))
-            self.output_range = json.loads(meta["output_range"])
-            self.dataset = meta["dataset"]
-            self.config = json.loads(meta["config"])
-        except (KeyError, ValueError) as e:
-            raise EvaluationError(f"{path}: not an exported generator (metadata: {e})") from None
         except Exception as e:  # ONNX Runtime raises its own types for unreadable files
             raise EvaluationError(f"{path}: cannot load: {e}") from None
-        self.meta = dict(meta)
+        try:
+            self.spec = read_spec(self.session)
+        except ContractError as e:
+            raise EvaluationError(f"{path}: not a generator this evaluator can read ({e})") from None
+        if "config" not in self.spec.provenance:
+            raise EvaluationError(f"{path}: its metadata lacks the training config (not from training.export)")
+        try:
+            self.config = TrainConfig.from_json(self.spec.provenance["config"])
+        except ConfigError as e:
+            raise EvaluationError(f"{path}: unusable training config in its metadata ({e})") from None
 
     def labels(self, n: int) -> np.ndarray:
         """Balanced requested labels: sample i asks for class i mod C."""
-        return np.arange(n) % len(self.class_names)
+        return np.arange(n) % self.spec.num_classes
 
     def generate(self, n: int) -> np.ndarray:
         """Outputs for seeds 0..n-1 (and labels(n) for conditional models), in `output_range`."""
         out = []
-        y = np.eye(len(self.class_names), dtype=np.float32)[self.labels(n)] if self.class_names else None
+        spec = self.spec
+        y = np.eye(spec.num_classes, dtype=np.float32)[self.labels(n)] if spec.num_classes else None
         for i in range(0, n, RUN_BATCH):
-            feeds = {"z": seed_latents(list(range(i, min(n, i + RUN_BATCH))), self.latent_dim, self.prior)}
+            feeds = {"z": seed_latents(range(i, min(n, i + RUN_BATCH)), spec.latent_dim, spec.prior)}
             if y is not None:
                 feeds["y"] = y[i : i + RUN_BATCH]
             out.append(self.session.run(None, feeds)[0])
@@ -78,7 +81,7 @@ class Model:
 
     def pixels(self, images: np.ndarray) -> np.ndarray:
         """Images rescaled from output_range to [0, 1]."""
-        lo, hi = self.output_range
+        lo, hi = self.spec.output_range
         return (images.astype(np.float64) - lo) / (hi - lo)
 
 
@@ -106,9 +109,10 @@ def parzen_split(labels: np.ndarray) -> np.ndarray:
 
 
 def evaluate_points(model: Model, n: int, scatter: Path | None) -> dict[str, Any]:
-    if model.dataset not in POINT_DATASETS:
-        raise EvaluationError(f"dataset: 2-D outputs need ring8 or grid25 (metadata says {model.dataset!r})")
-    mix = data_mod.ring8() if model.dataset == "ring8" else data_mod.grid25()
+    dataset = model.config.dataset
+    if dataset not in POINT_DATASETS:
+        raise EvaluationError(f"dataset: 2-D outputs need ring8 or grid25 (metadata says {dataset!r})")
+    mix = data_mod.ring8() if dataset == "ring8" else data_mod.grid25()
     points, means = model.generate(n), mix.means.numpy()
     cov = scores.mode_coverage(points, means, mix.std)
     if scatter:
@@ -155,9 +159,9 @@ def evaluate_images(model: Model, n: int, cfg: TrainConfig, classifier: Path | N
     result["inception_score"] = {"model": scores.inception_score(p_fake), "floor": scores.inception_score(p_held)}
     result["precision"] = {"model": pr[0], "floor": pr_floor[0]}
     result["recall"] = {"model": pr[1], "floor": pr_floor[1]}
-    if model.class_names and tuple(info["class_names"]) != model.class_names:
+    if model.spec.class_names and tuple(info["class_names"]) != model.spec.class_names:
         result["conditional_skipped"] = "the classifier's classes are not the model's"
-    elif model.class_names:
+    elif model.spec.class_names:
         result["conditional"] = conditional_scores(model, n, (f_fake, p_fake), (f_train, train_y), (f_held, held_y))
     return result
 
@@ -166,7 +170,7 @@ def conditional_scores(model: Model, n: int, fake, train, held) -> dict[str, Any
     """Label accuracy, confusion, intra-class FID. fake: (features, probs); train, held: (features, labels)."""
     (f_fake, p_fake), (f_train, train_y), (f_held, held_y) = fake, train, held
     asked = model.labels(n)
-    k = len(model.class_names)
+    k = model.spec.num_classes
     confusion = np.zeros((k, k), int)
     np.add.at(confusion, (asked, p_fake.argmax(1)), 1)
     per_class = confusion.diagonal() / confusion.sum(1)
@@ -174,7 +178,7 @@ def conditional_scores(model: Model, n: int, fake, train, held) -> dict[str, Any
     intra_floor = [scores.fid(f_train[train_y == c], f_held[held_y == c]) for c in range(k)]
     return {
         "label_accuracy": float(confusion.trace() / confusion.sum()),
-        "per_class_accuracy": dict(zip(model.class_names, per_class.tolist(), strict=True)),
+        "per_class_accuracy": dict(zip(model.spec.class_names, per_class.tolist(), strict=True)),
         "confusion": confusion.tolist(),
         "intra_fid": {"model": float(np.mean(intra)), "floor": float(np.mean(intra_floor))},
     }
@@ -186,13 +190,14 @@ def evaluate(
 ) -> dict[str, Any]:  # fmt: skip
     """All scores for one ONNX generator, as a JSON-ready dict."""
     model = Model(path)
-    result: dict[str, Any] = {"model": str(path), "dataset": dataset or model.dataset, "preset": model.meta["preset"]}
-    if len(model.shape) == 1:
+    dataset = dataset or model.config.dataset
+    result: dict[str, Any] = {"model": str(path), "dataset": dataset, "preset": model.config.preset}
+    if model.spec.kind == "points":
         return result | evaluate_points(model, n or POINT_SAMPLES, scatter)
-    if (dataset or model.dataset) in POINT_DATASETS:
-        raise EvaluationError(f"dataset: {dataset or model.dataset} is 2-D; this model makes images {model.shape}")
+    if dataset in POINT_DATASETS:
+        raise EvaluationError(f"dataset: {dataset} is 2-D; this model makes images {list(model.spec.output_shape)}")
     where = {"data_dir": data_dir} if data_dir is not None else {}
-    cfg = TrainConfig.from_dict(model.config).replace(dataset=dataset or model.dataset, conditional=False, **where)
+    cfg = model.config.replace(dataset=dataset, conditional=False, **where)
     return result | evaluate_images(model, n or IMAGE_SAMPLES, cfg, classifier, np.random.default_rng(seed))
 
 

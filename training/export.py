@@ -1,10 +1,9 @@
-"""Export a checkpoint's generator to ONNX: models/<name>/<version>/model.onnx, self-describing.
+"""Export a checkpoint's generator to ONNX: <repository>/<name>/<version>/model.onnx, self-describing.
 
-The ONNX file is the only contract between training and serving:
-  inputs   z [batch, latent_dim] float32, and y [batch, num_classes] float32 for conditional models
-  output   images [batch, C, H, W] float32 in `output_range` (points [batch, 2] for 2-D models)
-  metadata_props (all strings; JSON where structured), see METADATA_KEYS.
-Only the batch axis is dynamic.
+The file honours service/contract.py, the one contract between training and serving: its metadata is the
+checkpoint's ModelSpec, with what trained it (architecture, loss, dataset, steps, config, ...) as provenance.
+Image generators go to the serving repository, models/; 2-D point generators, which the service does not
+serve, to their run's folder, OUT/models. An explicit repository wins over both.
 """
 
 from __future__ import annotations
@@ -26,23 +25,19 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from training.config import TrainConfig
+from service.contract import ContractError, ModelSpec, seed_latents
+from training.checkpoint import CheckpointError, load_checkpoint, spec_from_checkpoint
+from training.config import POINT_DATASETS, ConfigError, TrainConfig
 from training.data import sha256_file
-from training.loop import load_checkpoint, sample_z, spec_from_checkpoint
 from training.nets import build_generator
 
-FORMAT_VERSION = "1"
-METADATA_KEYS = (
-    "format_version", "latent_dim", "prior", "num_classes", "class_names", "image_shape", "output_range",
-    "architecture", "loss", "dataset", "preset", "steps", "ema", "torch_version", "onnx_version",
-    "checkpoint_sha256", "created", "config",
-)  # fmt: skip
+SERVING_REPOSITORY = Path("models")
 PARITY_BATCHES = (1, 7, 64)
 PARITY_ATOL = 1e-4
 
 
 class ExportError(Exception):
-    """The exported graph failed a check (ONNX checker, or torch vs ONNX Runtime parity)."""
+    """The exported graph failed a check (ONNX checker, contract read-back, or torch vs ONNX Runtime parity)."""
 
 
 class _Generator(torch.nn.Module):
@@ -69,25 +64,20 @@ def generator_from_checkpoint(ck: dict[str, Any], use_ema: bool = True) -> torch
 
 
 def example_inputs(g: torch.nn.Module, batch: int, prior: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    rng = torch.Generator().manual_seed(seed)
-    z = sample_z(batch, g.latent_dim, prior, rng)
+    """z for seeds seed .. seed + batch - 1 by the seed contract, and soft labels y when conditional."""
+    z = torch.from_numpy(seed_latents(range(seed, seed + batch), g.latent_dim, prior))
     if not g.num_classes:
         return (z,)
     # Soft labels: the contract allows any float vector, so parity covers more than one-hots.
-    return z, torch.softmax(3 * torch.randn(batch, g.num_classes, generator=rng), 1)
+    logits = np.random.default_rng(seed).standard_normal((batch, g.num_classes), dtype=np.float32)
+    return z, torch.softmax(3 * torch.from_numpy(logits), 1)
 
 
-def metadata(ck: dict[str, Any], g: torch.nn.Module, checkpoint: Path, use_ema: bool) -> dict[str, str]:
+def model_spec(ck: dict[str, Any], g: torch.nn.Module, checkpoint: Path, use_ema: bool) -> ModelSpec:
+    """The checkpoint's contract, with the facts of its training as provenance."""
     cfg = TrainConfig.from_dict(ck["config"])
-    spec = spec_from_checkpoint(ck)
-    return {
-        "format_version": FORMAT_VERSION,
-        "latent_dim": str(cfg.latent_dim),
-        "prior": cfg.prior,
-        "num_classes": str(spec.num_classes),
-        "class_names": json.dumps(list(spec.class_names)),
-        "image_shape": json.dumps(list(spec.shape)),
-        "output_range": json.dumps(list(g.output_range) if g.output_range else None),
+    data = spec_from_checkpoint(ck)
+    provenance = {
         "architecture": cfg.arch,
         "loss": cfg.loss,
         "dataset": cfg.dataset,
@@ -98,8 +88,26 @@ def metadata(ck: dict[str, Any], g: torch.nn.Module, checkpoint: Path, use_ema: 
         "onnx_version": onnx.__version__,
         "checkpoint_sha256": sha256_file(checkpoint),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "config": cfg.to_json(),
     }
+    kind = "points" if cfg.dataset in POINT_DATASETS else "image"
+    return ModelSpec(kind, cfg.latent_dim, cfg.prior, data.class_names, data.shape, g.output_range, provenance)
+
+
+def default_repository(cfg: TrainConfig) -> Path:
+    """models/ for image generators; the run's OUT/models for 2-D points, which the service does not serve."""
+    return Path(cfg.out) / "models" if cfg.dataset in POINT_DATASETS else SERVING_REPOSITORY
+
+
+def read_spec(session: ort.InferenceSession) -> ModelSpec:
+    """The session's model read through the contract: its metadata, and its graph checked against them."""
+    spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map)
+    spec.check_signature(_signature(session.get_inputs()), _signature(session.get_outputs()))
+    return spec
+
+
+def _signature(args: list[ort.NodeArg]) -> dict[str, tuple[str, list]]:
+    return {a.name: (a.type, a.shape) for a in args}
 
 
 def to_onnx(g: torch.nn.Module, prior: str, path: Path, props: dict[str, str]) -> None:
@@ -133,16 +141,22 @@ def to_onnx(g: torch.nn.Module, prior: str, path: Path, props: dict[str, str]) -
     onnx.save_model(model, str(path), save_as_external_data=False)
 
 
-def check(g: torch.nn.Module, prior: str, path: Path) -> float:
-    """onnx.checker (full) and torch vs ONNX Runtime parity at batch 1, 7, 64; returns the max abs diff."""
+def check(g: torch.nn.Module, spec: ModelSpec, path: Path) -> float:
+    """onnx.checker, the file read back through the contract as `spec`, parity at batch 1, 7, 64; the max diff."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{path}: ONNX checker failed: {e}") from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        written = read_spec(session)
+    except ContractError as e:
+        raise ExportError(f"{path}: does not honour the contract: {e}") from None
+    if written != spec:
+        raise ExportError(f"{path}: reads back as {written}, not {spec}")
     worst = 0.0
     for n in PARITY_BATCHES:
-        inputs = example_inputs(g, n, prior, seed=n)
+        inputs = example_inputs(g, n, spec.prior, seed=n)
         with torch.no_grad():
             expected = g(*inputs).numpy()
         feeds = {name: t.numpy() for name, t in zip(("z", "y"), inputs, strict=False)}
@@ -172,41 +186,40 @@ def publish(staging: Path, root: Path) -> Path:
                 raise
 
 
-def export(checkpoint: Path, repository: Path, name: str, use_ema: bool = True) -> Path:
-    """Export, check, then publish as the next version; a failed check publishes nothing."""
+def export(checkpoint: Path, repository: Path | None, name: str, use_ema: bool = True) -> Path:
+    """Export, check, then publish as the next version; a failed check publishes nothing.
+
+    `repository` None: default_repository() of the checkpoint's config.
+    """
     checkpoint = Path(checkpoint)
     ck = load_checkpoint(checkpoint)
     g = generator_from_checkpoint(ck, use_ema)
-    prior = ck["config"]["prior"]
-    root = Path(repository) / name
+    spec = model_spec(ck, g, checkpoint, use_ema)
+    root = Path(repository or default_repository(TrainConfig.from_dict(ck["config"]))) / name
     root.mkdir(parents=True, exist_ok=True)
     # Stage beside the versions (same filesystem), so that publishing is one atomic rename.
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     staging.chmod(0o755)  # mkdtemp makes it private; the published version must be readable by the server
     try:
-        to_onnx(g, prior, staging / "model.onnx", metadata(ck, g, checkpoint, use_ema))
-        check(g, prior, staging / "model.onnx")
+        to_onnx(g, spec.prior, staging / "model.onnx", spec.to_metadata())
+        check(g, spec, staging / "model.onnx")
         return publish(staging, root) / "model.onnx"
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful publish
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """metadata_props as ONNX Runtime reports them (what the service will see)."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(session.get_modelmeta().custom_metadata_map)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository root")
-    p.add_argument("--name", required=True, help="model name: models/<name>/<version>/model.onnx")
+    p.add_argument("--repository", type=Path,
+                   help="model repository root (default: models/ for images; for 2-D points, which the service"
+                        " does not serve, the run's OUT/models)")  # fmt: skip
+    p.add_argument("--name", required=True, help="model name: <repository>/<name>/<version>/model.onnx")
     p.add_argument("--raw", action="store_true", help="export the raw generator, not its EMA")
     args = p.parse_args(argv)
     try:
         path = export(args.checkpoint, args.repository, args.name, use_ema=not args.raw)
-    except (ExportError, ValueError, OSError) as e:
+    except (ExportError, CheckpointError, ContractError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)

@@ -14,8 +14,6 @@ import contextlib
 import copy
 import json
 import math
-import os
-import pickle
 import signal
 import threading
 import time
@@ -30,12 +28,19 @@ from tqdm import tqdm
 from training import data as data_mod
 from training import dist, viz
 from training.augment import diff_augment
-from training.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
-from training.data import STREAM_FIXED, STREAM_INIT, STREAM_NOISE, DataSpec, ImageData, PointData, stream_seed
+from training.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_path,
+    load_checkpoint,
+    resume_config,
+    write_atomically,
+    write_checkpoint,
+)
+from training.config import ConfigError, TrainConfig
+from training.data import STREAM_FIXED, STREAM_INIT, STREAM_NOISE, ImageData, PointData, stream_seed
 from training.losses import LOSSES, gradient_penalty
 from training.nets import build_discriminator, build_generator
 
-CHECKPOINT_FORMAT = 1
 GRID_COLS = 10
 
 
@@ -82,29 +87,21 @@ def stop_requests() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-def checkpoint_path(out: Path, step: int) -> Path:
-    return out / "checkpoints" / f"step_{step:07d}.pt"
+def trim_log(path: Path, step: int) -> None:
+    """Drop the records after `step` (and a torn last line): a run resumed at `step` logs those steps again."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _logged_step(line) <= step]
+    if keep != lines:
+        write_atomically(path, lambda tmp: tmp.write_text("".join(keep)))
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step_*.pt"))
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint safely (tensors and plain containers only) and check its format."""
+def _logged_step(line: str) -> float:
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
-    required = {"format", "config", "spec", "counters", "G", "D", "G_ema", "opt_g", "opt_d", "rng"}
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or not required <= ck.keys():
-        raise ValueError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
-    return ck
-
-
-def spec_from_checkpoint(ck: dict[str, Any]) -> DataSpec:
-    return DataSpec(tuple(ck["spec"]["shape"]), tuple(ck["spec"]["class_names"]))
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # written by a process that died mid-line
+        return math.inf
 
 
 class Trainer:
@@ -338,24 +335,14 @@ class Trainer:
         path = checkpoint_path(self.out, self.step)
         state = self.state_dict()
         if self.dist.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
+            write_checkpoint(state, path)
         return path
 
     @classmethod
     def resume(cls, path: Path, **overrides: Any) -> Trainer:
         """Rebuild a trainer from a checkpoint; `overrides` may only touch RESUMABLE_CHANGES."""
         ck = load_checkpoint(path)
-        cfg = TrainConfig.from_dict(ck["config"])
-        changed = sorted(k for k, v in overrides.items() if getattr(cfg, k) != v and k not in RESUMABLE_CHANGES)
-        if changed:
-            raise ConfigError(
-                f"{', '.join(changed)}: cannot change on resume (it would no longer be the checkpointed run);"
-                f" a resumed run may change only {', '.join(RESUMABLE_CHANGES)}"
-            )
-        trainer = cls(cfg.replace(**overrides))
+        trainer = cls(resume_config(ck, overrides))
         trainer.load_state_dict(ck)
         return trainer
 
@@ -387,6 +374,7 @@ class Trainer:
         if main:  # the other ranks only train
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            trim_log(self.out / "metrics.jsonl", self.step)
             log = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
         show = progress and main
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, unit="it", dynamic_ncols=True)

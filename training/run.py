@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
                    help="resume from CKPT, or from the newest checkpoint under --out")  # fmt: skip
     p.add_argument("--no-export", action="store_true", help="do not export the final generator to ONNX")
-    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository for the export")
+    p.add_argument("--repository", type=Path,
+                   help="model repository for the export (default: models/, which the service serves; for the 2-D"
+                        " presets ring8 and grid25, which it does not serve, OUT/models)")  # fmt: skip
     p.add_argument("--name", help="exported model name (default: the preset name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--evaluate", action="store_true",
@@ -72,20 +74,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, main: bool) -> int:
+    from service.contract import ContractError
     from training import evaluate
+    from training.checkpoint import CheckpointError, find_checkpoint
     from training.classifier import ClassifierError
     from training.export import ExportError, export
-    from training.loop import Trainer, latest_checkpoint
+    from training.loop import Trainer
 
+    # User input that cannot be trained, exported or scored; anything else is a bug and keeps its traceback.
+    domain_errors = (
+        ConfigError, DataError, CheckpointError, ExportError, ContractError, evaluate.EvaluationError, ClassifierError,
+    )  # fmt: skip
     try:
         if args.evaluate and args.no_export:
-            raise ValueError("evaluate: scores the exported ONNX file, so it cannot go with --no-export")
+            raise ConfigError("evaluate: scores the exported ONNX file, so it cannot go with --no-export")
         changes = overrides(args)
         if args.resume:
             base = TrainConfig.from_dict(PRESETS[args.preset].config.to_dict() | changes)
-            ckpt = latest_checkpoint(Path(base.out)) if args.resume == "latest" else Path(args.resume)
-            if ckpt is None or not ckpt.exists():
-                raise FileNotFoundError(f"resume: no checkpoint at {args.resume if ckpt else base.out}")
+            ckpt = find_checkpoint(args.resume, Path(base.out))
             trainer = Trainer.resume(ckpt, **changes)
             if main:
                 print(f"resumed {ckpt} at step {trainer.step}", file=sys.stderr)
@@ -108,7 +114,7 @@ def _train(args: argparse.Namespace, main: bool) -> int:
                 result = evaluate.evaluate(path)
                 (Path(cfg.out) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
                 print(evaluate.table(result))
-    except (ConfigError, DataError, ExportError, evaluate.EvaluationError, ClassifierError, OSError, ValueError) as e:
+    except domain_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from service.contract import PRIORS
+
 DATASETS = ("mnist5k", "mnist", "fashion-mnist", "cifar10", "folder", "ring8", "grid25")
 POINT_DATASETS = ("ring8", "grid25")
 ARCHS = ("mlp", "dcgan", "mlp2d")
@@ -77,7 +79,7 @@ class TrainConfig:
         need(self.split in ("train", "test"), "split", "must be train or test")
         need(self.arch in ARCHS, "arch", f"must be one of {', '.join(ARCHS)}")
         need(self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}")
-        need(self.prior in ("normal", "uniform"), "prior", "must be normal or uniform")
+        need(self.prior in PRIORS, "prior", f"must be one of {', '.join(PRIORS)}")
         need(self.optimizer in ("adam", "sgd"), "optimizer", "must be adam or sgd")
         need(self.d_cond in ("projection", "concat"), "d_cond", "must be projection or concat")
         need(self.d_norm in ("batch", "none", "spectral"), "d_norm", "must be batch, none or spectral")

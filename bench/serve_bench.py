@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -108,13 +109,19 @@ def raw_ort(path: Path, batch: int, duration: float) -> Stats:
 class Process:
     """A server subprocess; its ports come from the JSON line it prints on stdout once serving."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 120):
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ | (env or {}), cwd=ROOT
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}), cwd=ROOT
         )
+        log: list[str] = []
+        # Keep draining its log, so a chatty server can never block on a full pipe; it says why a start failed.
+        threading.Thread(target=lambda: log.extend(self.proc.stderr), daemon=True).start()
+        watchdog = threading.Timer(timeout, self.proc.kill)  # a server that never gets ready ends the wait
+        watchdog.start()
         line = self.proc.stdout.readline()
+        watchdog.cancel()
         if not line:
-            raise RuntimeError(f"{args} did not start (exit status {self.proc.wait()})")
+            raise RuntimeError(f"{args} did not start (exit status {self.proc.wait()}):\n{''.join(log[-20:])}")
         ready = json.loads(line)
         self.port, self.metrics_port = ready["port"], ready.get("metrics_port")
 

@@ -161,6 +161,19 @@ def _json_list(text: str) -> list:
     return value
 
 
+def read_spec(session) -> ModelSpec:
+    """The spec of a loaded ONNX Runtime InferenceSession, its graph checked against it.
+
+    Duck-typed (get_modelmeta, get_inputs, get_outputs), so that this module never imports onnxruntime.
+    """
+    spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map)
+    inputs, outputs = (
+        {a.name: (a.type, list(a.shape)) for a in args} for args in (session.get_inputs(), session.get_outputs())
+    )
+    spec.check_signature(inputs, outputs)
+    return spec
+
+
 def seed_latent(seed: int, latent_dim: int, prior: str) -> np.ndarray:
     """The documented seed → z mapping for one sample, float32 [latent_dim]."""
     rng = np.random.default_rng(seed)

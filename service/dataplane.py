@@ -1,8 +1,8 @@
 """The data plane: domain requests in, domain results out. No gRPC, no ONNX; every front end shares it.
 
-A front end turns its wire message into one request object below, in one pass and without judging it. Everything
-that decides anything lives here: limits, validation (every message names the field), labels, latents,
-batching, encoding and the response size.
+A front end turns its wire message into one request object of service/domain.py, in one pass and without
+judging it. Everything that decides anything lives here: limits, ranges and validation (every message names
+the field), labels, latents, batching, encoding and the response size.
 """
 
 from __future__ import annotations
@@ -12,104 +12,18 @@ import dataclasses
 import math
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 import numpy as np
 
 from service import contract, encode, latents
 from service.config import Limits
-from service.contract import ModelSpec
+from service.domain import Generate, Interpolate, Keyframe, Label, ModelInfo, Output, Result, Rows, SeedRange, Seeds
 from service.errors import InvalidArgument, short
 from service.registry import ModelVersion, Registry
 
 FORMATS = ("png", "uint8", "float32")
 METHODS = ("slerp", "lerp")
 SEEDS_ON_LOOP = 64  # ~12 µs a seed: more would stall every other caller on the event loop
-
-
-@dataclass(frozen=True)
-class Label:
-    """Exactly one of: a class index, a class name, or soft weights over the classes."""
-
-    index: int | None = None
-    name: str | None = None
-    soft: tuple[float, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Seeds:
-    values: Sequence[int]
-
-
-@dataclass(frozen=True)
-class SeedRange:
-    start: int
-    count: int
-
-
-@dataclass(frozen=True)
-class Rows:
-    values: np.ndarray  # flat float32, whole rows of latent_dim
-
-
-@dataclass(frozen=True)
-class Output:
-    format: str = "png"  # one of FORMATS; a front end passes values it does not know through as text
-    grid: bool = False
-    grid_columns: int = 0
-    return_latents: bool = False
-    grid_only: bool = False
-
-
-@dataclass(frozen=True)
-class Generate:
-    model: str
-    version: int = 0
-    latents: Seeds | SeedRange | Rows | None = None
-    labels: Sequence[Label] = ()
-    truncation: float = 0.0  # 0: none
-    output: Output = Output()
-
-
-@dataclass(frozen=True)
-class Keyframe:
-    seed: int | None = None
-    row: np.ndarray | None = None  # flat float32, one row
-    label: Label | None = None
-
-
-@dataclass(frozen=True)
-class Interpolate:
-    model: str
-    version: int = 0
-    keyframes: Sequence[Keyframe] = ()
-    steps: int = 0
-    method: str = "slerp"  # one of METHODS
-    truncation: float = 0.0
-    output: Output = Output()
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    version: int
-    versions: list[int]
-    ready: bool
-    spec: ModelSpec
-    provider: str
-    metadata: dict[str, str]  # the file's metadata_props
-
-
-@dataclass(frozen=True)
-class Result:
-    model: str
-    version: int
-    format: str
-    images: list[bytes]
-    image_shape: tuple[int, ...]  # [H, W, C]; [C, H, W] for float32
-    grid_png: bytes = b""
-    latents: np.ndarray | None = None
-    offset: int = 0  # streams: this chunk's first image in the whole request
 
 
 class DataPlane:
@@ -124,15 +38,15 @@ class DataPlane:
         return [self._info(self.registry.get(name)) for name in sorted(self.registry.models)]
 
     def get_model(self, name: str, version: int = 0) -> ModelInfo:
-        return self._info(self._model(name, version))
+        return self._info(self._model(name, version, field="name"))
 
     def _info(self, mv: ModelVersion) -> ModelInfo:
         versions = self.registry.versions(mv.name)
         return ModelInfo(mv.name, mv.version, versions, mv.ready, mv.spec, mv.session.provider, mv.session.metadata)
 
-    def _model(self, name: str, version: int) -> ModelVersion:
+    def _model(self, name: str, version: int, field: str = "model") -> ModelVersion:
         if not name:
-            raise InvalidArgument("model: required")
+            raise InvalidArgument(f"{field}: required")
         return self.registry.get(name, version)
 
     # ---- generation --------------------------------------------------------------------------------
@@ -161,7 +75,12 @@ class DataPlane:
         n = _count(req.latents, mv.spec.latent_dim, self.limits.max_stream_images)
         y = _label_vectors(mv, req.labels, n, self.limits.max_stream_images)
         psi = _truncation(req.truncation)
-        per_image = response_bytes(mv, 1, output) - response_bytes(mv, 0, output)
+        one, per_image = response_bytes(mv, 1, output), response_bytes(mv, 1, output) - response_bytes(mv, 0, output)
+        if one > self.limits.max_message_bytes:
+            raise InvalidArgument(
+                f"output: one image of this model makes a message of up to {one:,} bytes, over the"
+                f" {self.limits.max_message_bytes:,}-byte message limit"
+            )
         chunk = max(1, min(self.limits.stream_chunk, self.limits.max_message_bytes // (2 * per_image)))
         z = _truncate(await self._latents(mv, req.latents), psi)
 
@@ -213,11 +132,14 @@ class DataPlane:
         """[n, latent_dim] float32 by the seed contract, or the rows given (already counted by _count)."""
         if isinstance(spec, Rows):
             return _rows(spec.values, mv.spec.latent_dim, "rows.values")
-        seeds = spec.values if isinstance(spec, Seeds) else range(spec.start, spec.start + spec.count)
         d, prior = mv.spec.latent_dim, mv.spec.prior
+        if isinstance(spec, SeedRange):  # its ends were checked by _count
+            seeds, check = range(spec.start, spec.start + spec.count), False
+        else:
+            seeds, check = spec.values, True
         if len(seeds) <= SEEDS_ON_LOOP:
-            return contract.seed_latents(seeds, d, prior)
-        return await asyncio.get_running_loop().run_in_executor(self.encoder, contract.seed_latents, seeds, d, prior)
+            return _seed_latents(seeds, d, prior, check)
+        return await asyncio.get_running_loop().run_in_executor(self.encoder, _seed_latents, seeds, d, prior, check)
 
     async def _run(
         self, mv: ModelVersion, z: np.ndarray, y: np.ndarray | None, output: Output, deadline: float | None,
@@ -230,6 +152,18 @@ class DataPlane:
         else:
             result = await asyncio.get_running_loop().run_in_executor(self.encoder, _encode, mv, images, output, offset)
         return dataclasses.replace(result, latents=z) if output.return_latents else result
+
+
+def _seed_latents(seeds: Sequence[int], latent_dim: int, prior: str, check: bool) -> np.ndarray:
+    if check:
+        for i, seed in enumerate(seeds):
+            _check_seed(seed, f"seeds.seeds[{i}]")
+    return contract.seed_latents(seeds, latent_dim, prior)
+
+
+def _check_seed(seed: int, field: str) -> None:
+    if not (isinstance(seed, (int, np.integer)) and 0 <= seed <= contract.MAX_SEED):
+        raise InvalidArgument(f"{field}: a seed is an integer in 0..2**64 - 1 (got {short(str(seed))})")
 
 
 def response_bytes(mv: ModelVersion, n: int, output: Output) -> int:
@@ -250,6 +184,8 @@ def response_bytes(mv: ModelVersion, n: int, output: Output) -> int:
 def _check_output(output: Output) -> Output:
     if output.format not in FORMATS:
         raise InvalidArgument(f"output.format: unknown value {short(output.format)} (formats: {', '.join(FORMATS)})")
+    if output.grid_columns < 0:
+        raise InvalidArgument(f"output.grid_columns: must be >= 0 (got {output.grid_columns})")
     if output.grid_only and not output.grid:
         raise InvalidArgument("output.grid_only: needs output.grid")
     return output
@@ -263,6 +199,9 @@ def _count(spec: Seeds | SeedRange | Rows | None, latent_dim: int, limit: int) -
         field, n = "rows.values", _whole_rows(spec.values, latent_dim, "rows.values")
     elif isinstance(spec, SeedRange):
         field, n = "seed_range.count", spec.count
+        _check_seed(spec.start, "seed_range.start")
+        if n < 0:
+            raise InvalidArgument(f"{field}: must be >= 0 (got {n})")
         if spec.start + spec.count > contract.MAX_SEED + 1:
             raise InvalidArgument("seed_range.start: the range runs past the largest seed, 2**64 - 1")
     else:
@@ -274,15 +213,16 @@ def _count(spec: Seeds | SeedRange | Rows | None, latent_dim: int, limit: int) -
     return n
 
 
-def _whole_rows(values: np.ndarray, latent_dim: int, field: str) -> int:
-    if values.size == 0 or values.size % latent_dim:
-        raise InvalidArgument(f"{field}: {values.size} values is not a positive multiple of latent_dim {latent_dim}")
-    return values.size // latent_dim
+def _whole_rows(values: Sequence[float], latent_dim: int, field: str) -> int:
+    if len(values) == 0 or len(values) % latent_dim:
+        raise InvalidArgument(f"{field}: {len(values)} values is not a positive multiple of latent_dim {latent_dim}")
+    return len(values) // latent_dim
 
 
-def _rows(values: np.ndarray, latent_dim: int, field: str) -> np.ndarray:
-    """Explicit latents: a flat float array of whole rows, all finite → [n, latent_dim]."""
+def _rows(values: Sequence[float], latent_dim: int, field: str) -> np.ndarray:
+    """Explicit latents: a flat sequence of whole rows, all finite → float32 [n, latent_dim]."""
     _whole_rows(values, latent_dim, field)
+    values = np.asarray(values, dtype=np.float32)
     if not np.all(np.isfinite(values)):
         raise InvalidArgument(f"{field}: latents must be finite (found NaN or Inf)")
     return values.reshape(-1, latent_dim).astype(np.float32, copy=False)
@@ -350,11 +290,12 @@ def _keyframe_latents(mv: ModelVersion, keyframes: Sequence[Keyframe]) -> np.nda
         if (key.seed is None) == (key.row is None):
             raise InvalidArgument(f"keyframes[{i}]: give a seed or a row")
         if key.row is None:
+            _check_seed(key.seed, f"keyframes[{i}].seed")
             keys.append(contract.seed_latent(key.seed, d, mv.spec.prior))
             continue
         field = f"keyframes[{i}].row.values"
-        if key.row.size != d:
-            raise InvalidArgument(f"{field}: exactly one row of {d} values (got {key.row.size})")
+        if len(key.row) != d:
+            raise InvalidArgument(f"{field}: exactly one row of {d} values (got {len(key.row)})")
         keys.append(_rows(key.row, d, field)[0])
     return np.stack(keys)
 

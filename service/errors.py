@@ -1,4 +1,4 @@
-"""Domain errors. The servicer raises these; server.py maps them to gRPC status codes in one place."""
+"""Domain errors. The data plane raises these; service/interceptor.py maps them to gRPC status codes in one place."""
 
 from __future__ import annotations
 

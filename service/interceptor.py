@@ -88,44 +88,61 @@ class Interceptor(grpc.aio.ServerInterceptor):
         )
 
     def _guard(self, method: str, behavior):
-        """The same behaviour, inside `outcome`; an async generator stays one (gRPC tells streams by that)."""
+        """The same behaviour inside `outcome`, of the same kind: gRPC tells streams by their function type."""
         outcome = self._outcome
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request, context):
-                async with outcome(method, request, context):
-                    async for response in behavior(request, context):
+                # aclosing: a call that ends early closes the handler's generator now, not when it is collected.
+                async with outcome(method, request, context), contextlib.aclosing(behavior(request, context)) as it:
+                    async for response in it:
                         yield response
 
             return stream
+        if inspect.iscoroutinefunction(behavior):
 
-        async def unary(request, context):
-            async with outcome(method, request, context):
-                return await behavior(request, context)
+            async def unary(request, context):
+                async with outcome(method, request, context):
+                    return await behavior(request, context)
 
-        return unary
+            return unary
+        if inspect.isgeneratorfunction(behavior):
+
+            async def sync_stream(request, context):
+                async with outcome(method, request, context):
+                    for response in behavior(request, context):
+                        yield response
+
+            return sync_stream
+
+        async def sync_unary(request, context):
+            async with outcome(method, request, context):  # a plain function: off the event loop
+                return await asyncio.get_running_loop().run_in_executor(None, behavior, request, context)
+
+        return sync_unary
 
     @contextlib.asynccontextmanager
     async def _outcome(self, method: str, request, context) -> AsyncIterator[None]:
         start = time.perf_counter()
         name = getattr(request, "model", None) or getattr(request, "name", None) or ""
         model = name if isinstance(name, str) and self.is_model(name) else UNKNOWN_MODEL
+        code = None
         try:
             yield
-        except asyncio.CancelledError:
-            self._record(method, model, cancelled(context), start)
+            code = code_set(context)
+        except (asyncio.CancelledError, GeneratorExit):  # the client left, the deadline passed, or the server stops
+            code = cancelled(context)
             raise
         except grpc.aio.AbortError:  # the handler aborted itself: the status is already set
-            self._record(method, model, code_set(context), start)
+            code = code_set(context)
             raise
         except Exception as exc:
             code, message = status_of(exc)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", method, exc_info=exc)
-            self._record(method, model, code, start)
             await context.abort(code, message)
-        else:
-            self._record(method, model, code_set(context), start)
+        finally:
+            self._record(method, model, code or grpc.StatusCode.UNKNOWN, start)
 
     def _record(self, method: str, model: str, code: grpc.StatusCode, start: float) -> None:
         key = (method, model, code)

@@ -16,19 +16,18 @@ import numpy as np
 
 from service.batcher import Batcher, BatchObserver
 from service.config import BatchingConfig, RuntimeConfig
-from service.contract import ContractError, ModelSpec
+from service.contract import ContractError, ModelSpec, read_spec
 from service.errors import NotFound, short
 from service.runtime import Session
 
 log = logging.getLogger(__name__)
 
 
-def read_spec(session: Session) -> ModelSpec:
-    """The file's spec, checked against its graph; ContractError says what does not hold."""
-    spec = ModelSpec.from_metadata(session.metadata)
+def served_spec(session: Session) -> ModelSpec:
+    """The file's spec, checked against its graph and against what this server serves."""
+    spec = read_spec(session.session)
     if spec.kind != "image":
         raise ContractError(f"kind: {spec.kind!r} generators are not served; this server serves image generators")
-    spec.check_signature(*session.signature)
     return spec
 
 
@@ -80,7 +79,7 @@ class Registry:
 
     def load(self, name: str, version: int, path: Path) -> ModelVersion:
         session = Session(path, self.runtime)
-        spec = read_spec(session)
+        spec = served_spec(session)
         session.warm_up(self.batching.max_batch_size, spec.latent_dim, spec.num_classes)
         batcher = Batcher(session.run, self.batching, self._observer(name, version))
         return ModelVersion(name, version, session, spec, batcher)

@@ -34,22 +34,12 @@ class Session:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
         options.log_severity_level = 3  # a CUDA build on a GPU-less host would warn on every load
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers(config))
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)  # served as is by GetModel
 
     @property
     def provider(self) -> str:
         """The provider actually in use (a requested CUDA may have fallen back to CPU)."""
         return self.session.get_providers()[0]
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """The file's metadata_props, unparsed (service.contract reads them)."""
-        return dict(self.session.get_modelmeta().custom_metadata_map)
-
-    @property
-    def signature(self) -> tuple[dict[str, tuple[str, list]], dict[str, tuple[str, list]]]:
-        """Inputs and outputs as {name: (type, shape)}; a dynamic axis is a name or None."""
-        inputs = {a.name: (a.type, list(a.shape)) for a in self.session.get_inputs()}
-        return inputs, {a.name: (a.type, list(a.shape)) for a in self.session.get_outputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         (images,) = self.session.run(["images"], feeds)

@@ -30,12 +30,10 @@ from service.servicer import GeneratorServicer
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name
-SERVICES = (
-    pb.DESCRIPTOR.services_by_name["Generator"],
-    health_pb2.DESCRIPTOR.services_by_name["Health"],
-    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
-)
+GENERATOR = pb.DESCRIPTOR.services_by_name["Generator"]
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+SERVICE_NAME = GENERATOR.full_name
 
 
 def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -53,9 +51,15 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
-def http_address(host: str) -> str:
-    """The metrics endpoint's bind address for a gRPC host ("[::]" → "::")."""
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+def metrics_endpoint(port: int, host: str, registry: CollectorRegistry):
+    """Prometheus's HTTP server on the gRPC host ("[::]" → "::"; all IPv4 interfaces where IPv6 is off)."""
+    addr = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return start_http_server(port, addr=addr, registry=registry)[0]
+    except OSError:
+        if addr != "::":
+            raise
+        return start_http_server(port, addr="0.0.0.0", registry=registry)[0]
 
 
 class Server:
@@ -75,9 +79,19 @@ class Server:
         self.health = health.aio.HealthServicer()
         interceptor = Interceptor(self.metrics, lambda name: name in self.registry.models)
         self.grpc = grpc.aio.server(options=server_options(cfg), interceptors=[interceptor])
-        pb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self.plane), self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection([s.full_name for s in SERVICES], self.grpc)
+        # Every service, registered and listed for reflection from this one table.
+        services = (
+            (GENERATOR, pb_grpc.add_GeneratorServicer_to_server, GeneratorServicer(self.plane)),
+            (
+                health_pb2.DESCRIPTOR.services_by_name["Health"],
+                health_pb2_grpc.add_HealthServicer_to_server,
+                self.health,
+            ),
+        )
+        for _, add, servicer in services:
+            add(servicer, self.grpc)
+        self.services = [d for d, *_ in services] + [REFLECTION]
+        reflection.enable_server_reflection([d.full_name for d in self.services], self.grpc)
         self.port = 0
         self.metrics_port = 0
         self._http = None
@@ -107,8 +121,7 @@ class Server:
         await self._set_health(False)
         self.port = self.grpc.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
         if self.cfg.metrics_port >= 0:
-            addr = http_address(self.cfg.host)
-            self._http, _ = start_http_server(self.cfg.metrics_port, addr=addr, registry=self.metrics.registry)
+            self._http = metrics_endpoint(self.cfg.metrics_port, self.cfg.host, self.metrics.registry)
             self.metrics_port = self._http.server_port
         await self.grpc.start()
         loaded = await self.registry.load_all()

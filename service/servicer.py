@@ -6,67 +6,81 @@ Validation lives in the data plane; errors become status codes in the intercepto
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
-import numpy as np
 
-from service import dataplane as dp
+from service import domain as dm
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.dataplane import DataPlane
 
 FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "png", pb.PNG: "png", pb.RAW_UINT8: "uint8", pb.RAW_FLOAT32: "float32"}
 FORMAT_ENUMS = {"png": pb.PNG, "uint8": pb.RAW_UINT8, "float32": pb.RAW_FLOAT32}
 METHODS = {pb.INTERPOLATION_METHOD_UNSPECIFIED: "slerp", pb.SLERP: "slerp", pb.LERP: "lerp"}
 
 
-def to_label(msg: pb.Label) -> dp.Label:
+class Converted(Sequence):
+    """A read-only view of a repeated field that converts items as they are read, so that the data plane can
+    refuse an oversized request by its length before any item is built."""
+
+    def __init__(self, items: Sequence, convert: Callable):
+        self.items, self.convert = items, convert
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.convert(self.items[i])
+
+
+def to_label(msg: pb.Label) -> dm.Label:
     kind = msg.WhichOneof("kind")
     if kind == "index":
-        return dp.Label(index=msg.index)
+        return dm.Label(index=msg.index)
     if kind == "name":
-        return dp.Label(name=msg.name)
+        return dm.Label(name=msg.name)
     if kind == "soft":
-        return dp.Label(soft=tuple(msg.soft.weights))
-    return dp.Label()
+        return dm.Label(soft=tuple(msg.soft.weights))
+    return dm.Label()
 
 
-def to_output(msg: pb.OutputOptions) -> dp.Output:
+def to_output(msg: pb.OutputOptions) -> dm.Output:
     # An enum value this build does not know is passed on as its number, for the data plane to refuse.
     fmt = FORMATS.get(msg.format, str(msg.format))
-    return dp.Output(fmt, msg.grid, msg.grid_columns, msg.return_latents, msg.grid_only)
+    return dm.Output(fmt, msg.grid, msg.grid_columns, msg.return_latents, msg.grid_only)
 
 
-def to_generate(msg: pb.GenerateRequest) -> dp.Generate:
+def to_generate(msg: pb.GenerateRequest) -> dm.Generate:
     kind = msg.WhichOneof("latents")
     latents = None
     if kind == "seeds":
-        latents = dp.Seeds(list(msg.seeds.seeds))
+        latents = dm.Seeds(msg.seeds.seeds)
     elif kind == "seed_range":
-        latents = dp.SeedRange(msg.seed_range.start, msg.seed_range.count)
+        latents = dm.SeedRange(msg.seed_range.start, msg.seed_range.count)
     elif kind == "rows":
-        latents = dp.Rows(np.asarray(msg.rows.values, dtype=np.float32))
-    labels = [to_label(label) for label in msg.labels]
-    return dp.Generate(msg.model, msg.version, latents, labels, msg.truncation, to_output(msg.output))
+        latents = dm.Rows(msg.rows.values)
+    labels = Converted(msg.labels, to_label)
+    return dm.Generate(msg.model, msg.version, latents, labels, msg.truncation, to_output(msg.output))
 
 
-def to_keyframe(msg: pb.Keyframe) -> dp.Keyframe:
+def to_keyframe(msg: pb.Keyframe) -> dm.Keyframe:
     kind = msg.WhichOneof("latent")
-    return dp.Keyframe(
+    return dm.Keyframe(
         seed=msg.seed if kind == "seed" else None,
-        row=np.asarray(msg.row.values, np.float32) if kind == "row" else None,
+        row=msg.row.values if kind == "row" else None,
         label=to_label(msg.label) if msg.HasField("label") else None,
     )
 
 
-def to_interpolate(msg: pb.InterpolateRequest) -> dp.Interpolate:
-    return dp.Interpolate(
-        msg.model, msg.version, [to_keyframe(key) for key in msg.keyframes], msg.steps,
+def to_interpolate(msg: pb.InterpolateRequest) -> dm.Interpolate:
+    return dm.Interpolate(
+        msg.model, msg.version, Converted(msg.keyframes, to_keyframe), msg.steps,
         METHODS.get(msg.method, str(msg.method)), msg.truncation, to_output(msg.output),
     )  # fmt: skip
 
 
-def from_info(info: dp.ModelInfo) -> pb.ModelInfo:
+def from_info(info: dm.ModelInfo) -> pb.ModelInfo:
     spec = info.spec
     return pb.ModelInfo(
         name=info.name,
@@ -84,7 +98,7 @@ def from_info(info: dp.ModelInfo) -> pb.ModelInfo:
     )
 
 
-def from_result(result: dp.Result) -> pb.GenerateResponse:
+def from_result(result: dm.Result) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         model=result.model,
         version=result.version,
@@ -104,7 +118,7 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class GeneratorServicer(pb_grpc.GeneratorServicer):
-    def __init__(self, plane: dp.DataPlane):
+    def __init__(self, plane: DataPlane):
         self.plane = plane
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

@@ -7,14 +7,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.contract import FORMAT_VERSION, ModelSpec
+from service.contract import FORMAT_VERSION, ModelSpec, read_spec
 from tests.conftest import tiny_config
 from training import export as export_mod
 from training import run
 from training.checkpoint import load_checkpoint
 from training.config import PRESETS, TrainConfig
 from training.data import sha256_file
-from training.export import ExportError, export, read_spec
+from training.export import ExportError, export
 from training.loop import Trainer
 
 QUIET = dict(sample_every=0, checkpoint_every=0, log_every=0)

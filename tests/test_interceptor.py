@@ -10,11 +10,12 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from service import errors
+from service import errors, servicer
+from service.api.ganserve.v1 import generator_pb2 as pb
 from service.interceptor import Interceptor
 from service.metrics import Metrics
-from service.server import SERVICES
 from tests.servefix import plain_model, running
+from tests.waiting import until
 
 
 def calls_by_method(registry: CollectorRegistry) -> collections.Counter:
@@ -51,17 +52,17 @@ def test_every_method_of_every_registered_service_is_covered(tmp_path):
             listing = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
             listed = {s.name async for r in listing for s in r.list_services_response.service}
             methods = []
-            for service in SERVICES:
+            for service in server.services:
                 for method in service.methods:
                     path = f"/{service.full_name}/{method.name}"
                     await call_raw(channel, path, method.client_streaming, method.server_streaming)
                     methods.append(method.name)
             await asyncio.sleep(0.2)  # a cancelled stream's handler records its outcome as it unwinds
-            return listed, methods, calls_by_method(server.metrics.registry)
+            return listed, server.services, methods, calls_by_method(server.metrics.registry)
 
-    listed, methods, counts = asyncio.run(go())
-    assert listed == {s.full_name for s in SERVICES}  # SERVICES is what the server registers, no more, no less
-    assert len(methods) == 9
+    listed, services, methods, counts = asyncio.run(go())
+    assert listed == {s.full_name for s in services}  # what the server registers, no more, no less
+    assert len(methods) == sum(len(s.methods) for s in services) >= 8
     for name in methods:
         assert sum(n for (method, _code), n in counts.items() if method == name) >= 1, name
     assert counts["Generate", "INVALID_ARGUMENT"] == 1  # an empty request names no model
@@ -126,3 +127,37 @@ def test_a_method_added_later_is_mapped_and_counted_without_being_listed():
         ("Invalid", "INVALID_ARGUMENT"): 1, ("Bug", "INTERNAL"): 1, ("Aborts", "PERMISSION_DENIED"): 1,
         ("Stream", "RESOURCE_EXHAUSTED"): 1,
     }  # fmt: skip
+
+
+def test_a_client_leaving_mid_stream_is_counted_as_cancelled(tmp_path):
+    plain_model(tmp_path / "plain" / "1" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path, stream_chunk=1) as (server, stub, _ch):
+            call = stub.GenerateStream(pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(count=5000)))
+            await call.read()
+            call.cancel()
+            registry = server.metrics.registry
+            await until(lambda: calls_by_method(registry)["GenerateStream", "CANCELLED"] == 1)
+            return calls_by_method(registry)
+
+    counts = asyncio.run(go())
+    assert {code for method, code in counts if method == "GenerateStream"} == {"CANCELLED"}
+
+
+def test_counts_are_refused_before_any_item_is_converted(tmp_path, monkeypatch):
+    """2,000 labels over a limit of 1,024: refused by the length alone, no label is built."""
+    plain_model(tmp_path / "plain" / "1" / "model.onnx")
+    converted = []
+    monkeypatch.setattr(servicer, "to_label", lambda msg: converted.append(msg))
+
+    async def go():
+        async with running(tmp_path) as (_, stub, _ch):
+            request = pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[1]), labels=[pb.Label(index=0)] * 2000)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(request)
+            return err.value
+
+    err = asyncio.run(go())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("labels: 2000 given")
+    assert converted == []

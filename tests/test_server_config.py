@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import BatchingConfig, Lifecycle, Limits, RuntimeConfig, ServerConfig, parse
+from service.config import ServerConfig, flags, parse
 
 # The flags users and deployments already use: the tree may be reshaped, these names may not change.
 FLAGS = [
@@ -56,13 +56,31 @@ def test_every_existing_flag_and_variable_keeps_its_name(capsys):
         ServerConfig.from_flags(max_dealy_ms=7)
 
 
-def test_each_default_lives_in_one_place():
-    """The sections are the only defaults: the tree built from nothing is the sections built from nothing."""
-    cfg = ServerConfig()
-    assert (cfg.batching, cfg.runtime, cfg.limits, cfg.lifecycle) == (
-        BatchingConfig(), RuntimeConfig(), Limits(), Lifecycle(),
-    )  # fmt: skip
-    assert cfg.batching.max_batch_size == 128 and cfg.batching.workers == 2 and cfg.runtime.intra_op_threads == 1
+# The defaults as documented in the README (and, before the tree, the flat ServerConfig's): every default the
+# server runs with, read through its command line. Any section that grew a default of its own would show here.
+DEFAULTS = {
+    "model_repository": "models", "host": "[::]", "port": 50051, "metrics_port": 9090, "max_batch_size": 128,
+    "max_delay_ms": 2.0, "max_queue": 8192, "batch_workers": 2, "batching": True, "adaptive_delay": True,
+    "providers": "auto", "intra_op_threads": 1, "inter_op_threads": 1, "allow_spinning": False, "max_images": 1024,
+    "max_stream_images": 65536, "stream_chunk": 64, "max_message_bytes": 64 << 20, "encoder_threads": 2,
+    "grace_seconds": 25.0, "max_connection_age_s": 0.0, "max_connection_age_grace_s": 30.0,
+}  # fmt: skip
+
+
+def test_every_default_is_the_documented_one():
+    cfg = parse([], environ={})
+    assert set(flags()) == set(DEFAULTS)
+    values = {
+        **{f: getattr(cfg, f) for f in ("model_repository", "host", "port", "metrics_port")},
+        "max_batch_size": cfg.batching.max_batch_size, "max_delay_ms": cfg.batching.max_delay_ms,
+        "max_queue": cfg.batching.max_queue, "batch_workers": cfg.batching.workers, "batching": cfg.batching.enabled,
+        "adaptive_delay": cfg.batching.adaptive, **{f: getattr(cfg.runtime, f) for f in (
+            "providers", "intra_op_threads", "inter_op_threads", "allow_spinning")},
+        **{f: getattr(cfg.limits, f) for f in (
+            "max_images", "max_stream_images", "stream_chunk", "max_message_bytes", "encoder_threads")},
+        **{f: getattr(cfg.lifecycle, f) for f in ("grace_seconds", "max_connection_age_s", "max_connection_age_grace_s")},
+    }  # fmt: skip
+    assert values == DEFAULTS
 
 
 @pytest.mark.parametrize(

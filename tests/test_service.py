@@ -14,8 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service import contract
-from service import dataplane as dp
+from service import domain as dp
 from service.api.ganserve.v1 import generator_pb2 as pb
+from service.errors import InvalidArgument
 from tests.servefix import ECHO_CLASSES, echo_model, plain_model, running
 from tests.waiting import until
 
@@ -527,3 +528,39 @@ def test_unknown_format_versions_and_point_generators_are_skipped_with_a_reason(
         assert run(go()) == ["good"]
     assert "format_version: '3' is not a format this reader knows" in caplog.text
     assert "skipping model points version 1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (dp.Generate("plain", latents=dp.Seeds([1, -1])), "seeds.seeds[1]"),
+        (dp.Generate("plain", latents=dp.Seeds([2**64])), "seeds.seeds[0]"),
+        (dp.Generate("plain", latents=dp.SeedRange(-1, 2)), "seed_range.start"),
+        (dp.Generate("plain", latents=dp.SeedRange(0, -2)), "seed_range.count"),
+        (dp.Generate("plain", latents=dp.Seeds([1]), output=dp.Output(grid=True, grid_columns=-1)), "output.grid_columns"),
+        (dp.Interpolate("plain", keyframes=[dp.Keyframe(seed=1), dp.Keyframe(seed=-5)], steps=2), "keyframes[1].seed"),
+        (dp.Interpolate("plain", keyframes=[dp.Keyframe(seed=1)] * 2, steps=2, method="cubic"), "method"),
+    ],
+)  # fmt: skip
+def test_the_data_plane_checks_ranges_the_proto_types_would_have(repo, request_, field):
+    """Another front end may send what uint64 fields cannot carry: the data plane refuses it naming the field."""
+
+    async def go():
+        async with running(repo) as (server, _stub, _ch):
+            call = server.plane.generate if isinstance(request_, dp.Generate) else server.plane.interpolate
+            with pytest.raises(InvalidArgument) as err:
+                await call(request_)
+            return str(err.value)
+
+    assert run(go()).startswith(f"{field}:")
+
+
+def test_a_stream_whose_single_image_cannot_fit_is_refused_up_front(repo):
+    async def go():
+        async with running(repo, max_message_bytes=100) as (_, stub, _ch):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _drain(stub.GenerateStream(pb.GenerateRequest(model="plain", seeds=pb.SeedList(seeds=[1]))))
+            return err.value
+
+    err = run(go())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("output:")

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from training.export import read_spec
+from service.contract import read_spec
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "mnist-cdcgan"
 SHIPPED = max(REPOSITORY.glob("*/model.onnx"), key=lambda p: int(p.parent.name))  # the newest version

@@ -26,13 +26,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.contract import ContractError, seed_latents
+from service.contract import ContractError, read_spec, seed_latents
 from training import classifier as clf_mod
 from training import data as data_mod
 from training import scores, viz
 from training.config import POINT_DATASETS, ConfigError, TrainConfig
 from training.data import DataError
-from training.export import read_spec
 
 POINT_SAMPLES = 2500  # the VEEGAN/PacGAN protocol
 IMAGE_SAMPLES = 10_000  # the Parzen protocol, and the usual FID sample count

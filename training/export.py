@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from service.contract import ContractError, ModelSpec, seed_latents
+from service.contract import ContractError, ModelSpec, read_spec, seed_latents
 from training.checkpoint import CheckpointError, load_checkpoint, spec_from_checkpoint
 from training.config import POINT_DATASETS, ConfigError, TrainConfig
 from training.data import sha256_file
@@ -97,17 +97,6 @@ def model_spec(ck: dict[str, Any], g: torch.nn.Module, checkpoint: Path, use_ema
 def default_repository(cfg: TrainConfig) -> Path:
     """models/ for image generators; the run's OUT/models for 2-D points, which the service does not serve."""
     return Path(cfg.out) / "models" if cfg.dataset in POINT_DATASETS else SERVING_REPOSITORY
-
-
-def read_spec(session: ort.InferenceSession) -> ModelSpec:
-    """The session's model read through the contract: its metadata, and its graph checked against them."""
-    spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map)
-    spec.check_signature(_signature(session.get_inputs()), _signature(session.get_outputs()))
-    return spec
-
-
-def _signature(args: list[ort.NodeArg]) -> dict[str, tuple[str, list]]:
-    return {a.name: (a.type, a.shape) for a in args}
 
 
 def to_onnx(g: torch.nn.Module, prior: str, path: Path, props: dict[str, str]) -> None:

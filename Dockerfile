@@ -62,8 +62,12 @@ WORKDIR /tmp
 EXPOSE 50051 9090
 # Through the standard grpc.health.v1 service, with the gRPC client already in the image (python -m service.probe)
 # rather than a grpc_health_probe binary downloaded at build time: nothing to fetch, pin or checksum. Kubernetes
-# ignores HEALTHCHECK and probes the same service natively (deploy/base/deployment.yaml).
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["python", "-m", "service.probe"]
+# ignores HEALTHCHECK and probes the same service natively (deploy/base/deployment.yaml). With GAN_HEALTH_PORT set
+# (a plaintext port that serves health only, as the TLS deployment does) it asks there, so it needs no certificate
+# or token; otherwise the probe's default, localhost:$GAN_PORT. A shell, because only a shell expands variables.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["/bin/sh", "-c", "\
+    if [ \"${GAN_HEALTH_PORT:--1}\" -gt 0 ] 2>/dev/null; then exec python -m service.probe --target localhost:$GAN_HEALTH_PORT; \
+    else exec python -m service.probe; fi"]
 # The server is PID 1 and handles SIGTERM itself (drain, then exit); arguments after the image name become flags.
 ENTRYPOINT ["python", "-m", "service"]
 CMD []

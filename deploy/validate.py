@@ -1,6 +1,7 @@
 """Offline checks of everything under deploy/ and the Dockerfile (`make validate`; `make test` runs it first).
 
-1. `kubectl kustomize` renders every kustomization under deploy/.
+1. `kubectl kustomize` renders every kustomization under deploy/. Components (deploy/components/*) cannot be
+   rendered alone: they are rendered, and so checked, inside the overlays that use them (overlays/*-tls).
 2. `kubernetes-validate --strict` checks each rendered resource of a built-in kind against the Kubernetes API
    schemas of the oldest supported and the newest release. It has no schemas for custom resources: the CRD kinds
    in CRD_KINDS are left out on purpose (tests/test_deploy.py asserts their content), and any other kind it cannot
@@ -23,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")  # 1.31: the oldest with every field used here (podFailurePolicy GA)
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("cert-manager.io/v1", "Certificate")}
 
 
 def tool(name: str) -> str:
@@ -34,8 +35,10 @@ def tool(name: str) -> str:
     return found
 
 
-def kustomizations(root: Path = ROOT) -> list[Path]:
-    return sorted(p.parent for p in (root / "deploy").rglob("kustomization.yaml"))
+def kustomizations(root: Path = ROOT, kind: str = "Kustomization") -> list[Path]:
+    """The directories under deploy/ whose kustomization.yaml is of `kind` (Kustomization or Component)."""
+    found = (root / "deploy").rglob("kustomization.yaml")
+    return sorted(p.parent for p in found if yaml.safe_load(p.read_text()).get("kind", "Kustomization") == kind)
 
 
 def render(directory: Path) -> list[dict]:

@@ -97,21 +97,44 @@ class Lifecycle:
 
 
 @dataclass(frozen=True)
+class Security:
+    """TLS, mutual TLS and bearer tokens (see README, "Security"). All off by default, as `make serve` runs."""
+
+    tls_cert: str = ""  # PEM certificate chain; with tls_key, the gRPC port speaks TLS
+    tls_key: str = ""  # PEM private key
+    tls_client_ca: str = ""  # PEM CA: clients must present a certificate it signed (mutual TLS)
+    auth_tokens_file: str = ""  # `<name> <role> <token>` lines; calls then need `authorization: Bearer <token>`
+    reflection: bool = True  # server reflection; it needs a token when tokens are on
+    full_metadata: bool = False  # GetModel serves every metadata key, not only the documented ones
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert: give tls_cert and tls_key together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca: mutual TLS needs tls_cert and tls_key as well")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     model_repository: str = "models"
     host: str = "[::]"  # the gRPC and the metrics endpoint both bind here
     port: int = 50051  # 0 picks a free port
     metrics_port: int = 9090  # 0 picks a free port; -1 disables the HTTP endpoint
+    metrics_host: str = ""  # the metrics endpoint's address; empty: the same as host
+    # A second, plaintext port serving only grpc.health.v1, for kubelet probes, which cannot do TLS or tokens.
+    health_port: int = -1  # 0 picks a free port; -1: none (health is on the main port in any case)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: Limits = field(default_factory=Limits)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    security: Security = field(default_factory=Security)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be in 0..65535 (got {self.port})")
-        if not -1 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port: must be in -1..65535 (got {self.metrics_port})")
+        for name in ("metrics_port", "health_port"):
+            if not -1 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name}: must be in -1..65535 (got {getattr(self, name)})")
         if self.batching.max_queue < self.limits.max_images:
             raise ValueError(
                 f"max_queue: must be >= max_images ({self.limits.max_images}), or big requests could never run"

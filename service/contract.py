@@ -33,6 +33,13 @@ SPEC_KEYS = (
     "format_version", "kind", "seed_contract", "latent_dim", "prior", "num_classes", "class_names", "image_shape",
     "output_range",
 )  # fmt: skip
+# What the exporter records about training. All but `config` (the whole training configuration) are documented,
+# and are what the server shows by default.
+PROVENANCE_KEYS = (
+    "architecture", "loss", "dataset", "preset", "steps", "ema", "torch_version", "onnx_version", "checkpoint_sha256",
+    "created", "config",
+)  # fmt: skip
+DOCUMENTED_KEYS = (*SPEC_KEYS, *(k for k in PROVENANCE_KEYS if k != "config"))
 MAX_SEED = 2**64 - 1
 _SQRT3 = np.float32(math.sqrt(3.0))
 

@@ -29,8 +29,10 @@ SEEDS_ON_LOOP = 64  # ~12 µs a seed: more would stall every other caller on the
 class DataPlane:
     """Validates requests, runs them through the model's batcher, encodes the images off the event loop."""
 
-    def __init__(self, registry: Registry, limits: Limits, encoder: Executor | None = None):
-        self.registry, self.limits, self.encoder = registry, limits, encoder
+    def __init__(
+        self, registry: Registry, limits: Limits, encoder: Executor | None = None, full_metadata: bool = False
+    ):
+        self.registry, self.limits, self.encoder, self.full_metadata = registry, limits, encoder, full_metadata
 
     # ---- models ------------------------------------------------------------------------------------
 
@@ -42,7 +44,10 @@ class DataPlane:
 
     def _info(self, mv: ModelVersion) -> ModelInfo:
         versions = self.registry.versions(mv.name)
-        return ModelInfo(mv.name, mv.version, versions, mv.ready, mv.spec, mv.session.provider, mv.session.metadata)
+        metadata = mv.session.metadata
+        if not self.full_metadata:  # the documented keys only: `config` holds paths of the machine that trained it
+            metadata = {k: v for k, v in metadata.items() if k in contract.DOCUMENTED_KEYS}
+        return ModelInfo(mv.name, mv.version, versions, mv.ready, mv.spec, mv.session.provider, metadata)
 
     def _model(self, name: str, version: int, field: str = "model") -> ModelVersion:
         if not name:

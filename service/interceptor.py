@@ -2,7 +2,8 @@
 
 It wraps each method handler the server resolves, of every registered service, unary or streaming, including
 methods added later; nothing lists the RPCs by hand. Anything unexpected becomes INTERNAL with a generic message,
-and its traceback goes to the log, never to the client. Authentication will plug in here too.
+and its traceback goes to the log, never to the client. With tokens on, it also authorizes every call
+(service/security.py) before the request is parsed; a refusal is counted, audited in the log and aborted here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 
 from service import errors
 from service.metrics import UNKNOWN_MODEL, Metrics
+from service.security import Authorizer, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,8 @@ def code_set(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 class Interceptor(grpc.aio.ServerInterceptor):
     """Counts and times every call by method, model and code; maps domain errors to status codes."""
 
-    def __init__(self, metrics: Metrics, is_model: Callable[[str], bool]):
-        self.metrics, self.is_model = metrics, is_model
+    def __init__(self, metrics: Metrics, is_model: Callable[[str], bool], authorizer: Authorizer | None = None):
+        self.metrics, self.is_model, self.authorizer = metrics, is_model, authorizer
         self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple] = {}  # labels() per call costs more
 
@@ -64,6 +66,10 @@ class Interceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:  # no such method: gRPC answers UNIMPLEMENTED itself
             return None
+        if self.authorizer is not None:
+            refusal = self.authorizer.check(details.method, details.invocation_metadata)
+            if refusal is not None:  # decided on the metadata alone: the request is never even parsed
+                return self._refuse(details.method, handler, refusal)
         cached = self._handlers.get(details.method)
         if cached is None or cached[0] is not handler:
             cached = (handler, self._wrap(details.method.rsplit("/", 1)[-1], handler))
@@ -86,6 +92,32 @@ class Interceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             self._guard(method, handler.stream_stream), handler.request_deserializer, handler.response_serializer
         )
+
+    def _refuse(self, path: str, handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethodHandler:
+        """A handler of the same kind that records, audits and aborts the call."""
+        method = path.rsplit("/", 1)[-1]
+
+        async def refuse(request, context):
+            start = time.perf_counter()
+            self.metrics.auth_failures.labels(refusal.reason).inc()
+            log.warning(
+                "refused %s from %s: %s (token %s)", path, context.peer(), refusal.reason, refusal.token or "-"
+            )  # the audit line: never the token itself
+            self._record(method, UNKNOWN_MODEL, refusal.code, start)
+            await context.abort(refusal.code, refusal.message)
+
+        async def refuse_stream(request, context):
+            await refuse(request, context)
+            yield  # never reached: refuse() aborts; the yield makes this a streaming handler
+
+        serializer = handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(refuse, None, serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(refuse_stream, None, serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(refuse, None, serializer)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, None, serializer)
 
     def _guard(self, method: str, behavior):
         """The same behaviour inside `outcome`, of the same kind: gRPC tells streams by their function type."""

@@ -54,6 +54,10 @@ class Metrics:
             "gan_model_info", "1 for every loaded model version, with its execution provider.",
             ["model", "version", "provider"], registry=registry,
         )  # fmt: skip
+        self.auth_failures = Counter(
+            "gan_auth_failures", "Calls refused for their credentials, by reason (missing, malformed, unknown, role).",
+            ["reason"], registry=registry,
+        )  # fmt: skip
         self.load_failures = Counter(
             "gan_model_load_failures", "Model versions that failed to load.", ["model"], registry=registry
         )

@@ -7,6 +7,7 @@ errors to status codes and records the request metrics.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import signal
@@ -26,6 +27,7 @@ from service.dataplane import DataPlane
 from service.interceptor import Interceptor
 from service.metrics import Metrics
 from service.registry import Registry
+from service.security import Authorizer, server_credentials
 from service.servicer import GeneratorServicer
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,9 @@ GENERATOR = pb.DESCRIPTOR.services_by_name["Generator"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 SERVICE_NAME = GENERATOR.full_name
+# The role each service needs when tokens are on (None: open to all). Health stays open for kubelet probes, which
+# cannot send tokens; a service not named here needs admin.
+ROLES = {GENERATOR.full_name: "infer", HEALTH.full_name: None, REFLECTION.full_name: "infer"}
 
 
 def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -51,6 +56,15 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (as given to --host) binds the loopback interface only."""
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def metrics_endpoint(port: int, host: str, registry: CollectorRegistry):
     """Prometheus's HTTP server on the gRPC host ("[::]" → "::"; all IPv4 interfaces where IPv6 is off)."""
     addr = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -65,6 +79,10 @@ def metrics_endpoint(port: int, host: str, registry: CollectorRegistry):
 class Server:
     def __init__(self, cfg: ServerConfig, metrics_registry: CollectorRegistry | None = None):
         self.cfg = cfg
+        sec = cfg.security
+        # First, so that a certificate or key that cannot be used stops the start before anything is built.
+        self.credentials = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca) if sec.tls_cert else None
+        self.authorizer = Authorizer(sec.auth_tokens_file, ROLES) if sec.auth_tokens_file else None
         self.metrics = Metrics(metrics_registry or CollectorRegistry())
         self.registry = Registry(
             Path(cfg.model_repository),
@@ -75,25 +93,24 @@ class Server:
             on_failure=lambda name, reason: self.metrics.load_failures.labels(name).inc(),
         )
         self.encoder = ThreadPoolExecutor(cfg.limits.encoder_threads, thread_name_prefix="encode")
-        self.plane = DataPlane(self.registry, cfg.limits, self.encoder)
+        self.plane = DataPlane(self.registry, cfg.limits, self.encoder, cfg.security.full_metadata)
         self.health = health.aio.HealthServicer()
-        interceptor = Interceptor(self.metrics, lambda name: name in self.registry.models)
-        self.grpc = grpc.aio.server(options=server_options(cfg), interceptors=[interceptor])
         # Every service, registered and listed for reflection from this one table.
-        services = (
+        services = [
             (GENERATOR, pb_grpc.add_GeneratorServicer_to_server, GeneratorServicer(self.plane)),
-            (
-                health_pb2.DESCRIPTOR.services_by_name["Health"],
-                health_pb2_grpc.add_HealthServicer_to_server,
-                self.health,
-            ),
-        )
+            (HEALTH, health_pb2_grpc.add_HealthServicer_to_server, self.health),
+        ]
+        interceptor = Interceptor(self.metrics, lambda name: name in self.registry.models, self.authorizer)
+        self.grpc = grpc.aio.server(options=server_options(cfg), interceptors=[interceptor])
         for _, add, servicer in services:
             add(servicer, self.grpc)
-        self.services = [d for d, *_ in services] + [REFLECTION]
-        reflection.enable_server_reflection([d.full_name for d in self.services], self.grpc)
+        self.services = [d for d, *_ in services] + ([REFLECTION] if sec.reflection else [])
+        if sec.reflection:
+            reflection.enable_server_reflection([d.full_name for d in self.services], self.grpc)
+        self._health_only = None  # the plaintext health port's server, when there is one
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
         self._http = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -119,11 +136,27 @@ class Server:
 
     async def start(self) -> None:
         await self._set_health(False)
-        self.port = self.grpc.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
-        if self.cfg.metrics_port >= 0:
-            self._http = metrics_endpoint(self.cfg.metrics_port, self.cfg.host, self.metrics.registry)
+        cfg = self.cfg
+        address = f"{cfg.host}:{cfg.port}"
+        if self.credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, self.credentials)
+        if cfg.health_port >= 0:
+            self._health_only = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_only)
+            self.health_port = self._health_only.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+            await self._health_only.start()
+        if cfg.metrics_port >= 0:
+            self._http = metrics_endpoint(cfg.metrics_port, cfg.metrics_host or cfg.host, self.metrics.registry)
             self.metrics_port = self._http.server_port
         await self.grpc.start()
+        if self.credentials is None and self.authorizer is None and not is_loopback(cfg.host):
+            log.warning(
+                "serving plaintext gRPC without tokens on %s: anyone who reaches port %d may call it"
+                " (see README, Security: --tls-cert/--tls-key, --tls-client-ca, --auth-tokens-file)",
+                cfg.host, self.port,
+            )  # fmt: skip
         loaded = await self.registry.load_all()
         await self._set_health(self.registry.ready)
         log.info("serving %d model version(s) on port %d, metrics on %d", loaded, self.port, self.metrics_port)
@@ -132,6 +165,8 @@ class Server:
         """Load versions that appeared in the repository since start; the old ones keep serving meanwhile."""
         if self._stopping:
             return 0
+        if self.authorizer is not None:
+            self.authorizer.reload()
         loaded = await self.registry.load_all()
         if not self._stopping:
             await self._set_health(self.registry.ready)
@@ -145,6 +180,8 @@ class Server:
         try:
             await self._set_health(False)
             await self.grpc.stop(self.cfg.lifecycle.grace_seconds if grace is None else grace)
+            if self._health_only is not None:
+                await self._health_only.stop(None)
             await self.registry.stop()
         finally:
             self.encoder.shutdown(wait=False)
@@ -163,6 +200,7 @@ async def serve(cfg: ServerConfig) -> None:
     await server.start()
     # One machine-readable line on stdout: how scripts and tests learn the ports (0 in the config picks free ones).
     ready = {"event": "serving", "port": server.port, "metrics_port": server.metrics_port}
+    ready |= {"health_port": server.health_port} if cfg.health_port >= 0 else {}
     print(json.dumps(ready | {"models": sum(map(len, server.registry.models.values()))}), flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,6 +12,7 @@ import asyncio
 import importlib.util
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,8 +32,10 @@ from training.config import PRESETS
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with the dev extra: pip install -e '.[dev]'")
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVING = ("overlays/gpu", "overlays/cpu")
+TLS = ("overlays/gpu-tls", "overlays/cpu-tls")  # the hardware overlays with components/tls (+ tls-cert-manager)
+SERVING = ("overlays/gpu", "overlays/cpu", *TLS)
 GPU = "nvidia.com/gpu"
+CLIENT_VARIABLES = {"GAN_DATA_CACHE", "GAN_TOKEN"}  # read by training and by the client, not server settings
 
 
 def _validate_module():
@@ -73,19 +76,39 @@ def effective_config(resources: list[dict]) -> ServerConfig:
 
 
 def test_every_kustomization_renders(rendered):
-    assert {"base", "overlays/gpu", "overlays/cpu", "monitoring", "train"} <= set(rendered)
+    assert {"base", "overlays/gpu", "overlays/cpu", "monitoring", "train", *TLS} <= set(rendered)
     assert all(rendered.values())
 
 
+def test_every_component_is_rendered_by_an_overlay():
+    """A component cannot be rendered alone, so validate.py and these tests check it through the overlays."""
+    validate = _validate_module()
+    components = set(validate.kustomizations(kind="Component"))
+    assert ROOT / "deploy" / "components" / "tls" in components
+    used = set()
+    for directory in validate.kustomizations():
+        listed = yaml.safe_load((directory / "kustomization.yaml").read_text()).get("components", [])
+        used.update((directory / c).resolve() for c in listed)
+    assert components <= used, components - used
+
+
+def probe_port(cfg: ServerConfig) -> int:
+    """Where the kubelet's probes must go: the plaintext health-only port when there is one."""
+    return cfg.health_port if cfg.health_port > 0 else cfg.port
+
+
 @pytest.mark.parametrize("overlay", SERVING)
-def test_probes_ask_grpc_health_on_the_server_port(rendered, overlay):
+def test_probes_ask_grpc_health_on_the_probe_port(rendered, overlay):
     resources = rendered[overlay]
     cfg, container = effective_config(resources), server_container(resources)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": cfg.port, "metrics": cfg.metrics_port}
+    health = {"health": cfg.health_port} if cfg.health_port > 0 else {}
+    assert ports == {"grpc": cfg.port, "metrics": cfg.metrics_port, **health}
+    # The kubelet's gRPC probes dial plaintext with no metadata and no client certificate: a TLS port fails them.
+    assert not cfg.security.tls_cert or probe_port(cfg) != cfg.port
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         check = container[kind]["grpc"]  # the standard grpc.health.v1 service, asked by the kubelet itself
-        assert check["port"] == cfg.port, kind
+        assert check["port"] == probe_port(cfg), kind
         assert check.get("service", "") in ("", SERVICE_NAME), kind
     # Ready means the API is: the named service turns SERVING once a model has loaded, NOT_SERVING on SIGTERM.
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
@@ -103,11 +126,16 @@ def test_services_and_policies_reach_the_pods_on_the_configured_ports(rendered, 
 
     service = one(resources, "Service", "gan-serve")
     assert selects(service["spec"]["selector"])
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == wanted
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == wanted  # never the health-only port
     assert all(p["targetPort"] in wanted for p in service["spec"]["ports"])
     headless = one(resources, "Service", "gan-serve-headless")
     assert headless["spec"]["clusterIP"] == "None" and selects(headless["spec"]["selector"])
     assert [(p["port"], p["targetPort"]) for p in headless["spec"]["ports"]] == [(cfg.port, "grpc")]
+    # h2c (cleartext HTTP/2) is a promise to proxies and Gateway implementations that TLS would break.
+    for s in (service, headless):
+        (grpc_port,) = [p for p in s["spec"]["ports"] if p["name"] == "grpc"]
+        cleartext = grpc_port.get("appProtocol") == "kubernetes.io/h2c"
+        assert cleartext != bool(cfg.security.tls_cert), s["metadata"]["name"]
     assert selects(one(resources, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"])
     hpa = one(resources, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"]["name"] == one(resources, "Deployment")["metadata"]["name"]
@@ -115,6 +143,8 @@ def test_services_and_policies_reach_the_pods_on_the_configured_ports(rendered, 
 
     policy = one(resources, "NetworkPolicy")["spec"]
     assert selects(policy["podSelector"]["matchLabels"]) and policy["policyTypes"] == ["Ingress"]
+    # No rule for the plaintext health port: probes come from the pod's own node, which NetworkPolicy always
+    # admits, and no other pod needs it.
     rules = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
     assert set(rules) == {"grpc", "metrics"} and all(len(r["ports"]) == 1 for r in policy["ingress"])
     (clients,) = rules["grpc"]
@@ -155,9 +185,11 @@ def test_pods_run_non_root_with_a_read_only_root_and_no_capabilities(rendered):
 
 def test_gpu_limit_only_in_the_gpu_overlay(rendered):
     assert server_container(rendered["overlays/gpu"])["resources"]["limits"][GPU] == 1
-    for name in ("base", "overlays/cpu", "monitoring"):
+    assert server_container(rendered["overlays/gpu-tls"])["resources"]["limits"][GPU] == 1
+    for name in ("base", "overlays/cpu", "overlays/cpu-tls", "monitoring"):
         assert GPU not in yaml.safe_dump_all(rendered[name]), name
-    assert effective_config(rendered["overlays/cpu"]).runtime.providers == "CPUExecutionProvider"
+    for name in ("overlays/cpu", "overlays/cpu-tls"):
+        assert effective_config(rendered[name]).runtime.providers == "CPUExecutionProvider", name
     for overlay in SERVING:
         requests = server_container(rendered[overlay])["resources"]["requests"]
         assert {"cpu", "memory"} <= set(requests), overlay
@@ -179,6 +211,60 @@ def test_settings_parse_and_the_drain_fits_the_termination_grace(rendered, overl
     # SIGTERM comes after preStop; the server then drains for grace_seconds and must exit before the SIGKILL.
     assert spec["terminationGracePeriodSeconds"] > pre_stop + cfg.lifecycle.grace_seconds
     assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 120
+
+
+def secret_mounts(resources: list[dict]) -> dict[str, dict]:
+    """{mountPath: the Secret volume mounted there} for the server container."""
+    spec = one(resources, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+    found = {}
+    for m in server_container(resources)["volumeMounts"]:
+        if m["name"] in volumes:
+            # A subPath mount is never updated by the kubelet: rotated certificates and tokens would not arrive.
+            assert "subPath" not in m and "subPathExpr" not in m and m.get("readOnly") is True, m
+            found[m["mountPath"]] = volumes[m["name"]]
+    return found
+
+
+@pytest.mark.parametrize("overlay", TLS)
+def test_tls_secrets_are_mounted_read_only_where_the_settings_point(rendered, overlay):
+    resources = rendered[overlay]
+    sec = effective_config(resources).security
+    assert sec.tls_cert and sec.tls_key and sec.tls_client_ca and sec.auth_tokens_file  # TLS, mTLS and tokens
+    mounts = secret_mounts(resources)
+    # Whole Secrets, so each file is named after its key; cert-manager writes tls.crt, tls.key and ca.crt.
+    expected = {sec.tls_cert: "tls.crt", sec.tls_key: "tls.key", sec.tls_client_ca: "ca.crt"}
+    for setting in (sec.tls_cert, sec.tls_key, sec.tls_client_ca, sec.auth_tokens_file):
+        path = Path(setting)
+        secret = mounts[str(path.parent)]
+        assert "items" not in secret and path.name == expected.get(setting, path.name), setting
+        mode = secret["defaultMode"]
+        assert mode & 0o040 and not mode & 0o007, oct(mode)  # the server's group (fsGroup) reads; others do not
+    tls = {mounts[str(Path(p).parent)]["secretName"] for p in (sec.tls_cert, sec.tls_key, sec.tls_client_ca)}
+    assert len(tls) == 1 and mounts[str(Path(sec.auth_tokens_file).parent)]["secretName"] not in tls
+    pod = one(resources, "Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert pod["fsGroup"] == pod["runAsGroup"]
+
+
+@pytest.mark.parametrize("overlay", TLS)
+def test_certificate_writes_the_mounted_secret_for_every_service_name(rendered, overlay):
+    resources = rendered[overlay]
+    sec = effective_config(resources).security
+    certificate = one(resources, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    spec = certificate["spec"]
+    assert spec["secretName"] == secret_mounts(resources)[str(Path(sec.tls_cert).parent)]["secretName"]
+    assert "server auth" in spec["usages"] and "client auth" not in spec["usages"]
+    assert spec["issuerRef"]["kind"] in ("Issuer", "ClusterIssuer") and spec["issuerRef"]["name"]
+    hours = {k: int(spec[k].removesuffix("h")) for k in ("duration", "renewBefore")}
+    assert 0 < hours["renewBefore"] < hours["duration"]
+    assert spec["privateKey"]["rotationPolicy"] == "Always"
+    # Every name a client may dial, headless Service (client-side round robin) included.
+    namespace = certificate["metadata"]["namespace"]
+    for service in (r for r in resources if r["kind"] == "Service"):
+        name = service["metadata"]["name"]
+        assert service["metadata"]["namespace"] == namespace
+        assert {f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"} <= set(spec["dnsNames"]), name
 
 
 def exposed_names() -> set[str]:
@@ -288,17 +374,39 @@ def dockerfile_stages() -> dict[str, str]:
     return stages
 
 
+def healthcheck_command() -> list[str]:
+    """The serve image's HEALTHCHECK command, in JSON form, continuation lines joined as Docker joins them."""
+    serve = dockerfile_stages()["serve"].replace("\\\n", "")
+    (line,) = [line for line in serve.splitlines() if line.startswith("HEALTHCHECK ")]
+    return json.loads(line.split(" CMD ", 1)[1])
+
+
 def test_dockerfile_serves_without_torch_and_probes_grpc_health():
     stages = dockerfile_stages()
     assert {"serve-build", "serve", "train"} <= set(stages)
     serve = stages["serve"]
     assert re.search(rf"^EXPOSE {ServerConfig.port} {ServerConfig.metrics_port}$", serve, re.MULTILINE)
-    assert re.search(r"^HEALTHCHECK .*\"service\.probe\"", serve, re.MULTILINE)
+    assert "python -m service.probe" in " ".join(healthcheck_command())
     assert "PYTHONDONTWRITEBYTECODE=1" in serve and re.search(r"^USER 10001", serve, re.MULTILINE)
     installs = [line for line in (stages["serve-build"] + serve).splitlines() if "pip install" in line]
     assert installs and not any("torch" in line or "[train" in line for line in installs)
     assert "import torch" in stages["serve-build"]  # the build fails if torch slipped in after all
     assert "torch==" in stages["train"] and ".[train]" in stages["train"]
+
+
+@pytest.mark.parametrize(
+    ("health_port", "target"), [(None, []), ("", []), ("-1", []), ("0", []), ("50052", ["--target", "localhost:50052"])]
+)
+def test_image_healthcheck_asks_the_health_port_when_there_is_one(health_port, target):
+    """With GAN_HEALTH_PORT (a plaintext health-only port) the check needs no certificate or token."""
+    shell, flag, script = healthcheck_command()
+    assert (shell, flag) == ("/bin/sh", "-c") and script.count("exec python -m service.probe") == 2
+    environ = {"PATH": "/usr/bin:/bin"} | ({} if health_port is None else {"GAN_HEALTH_PORT": health_port})
+    out = subprocess.run(
+        [shell, flag, script.replace("exec python", "exec echo python")], env=environ, capture_output=True, text=True
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout.split() == ["python", "-m", "service.probe", *target]
 
 
 def readme_deploy_section() -> str:
@@ -315,6 +423,7 @@ def test_readme_deploy_commands_match_the_files():
     assert {"serve", "train"} <= set(targets) and set(targets) <= set(stages)
     applied = re.findall(r"kubectl (?:apply|delete|diff) -k ([^\s`]+)", section)
     assert {"deploy/overlays/gpu", "deploy/overlays/cpu", "deploy/monitoring", "deploy/train"} <= set(applied)
+    assert {f"deploy/{overlay}" for overlay in TLS} & set(applied)
     files = re.findall(r"\b(deploy/[\w.-]+/[\w./-]*\w)", section)  # two levels: not deploy/NAME, kubectl's form
     for path in set(applied) | set(files):
         assert (ROOT / path).exists(), path
@@ -325,9 +434,27 @@ def test_readme_deploy_commands_match_the_files():
     for target in re.findall(r"\bmake (\w+)", section):
         assert re.search(rf"^{target}:", makefile, re.MULTILINE), target
     for name in re.findall(r"\b(GAN_[A-Z_]+)", section):
-        assert name == "GAN_DATA_CACHE" or name[len(ENV_PREFIX) :].lower() in flags()
+        assert name in CLIENT_VARIABLES or name[len(ENV_PREFIX) :].lower() in flags(), name
     families = {family.name for family in Metrics(CollectorRegistry()).registry.collect()}
     assert gan_names(section) <= exposed_names() | families | {"gan_queue_wait_seconds_per_request"}
+
+
+def test_readme_creates_the_secrets_and_names_the_tls_variant_mounts(rendered):
+    section = readme_deploy_section()
+    resources = rendered["overlays/gpu-tls"]
+    sec = effective_config(resources).security
+    mounts = secret_mounts(resources)
+    for setting in (sec.tls_cert, sec.tls_key, sec.tls_client_ca, sec.auth_tokens_file):
+        path = Path(setting)
+        secret = mounts[str(path.parent)]["secretName"]
+        commands = re.findall(rf"create secret generic {re.escape(secret)} ([^\n`]*)", section)
+        assert commands, secret
+        # --from-file=PATH names the key after the file; --from-file=KEY=PATH names it KEY.
+        assert all(re.search(rf"--from-file={re.escape(path.name)}\b", c) for c in commands), (secret, path.name)
+    # The hand-signed certificate carries the same names as cert-manager's.
+    sans = re.findall(r"DNS:([\w.-]+)", " ".join(re.findall(r"^SANS=(.*)$", section, re.MULTILINE)))
+    assert sorted(sans) == sorted(one(resources, "Certificate")["spec"]["dnsNames"])
+    assert f"--target localhost:{effective_config(resources).health_port}" in section
 
 
 # The server options Kubernetes relies on, against a real in-process server.

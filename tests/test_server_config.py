@@ -63,7 +63,9 @@ DEFAULTS = {
     "max_delay_ms": 2.0, "max_queue": 8192, "batch_workers": 2, "batching": True, "adaptive_delay": True,
     "providers": "auto", "intra_op_threads": 1, "inter_op_threads": 1, "allow_spinning": False, "max_images": 1024,
     "max_stream_images": 65536, "stream_chunk": 64, "max_message_bytes": 64 << 20, "encoder_threads": 2,
-    "grace_seconds": 25.0, "max_connection_age_s": 0.0, "max_connection_age_grace_s": 30.0,
+    "grace_seconds": 25.0, "max_connection_age_s": 0.0, "max_connection_age_grace_s": 30.0, "metrics_host": "",
+    "health_port": -1, "tls_cert": "", "tls_key": "", "tls_client_ca": "", "auth_tokens_file": "", "reflection": True,
+    "full_metadata": False,
 }  # fmt: skip
 
 
@@ -71,7 +73,7 @@ def test_every_default_is_the_documented_one():
     cfg = parse([], environ={})
     assert set(flags()) == set(DEFAULTS)
     values = {
-        **{f: getattr(cfg, f) for f in ("model_repository", "host", "port", "metrics_port")},
+        **{f: getattr(cfg, f) for f in ("model_repository", "host", "port", "metrics_port", "metrics_host", "health_port")},
         "max_batch_size": cfg.batching.max_batch_size, "max_delay_ms": cfg.batching.max_delay_ms,
         "max_queue": cfg.batching.max_queue, "batch_workers": cfg.batching.workers, "batching": cfg.batching.enabled,
         "adaptive_delay": cfg.batching.adaptive, **{f: getattr(cfg.runtime, f) for f in (
@@ -79,6 +81,8 @@ def test_every_default_is_the_documented_one():
         **{f: getattr(cfg.limits, f) for f in (
             "max_images", "max_stream_images", "stream_chunk", "max_message_bytes", "encoder_threads")},
         **{f: getattr(cfg.lifecycle, f) for f in ("grace_seconds", "max_connection_age_s", "max_connection_age_grace_s")},
+        **{f: getattr(cfg.security, f) for f in (
+            "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file", "reflection", "full_metadata")},
     }  # fmt: skip
     assert values == DEFAULTS
 
@@ -96,6 +100,9 @@ def test_every_default_is_the_documented_one():
         (["--grace-seconds", "-2"], "grace_seconds"),
         (["--max-queue", "10"], "max_queue"),  # below max_images
         (["--port", "70000"], "port"),
+        (["--health-port", "-2"], "health_port"),
+        (["--tls-cert", "a.pem"], "tls_cert"),  # without its key
+        (["--tls-client-ca", "ca.pem"], "tls_client_ca"),  # mutual TLS without a server certificate
     ],
 )
 def test_bad_values_are_refused_naming_the_flag(argv, flag, capsys):

@@ -88,7 +88,8 @@ def model_spec(ck: dict[str, Any], g: torch.nn.Module, checkpoint: Path, use_ema
         "onnx_version": onnx.__version__,
         "checkpoint_sha256": sha256_file(checkpoint),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": cfg.to_json(),
+        # Paths of the machine that trained it are nobody's business: only their last part is kept.
+        "config": cfg.replace(out=Path(cfg.out).name, data_dir=Path(cfg.data_dir).name).to_json(),
     }
     kind = "points" if cfg.dataset in POINT_DATASETS else "image"
     return ModelSpec(kind, cfg.latent_dim, cfg.prior, data.class_names, data.shape, g.output_range, provenance)

@@ -1,0 +1,211 @@
+"""Transport security and bearer tokens: TLS / mTLS credentials that follow their files, and per-call authorization.
+
+Files are untrusted input: a tokens file or certificate that does not parse is refused at start with a message
+naming the file and line (never a token), and on a change while serving it is logged and the previous one kept.
+Tokens are compared by SHA-256 digest with hmac.compare_digest over every entry, so the time taken does not
+depend on how much of a token matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+UNAUTHENTICATED, PERMISSION_DENIED = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+ROLES = ("infer", "admin")  # admin may call everything infer may, and the rest
+MIN_TOKEN_CHARS = 16
+MAX_HEADER_CHARS = 4096
+RECHECK_SECONDS = 1.0  # how often the tokens file's stat is looked at, at most
+
+
+class SecurityError(Exception):
+    """A certificate, key or tokens file that cannot be used; the message names the file (never a secret)."""
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    role: str
+    digest: bytes  # SHA-256 of the token
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: grpc.StatusCode
+    reason: str  # bounded: a metrics label
+    message: str  # for the client: says what is wrong, never echoes the token
+    token: str = ""  # the token's name, for the audit log
+
+
+class FileWatch:
+    """Tells whether any of some files changed (mtime, size, inode) since the last look."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = [p for p in paths if p]
+        self._seen = self._stat()
+
+    def _stat(self) -> tuple:
+        def one(path: str):
+            try:
+                s = os.stat(path)
+            except OSError:
+                return None
+            return s.st_mtime_ns, s.st_size, s.st_ino
+
+        return tuple(one(p) for p in self.paths)
+
+    def changed(self) -> bool:
+        now = self._stat()
+        if now == self._seen:
+            return False
+        self._seen = now
+        return True
+
+
+def read_tokens(path: str) -> list[Token]:
+    """Parse a tokens file: one `<name> <role> <token>` per line; blank lines and # comments are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SecurityError(f"auth_tokens_file: cannot read {path} ({type(e).__name__})") from None
+    tokens: list[Token] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        where = f"auth_tokens_file: {path} line {number}"
+        if len(fields) != 3:
+            raise SecurityError(f"{where}: expected '<name> <role> <token>', got {len(fields)} fields")
+        name, role, secret = fields
+        if role not in ROLES:
+            raise SecurityError(f"{where}: role must be one of {', '.join(ROLES)} (token {name!r})")
+        if len(secret) < MIN_TOKEN_CHARS:
+            raise SecurityError(f"{where}: token {name!r} is shorter than {MIN_TOKEN_CHARS} characters")
+        digest = hashlib.sha256(secret.encode()).digest()
+        if any(t.name == name for t in tokens) or any(hmac.compare_digest(t.digest, digest) for t in tokens):
+            raise SecurityError(f"{where}: token {name!r} repeats a name or a token above it")
+        tokens.append(Token(name, role, digest))
+    if not tokens:
+        raise SecurityError(f"auth_tokens_file: {path} holds no tokens")
+    return tokens
+
+
+class Authorizer:
+    """Decides each call from its method and metadata. `roles` maps a service's full name to the role it needs
+    (None: open to all); a service it does not name needs admin, so one added later is never open by accident."""
+
+    def __init__(self, path: str, roles: dict[str, str | None], clock: Callable[[], float] = time.monotonic):
+        self.path, self.roles, self.clock = path, roles, clock
+        self.tokens = read_tokens(path)
+        self._watch = FileWatch([path])
+        self._next_look = clock() + RECHECK_SECONDS
+        self._lock = threading.Lock()
+
+    def reload(self) -> bool:
+        """Re-read the file; on a bad file keep the tokens in force and log why. True when they changed."""
+        try:
+            tokens = read_tokens(self.path)
+        except SecurityError as e:
+            log.error("%s; the tokens loaded before stay in force", e)
+            return False
+        changed = tokens != self.tokens
+        self.tokens = tokens
+        if changed:
+            log.info("reloaded %d token(s) from %s", len(tokens), self.path)
+        return changed
+
+    def _follow_file(self) -> None:
+        now = self.clock()
+        if now < self._next_look:
+            return
+        with self._lock:
+            self._next_look = now + RECHECK_SECONDS
+            changed = self._watch.changed()
+        if changed:
+            self.reload()
+
+    def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> Refusal | None:
+        """None when `method` (/package.Service/Method) may run with these credentials, else why not."""
+        service = method[1:].split("/", 1)[0]
+        needed = self.roles.get(service, "admin")
+        if needed is None:
+            return None
+        self._follow_file()
+        values = [v for k, v in metadata or () if k == "authorization"]
+        if not values:
+            return Refusal(
+                UNAUTHENTICATED,
+                "missing",
+                "authorization: no token; send 'authorization: Bearer <token>'",
+            )
+        if len(values) > 1:
+            return Refusal(UNAUTHENTICATED, "malformed", f"authorization: {len(values)} headers, send one")
+        value = values[0]
+        scheme, _, secret = value.partition(" ") if isinstance(value, str) else ("", "", "")
+        if scheme.lower() != "bearer" or not secret.strip() or len(value) > MAX_HEADER_CHARS:
+            return Refusal(UNAUTHENTICATED, "malformed", "authorization: expected 'Bearer <token>'")
+        digest = hashlib.sha256(secret.strip().encode("utf-8", "surrogateescape")).digest()
+        match = None
+        for token in self.tokens:  # every entry, match or not: the time does not tell which matched
+            if hmac.compare_digest(token.digest, digest):
+                match = token
+        if match is None:
+            return Refusal(UNAUTHENTICATED, "unknown", "authorization: unknown token")
+        if needed == "admin" and match.role != "admin":
+            return Refusal(
+                PERMISSION_DENIED, "role",
+                f"authorization: token {match.name!r} has role {match.role}; {method} needs admin", match.name,
+            )  # fmt: skip
+        return None
+
+
+def _check_pem(cert: str, key: str, client_ca: str) -> tuple[bytes, bytes, bytes | None]:
+    """Read and check the PEM files with the standard library (the key must match the certificate)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise SecurityError(f"tls_cert / tls_key: {cert} and {key} are not a certificate and its key ({e})") from None
+    try:
+        if client_ca:
+            context.load_verify_locations(cafile=client_ca)
+        return Path(cert).read_bytes(), Path(key).read_bytes(), Path(client_ca).read_bytes() if client_ca else None
+    except (OSError, ssl.SSLError) as e:
+        raise SecurityError(f"tls_client_ca: {client_ca} is not a PEM CA certificate ({e})") from None
+
+
+def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
+    """TLS (mTLS with a client CA) that follows its files: a handshake after they change uses the new ones."""
+    watch = FileWatch([cert, key, client_ca])
+    lock = threading.Lock()
+
+    def configuration() -> grpc.ServerCertificateConfiguration:
+        cert_pem, key_pem, ca_pem = _check_pem(cert, key, client_ca)
+        return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=ca_pem)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        """Called by gRPC before each handshake: a new configuration when the files changed, else None."""
+        with lock:
+            if not watch.changed():
+                return None
+            try:
+                fresh = configuration()
+            except SecurityError as e:  # half-rotated or broken: keep serving with what works
+                log.error("%s; the certificate loaded before stays in use", e)
+                return None
+        log.info("reloaded the TLS certificate from %s", cert)
+        return fresh
+
+    return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=bool(client_ca))

@@ -28,7 +28,8 @@ test: lint validate
 	$(PY) -m pytest
 
 # Renders every kustomization under deploy/, checks the built-in kinds with kubernetes-validate --strict (CRD kinds
-# such as ServiceMonitor have no schema there and are skipped by name) and lints the Dockerfile with hadolint.
+# such as ServiceMonitor and cert-manager's Certificate have no schema there and are skipped by name) and lints
+# the Dockerfile with hadolint.
 validate: setup
 	$(PY) deploy/validate.py
 

@@ -64,13 +64,22 @@ class Stats:
         return float(np.percentile(self.latencies, q)) * 1000 if self.latencies else float("nan")
 
 
-async def load(port: int, request: pb.GenerateRequest, concurrency: int, duration: float) -> Stats:
-    """`concurrency` callers in a closed loop for `duration` seconds (after a short warm-up)."""
+async def load(
+    port: int, request: pb.GenerateRequest, concurrency: int, duration: float,
+    credentials: grpc.ChannelCredentials | None = None, metadata: tuple = (),
+) -> Stats:  # fmt: skip
+    """`concurrency` callers in a closed loop for `duration` seconds (after a short warm-up), over one channel:
+    TLS with `credentials`, plaintext without; `metadata` goes with every call (a bearer token)."""
     options = [("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+    target = f"127.0.0.1:{port}"
+    secure = credentials is not None
+    channel = (
+        grpc.aio.secure_channel(target, credentials, options) if secure else grpc.aio.insecure_channel(target, options)
+    )
+    async with channel:
         stub = pb_grpc.GeneratorStub(channel)
         for _ in range(3):
-            await stub.Generate(request)
+            await stub.Generate(request, metadata=metadata)
         latencies: list[float] = []
         images = 0
         stop = time.perf_counter() + duration
@@ -79,7 +88,7 @@ async def load(port: int, request: pb.GenerateRequest, concurrency: int, duratio
             nonlocal images
             while time.perf_counter() < stop:
                 t = time.perf_counter()
-                response = await stub.Generate(request)
+                response = await stub.Generate(request, metadata=metadata)
                 latencies.append(time.perf_counter() - t)
                 images += len(response.images)
 
@@ -142,10 +151,13 @@ def service(repo: Path, **flags) -> Process:
     return Process([sys.executable, "-m", "service", "--model-repository", str(repo)], env)
 
 
-def run_service(repo: Path, request: pb.GenerateRequest, concurrency: int, duration: float, **flags):
+def run_service(
+    repo: Path, request: pb.GenerateRequest, concurrency: int, duration: float,
+    credentials: grpc.ChannelCredentials | None = None, metadata: tuple = (), **flags,
+):  # fmt: skip
     server = service(repo, **flags)
     try:
-        stats = asyncio.run(load(server.port, request, concurrency, duration))
+        stats = asyncio.run(load(server.port, request, concurrency, duration, credentials, metadata))
         return stats, server.mean_batch()
     finally:
         server.close()
@@ -157,9 +169,49 @@ def request(model: str, n: int, fmt: int) -> pb.GenerateRequest:
     )
 
 
+def security(repo: Path, tmp: Path, d: float, rounds: int = 2) -> None:
+    """The cost of TLS, mutual TLS and token checks on P2 (req/s) and P4 (p50), beside plaintext, in one run."""
+    sys.path.insert(0, str(ROOT))  # the tests' throwaway PKI
+    from tests.certs import CA
+
+    ca = CA(tmp / "pki")
+    server, client = ca.issue("server"), ca.issue("client", client=True)
+    token = "bench-token-" + "0" * 20
+    (tmp / "tokens").write_text(f"bench infer {token}\n")
+    tls = {"tls_cert": server.cert, "tls_key": server.key}
+    roots = ca.pem.read_bytes()
+    one_way = grpc.ssl_channel_credentials(roots)
+    mutual = grpc.ssl_channel_credentials(roots, client.key.read_bytes(), client.cert.read_bytes())
+    bearer = (("authorization", f"Bearer {token}"),)
+    configs = {
+        "plaintext": ({}, None, ()),
+        "tokens": ({"auth_tokens_file": tmp / "tokens"}, None, bearer),
+        "TLS": (tls, one_way, ()),
+        "TLS + tokens": (tls | {"auth_tokens_file": tmp / "tokens"}, one_way, bearer),
+        "mTLS + tokens": (tls | {"auth_tokens_file": tmp / "tokens", "tls_client_ca": ca.pem}, mutual, bearer),
+    }
+    p2: dict[str, list[float]] = {name: [] for name in configs}
+    p4: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(rounds):  # interleaved, so that drift on a shared machine hits every configuration alike
+        for name, (flags, credentials, metadata) in configs.items():
+            stats, _ = run_service(repo, request("mlp", 1, pb.RAW_UINT8), 64, d, credentials, metadata, **flags)
+            p2[name].append(stats.rps)
+            stats, _ = run_service(repo, request("dcgan", 1, pb.RAW_UINT8), 1, d, credentials, metadata, **flags)
+            p4[name].append(stats.pct(50))
+            print(f"{name}: P2 {p2[name][-1]:,.0f} req/s, P4 p50 {p4[name][-1]:.2f} ms", flush=True)
+    base2, base4 = float(np.median(p2["plaintext"])), float(np.median(p4["plaintext"]))
+    print(
+        f"\n| configuration | P2 req/s (median of {rounds}) | ÷ plaintext | P4 p50 ms | − plaintext |\n|---|---|---|---|---|"
+    )
+    for name in configs:
+        r2, r4 = float(np.median(p2[name])), float(np.median(p4[name]))
+        print(f"| {name} | {r2:,.0f} | {r2 / base2:.2f} | {r4:.2f} | {r4 - base4:+.2f} ms |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    p.add_argument("--security", action="store_true", help="only the cost of TLS, mTLS and tokens on P2 and P4")
     args = p.parse_args()
     d = args.duration
     rows: list[tuple[str, str, str, str]] = []
@@ -168,6 +220,9 @@ def main() -> None:
         # In a child process: torch (and its thread pool) never lives in the process that drives the load.
         code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.serve_bench import build_models; build_models(__import__('pathlib').Path({str(repo)!r}))"
         subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+        if args.security:
+            security(repo, Path(tmp), d)
+            return
         dcgan = repo / "dcgan" / "1" / "model.onnx"
 
         # P1: DCGAN, 16-image requests, concurrency 8 (compute-bound).

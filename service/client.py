@@ -35,6 +35,8 @@ from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 DEFAULT_TARGET = "localhost:50051"
 MAX_MESSAGE = 64 << 20
 TOKEN_ENV = "GAN_TOKEN"
+# How gRPC's details begin when no connection could be made (pick_first; round_robin).
+NOT_CONNECTED = ("failed to connect to all addresses", "connections to all backends failing")
 
 
 def parse_ints(text: str) -> list[int]:
@@ -95,7 +97,7 @@ def channel_credentials(
         except (OSError, ssl.SSLError) as e:
             raise ValueError(
                 f"tls_cert / tls_key: {tls_cert} and {tls_key} are not a PEM certificate and its unencrypted key"
-                f" ({e.reason or e})"
+                f" ({getattr(e, 'reason', None) or e})"
             ) from None
     return grpc.ssl_channel_credentials(root, key, chain)
 
@@ -153,7 +155,7 @@ def explain(error: grpc.RpcError, target: str, tls: bool) -> str:
     """One line for a failed call: the likely cause when the connection or its TLS handshake failed (gRPC reports
     those as UNAVAILABLE with OpenSSL's words in the details), else `CODE: details` as the server sent them."""
     code, details = error.code(), error.details() or ""
-    if code != grpc.StatusCode.UNAVAILABLE or not details.startswith("failed to connect"):
+    if code != grpc.StatusCode.UNAVAILABLE or not details.startswith(NOT_CONNECTED):
         return f"{code.name}: {details}"
     verify = re.search(r"CERTIFICATE_VERIFY_FAILED: ([^:]+)", details)
     if "certificate has expired" in details:

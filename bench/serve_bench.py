@@ -169,7 +169,7 @@ def request(model: str, n: int, fmt: int) -> pb.GenerateRequest:
     )
 
 
-def security(repo: Path, tmp: Path, d: float, rounds: int = 2) -> None:
+def security(repo: Path, tmp: Path, d: float, rounds: int) -> None:
     """The cost of TLS, mutual TLS and token checks on P2 (req/s) and P4 (p50), beside plaintext, in one run."""
     sys.path.insert(0, str(ROOT))  # the tests' throwaway PKI
     from tests.certs import CA
@@ -212,6 +212,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     p.add_argument("--security", action="store_true", help="only the cost of TLS, mTLS and tokens on P2 and P4")
+    p.add_argument("--rounds", type=int, default=3, help="--security: interleaved rounds (medians reported)")
     args = p.parse_args()
     d = args.duration
     rows: list[tuple[str, str, str, str]] = []
@@ -221,7 +222,7 @@ def main() -> None:
         code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.serve_bench import build_models; build_models(__import__('pathlib').Path({str(repo)!r}))"
         subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
         if args.security:
-            security(repo, Path(tmp), d)
+            security(repo, Path(tmp), d, args.rounds)
             return
         dcgan = repo / "dcgan" / "1" / "model.onnx"
 

@@ -135,6 +135,9 @@ class ServerConfig:
         for name in ("metrics_port", "health_port"):
             if not -1 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name}: must be in -1..65535 (got {getattr(self, name)})")
+        ports = [p for p in (self.port, self.metrics_port, self.health_port) if p > 0]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"port: port, metrics_port and health_port must differ (got {ports})")
         if self.batching.max_queue < self.limits.max_images:
             raise ValueError(
                 f"max_queue: must be >= max_images ({self.limits.max_images}), or big requests could never run"

@@ -29,6 +29,7 @@ STATUS = {
     errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,  # what generated servicer stubs raise for a missing method
 }
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -64,12 +65,14 @@ class Interceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
+        if self.authorizer is not None:
+            # Before the handler is even looked at: an unknown method needs admin too, so that nobody without a
+            # token can map the API by the difference between UNIMPLEMENTED and UNAUTHENTICATED.
+            refusal = self.authorizer.check(details.method, details.invocation_metadata)
+            if refusal is not None:
+                return self._refuse(details.method, handler, refusal)
         if handler is None:  # no such method: gRPC answers UNIMPLEMENTED itself
             return None
-        if self.authorizer is not None:
-            refusal = self.authorizer.check(details.method, details.invocation_metadata)
-            if refusal is not None:  # decided on the metadata alone: the request is never even parsed
-                return self._refuse(details.method, handler, refusal)
         cached = self._handlers.get(details.method)
         if cached is None or cached[0] is not handler:
             cached = (handler, self._wrap(details.method.rsplit("/", 1)[-1], handler))
@@ -93,8 +96,12 @@ class Interceptor(grpc.aio.ServerInterceptor):
             self._guard(method, handler.stream_stream), handler.request_deserializer, handler.response_serializer
         )
 
-    def _refuse(self, path: str, handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethodHandler:
-        """A handler of the same kind that records, audits and aborts the call."""
+    def _refuse(self, path: str, handler: grpc.RpcMethodHandler | None, refusal: Refusal) -> grpc.RpcMethodHandler:
+        """A handler that records, audits and aborts the call, decided on the metadata alone.
+
+        It takes a request *stream* whatever the method's kind, and never reads it: gRPC reads a unary request
+        whole before calling its handler, which would let anyone without a token upload a full-size message.
+        """
         method = path.rsplit("/", 1)[-1]
 
         async def refuse(request, context):
@@ -110,14 +117,9 @@ class Interceptor(grpc.aio.ServerInterceptor):
             await refuse(request, context)
             yield  # never reached: refuse() aborts; the yield makes this a streaming handler
 
-        serializer = handler.response_serializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(refuse, None, serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(refuse_stream, None, serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(refuse, None, serializer)
-        return grpc.stream_stream_rpc_method_handler(refuse_stream, None, serializer)
+        if handler is not None and not handler.response_streaming:
+            return grpc.stream_unary_rpc_method_handler(refuse, None, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, None, handler and handler.response_serializer)
 
     def _guard(self, method: str, behavior):
         """The same behaviour inside `outcome`, of the same kind: gRPC tells streams by their function type."""

@@ -58,6 +58,10 @@ class Metrics:
             "gan_auth_failures", "Calls refused for their credentials, by reason (missing, malformed, unknown, role).",
             ["reason"], registry=registry,
         )  # fmt: skip
+        self.credential_reload_failures = Counter(
+            "gan_credential_reload_failures", "Changed TLS or tokens files that could not be used (the old stay).",
+            ["file"], registry=registry,
+        )  # fmt: skip
         self.load_failures = Counter(
             "gan_model_load_failures", "Model versions that failed to load.", ["model"], registry=registry
         )

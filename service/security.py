@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -85,17 +86,18 @@ def read_tokens(path: str) -> list[Token]:
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
+        # Messages name the line, never a field: with the columns swapped, any of them may be the secret.
         where = f"auth_tokens_file: {path} line {number}"
         if len(fields) != 3:
             raise SecurityError(f"{where}: expected '<name> <role> <token>', got {len(fields)} fields")
         name, role, secret = fields
         if role not in ROLES:
-            raise SecurityError(f"{where}: role must be one of {', '.join(ROLES)} (token {name!r})")
+            raise SecurityError(f"{where}: the second field, the role, must be one of {', '.join(ROLES)}")
         if len(secret) < MIN_TOKEN_CHARS:
-            raise SecurityError(f"{where}: token {name!r} is shorter than {MIN_TOKEN_CHARS} characters")
+            raise SecurityError(f"{where}: the token is shorter than {MIN_TOKEN_CHARS} characters")
         digest = hashlib.sha256(secret.encode()).digest()
         if any(t.name == name for t in tokens) or any(hmac.compare_digest(t.digest, digest) for t in tokens):
-            raise SecurityError(f"{where}: token {name!r} repeats a name or a token above it")
+            raise SecurityError(f"{where}: repeats the name or the token of a line above")
         tokens.append(Token(name, role, digest))
     if not tokens:
         raise SecurityError(f"auth_tokens_file: {path} holds no tokens")
@@ -106,8 +108,14 @@ class Authorizer:
     """Decides each call from its method and metadata. `roles` maps a service's full name to the role it needs
     (None: open to all); a service it does not name needs admin, so one added later is never open by accident."""
 
-    def __init__(self, path: str, roles: dict[str, str | None], clock: Callable[[], float] = time.monotonic):
-        self.path, self.roles, self.clock = path, roles, clock
+    def __init__(
+        self,
+        path: str,
+        roles: dict[str, str | None],
+        clock: Callable[[], float] = time.monotonic,
+        on_reload_failure: Callable[[], None] = lambda: None,
+    ):
+        self.path, self.roles, self.clock, self.on_reload_failure = path, roles, clock, on_reload_failure
         self.tokens = read_tokens(path)
         self._watch = FileWatch([path])
         self._next_look = clock() + RECHECK_SECONDS
@@ -119,6 +127,7 @@ class Authorizer:
             tokens = read_tokens(self.path)
         except SecurityError as e:
             log.error("%s; the tokens loaded before stay in force", e)
+            self.on_reload_failure()
             return False
         changed = tokens != self.tokens
         self.tokens = tokens
@@ -171,28 +180,41 @@ class Authorizer:
         return None
 
 
-def _check_pem(cert: str, key: str, client_ca: str) -> tuple[bytes, bytes, bytes | None]:
-    """Read and check the PEM files with the standard library (the key must match the certificate)."""
+def _read_pem(cert: str, key: str, client_ca: str) -> tuple[bytes, bytes, bytes | None]:
+    """Read the PEM files once and check those very bytes with the standard library (the key must match the
+    certificate), so that a rotation halfway through cannot hand gRPC a certificate and someone else's key."""
+    try:
+        cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
+        ca_pem = Path(client_ca).read_bytes() if client_ca else None
+    except OSError as e:
+        raise SecurityError(f"tls_cert / tls_key / tls_client_ca: cannot read {e.filename} ({e.strerror})") from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as e:
-        raise SecurityError(f"tls_cert / tls_key: {cert} and {key} are not a certificate and its key ({e})") from None
-    try:
-        if client_ca:
-            context.load_verify_locations(cafile=client_ca)
-        return Path(cert).read_bytes(), Path(key).read_bytes(), Path(client_ca).read_bytes() if client_ca else None
-    except (OSError, ssl.SSLError) as e:
-        raise SecurityError(f"tls_client_ca: {client_ca} is not a PEM CA certificate ({e})") from None
+    with tempfile.TemporaryDirectory() as private:  # ssl checks a pair only from files: private copies, then gone
+        pair = Path(private) / "pair.pem"
+        pair.write_bytes(cert_pem + b"\n" + key_pem)
+        try:
+            context.load_cert_chain(pair)
+        except ssl.SSLError as e:
+            raise SecurityError(
+                f"tls_cert / tls_key: {cert} and {key} are not a certificate and its key ({e})"
+            ) from None
+    if ca_pem is not None:
+        try:
+            context.load_verify_locations(cadata=ca_pem.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError) as e:
+            raise SecurityError(f"tls_client_ca: {client_ca} is not a PEM CA certificate ({e})") from None
+    return cert_pem, key_pem, ca_pem
 
 
-def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
+def server_credentials(
+    cert: str, key: str, client_ca: str = "", on_reload_failure: Callable[[], None] = lambda: None
+) -> grpc.ServerCredentials:
     """TLS (mTLS with a client CA) that follows its files: a handshake after they change uses the new ones."""
     watch = FileWatch([cert, key, client_ca])
     lock = threading.Lock()
 
     def configuration() -> grpc.ServerCertificateConfiguration:
-        cert_pem, key_pem, ca_pem = _check_pem(cert, key, client_ca)
+        cert_pem, key_pem, ca_pem = _read_pem(cert, key, client_ca)
         return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=ca_pem)
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
@@ -204,6 +226,7 @@ def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerC
                 fresh = configuration()
             except SecurityError as e:  # half-rotated or broken: keep serving with what works
                 log.error("%s; the certificate loaded before stays in use", e)
+                on_reload_failure()
                 return None
         log.info("reloaded the TLS certificate from %s", cert)
         return fresh

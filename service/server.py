@@ -32,13 +32,18 @@ from service.servicer import GeneratorServicer
 
 log = logging.getLogger(__name__)
 
+MAX_METADATA_BYTES = 16 << 10
+
 GENERATOR = pb.DESCRIPTOR.services_by_name["Generator"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 SERVICE_NAME = GENERATOR.full_name
 # The role each service needs when tokens are on (None: open to all). Health stays open for kubelet probes, which
 # cannot send tokens; a service not named here needs admin.
-ROLES = {GENERATOR.full_name: "infer", HEALTH.full_name: None, REFLECTION.full_name: "infer"}
+ROLES = {
+    GENERATOR.full_name: "infer", HEALTH.full_name: None, REFLECTION.full_name: "infer",
+    "grpc.reflection.v1.ServerReflection": "infer",  # in case grpcio-reflection also registers v1
+}  # fmt: skip
 
 
 def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -47,6 +52,8 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
         ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
+        # Headers past this are refused by gRPC itself, before any handler or the audit log sees the call.
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
     ]
     if life.max_connection_age_s > 0:
         options += [
@@ -80,10 +87,14 @@ class Server:
     def __init__(self, cfg: ServerConfig, metrics_registry: CollectorRegistry | None = None):
         self.cfg = cfg
         sec = cfg.security
-        # First, so that a certificate or key that cannot be used stops the start before anything is built.
-        self.credentials = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca) if sec.tls_cert else None
-        self.authorizer = Authorizer(sec.auth_tokens_file, ROLES) if sec.auth_tokens_file else None
         self.metrics = Metrics(metrics_registry or CollectorRegistry())
+        failed = self.metrics.credential_reload_failures.labels
+        # Before anything else is built: a certificate, key or tokens file that cannot be used stops the start.
+        self.credentials = self.authorizer = None
+        if sec.tls_cert:
+            self.credentials = server_credentials(sec.tls_cert, sec.tls_key, sec.tls_client_ca, failed("tls").inc)
+        if sec.auth_tokens_file:
+            self.authorizer = Authorizer(sec.auth_tokens_file, ROLES, on_reload_failure=failed("tokens").inc)
         self.registry = Registry(
             Path(cfg.model_repository),
             cfg.runtime,
@@ -151,12 +162,15 @@ class Server:
             self._http = metrics_endpoint(cfg.metrics_port, cfg.metrics_host or cfg.host, self.metrics.registry)
             self.metrics_port = self._http.server_port
         await self.grpc.start()
-        if self.credentials is None and self.authorizer is None and not is_loopback(cfg.host):
-            log.warning(
-                "serving plaintext gRPC without tokens on %s: anyone who reaches port %d may call it"
-                " (see README, Security: --tls-cert/--tls-key, --tls-client-ca, --auth-tokens-file)",
-                cfg.host, self.port,
-            )  # fmt: skip
+        if self.credentials is None and not is_loopback(cfg.host):
+            if self.authorizer is None:
+                log.warning(
+                    "serving plaintext gRPC without tokens on %s: anyone who reaches port %d may call it"
+                    " (see README, Security: --tls-cert/--tls-key, --tls-client-ca, --auth-tokens-file)",
+                    cfg.host, self.port,
+                )  # fmt: skip
+            else:
+                log.warning("bearer tokens over plaintext gRPC on %s: anyone on the path can read them", cfg.host)
         loaded = await self.registry.load_all()
         await self._set_health(self.registry.ready)
         log.info("serving %d model version(s) on port %d, metrics on %d", loaded, self.port, self.metrics_port)
@@ -180,10 +194,10 @@ class Server:
         try:
             await self._set_health(False)
             await self.grpc.stop(self.cfg.lifecycle.grace_seconds if grace is None else grace)
-            if self._health_only is not None:
-                await self._health_only.stop(None)
             await self.registry.stop()
         finally:
+            if self._health_only is not None:
+                await self._health_only.stop(None)
             self.encoder.shutdown(wait=False)
             if self._http is not None:
                 self._http.shutdown()

@@ -121,3 +121,23 @@ async def running(repository: Path, **changes) -> AsyncIterator[tuple[Server, pb
     finally:
         await channel.close()
         await server.stop(grace=1)
+
+
+async def call_raw(
+    channel: grpc.aio.Channel, path: str, streaming_request: bool, streaming_response: bool, metadata: tuple = ()
+) -> grpc.StatusCode:
+    """Call `path` with an empty message (valid bytes for any request type) as its kind says; the status."""
+    try:
+        if streaming_request:
+            async for _ in channel.stream_stream(path)(iter([b""]), metadata=metadata, timeout=2):
+                pass
+        elif streaming_response:
+            async for _ in channel.unary_stream(path)(
+                b"", metadata=metadata, timeout=0.5
+            ):  # Health.Watch never ends by itself
+                pass
+        else:
+            await channel.unary_unary(path)(b"", metadata=metadata, timeout=2)
+    except grpc.aio.AioRpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK

@@ -14,7 +14,7 @@ from service import errors, servicer
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.interceptor import Interceptor
 from service.metrics import Metrics
-from tests.servefix import plain_model, running
+from tests.servefix import call_raw, plain_model, running
 from tests.waiting import until
 
 
@@ -26,21 +26,6 @@ def calls_by_method(registry: CollectorRegistry) -> collections.Counter:
                 if sample.name == "gan_requests_total":
                     counts[sample.labels["method"], sample.labels["code"]] += sample.value
     return counts
-
-
-async def call_raw(channel: grpc.aio.Channel, path: str, streaming_request: bool, streaming_response: bool) -> None:
-    """Call `path` with an empty message (valid bytes for any request type); errors are the point, not raised."""
-    try:
-        if streaming_request:
-            async for _ in channel.stream_stream(path)(iter([b""]), timeout=2):
-                pass
-        elif streaming_response:
-            async for _ in channel.unary_stream(path)(b"", timeout=0.5):  # Health.Watch never ends by itself
-                pass
-        else:
-            await channel.unary_unary(path)(b"", timeout=2)
-    except grpc.aio.AioRpcError:
-        pass
 
 
 def test_every_method_of_every_registered_service_is_covered(tmp_path):

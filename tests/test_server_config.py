@@ -101,6 +101,7 @@ def test_every_default_is_the_documented_one():
         (["--max-queue", "10"], "max_queue"),  # below max_images
         (["--port", "70000"], "port"),
         (["--health-port", "-2"], "health_port"),
+        (["--port", "6000", "--health-port", "6000"], "port"),
         (["--tls-cert", "a.pem"], "tls_cert"),  # without its key
         (["--tls-client-ca", "ca.pem"], "tls_client_ca"),  # mutual TLS without a server certificate
     ],

@@ -54,16 +54,10 @@ def status(
         return health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout).status
 
 
-def check(
-    target: str,
-    service: str = "",
-    timeout: float = 3.0,
-    credentials: grpc.ChannelCredentials | None = None,
-    server_name: str | None = None,
-) -> Status:
-    """Like `status`, but UNKNOWN when the server does not answer."""
+def check(target: str, **options) -> Status:
+    """Like `status` (same arguments), but UNKNOWN when the server does not answer."""
     try:
-        return status(target, service, timeout, credentials, server_name)
+        return status(target, **options)
     except grpc.RpcError:
         return health_pb2.HealthCheckResponse.UNKNOWN
 

@@ -123,6 +123,15 @@ class Batcher:
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
         self._accepting = True
 
+    def check_room(self, n: int) -> None:
+        """Raise what submit() would for n samples now: Unavailable when not accepting, QueueFull when full."""
+        if not self._accepting or self._wakeup is None:
+            raise Unavailable("batcher is not accepting requests (not started, or draining)")
+        if self._depth + n > self.config.max_queue:
+            raise QueueFull(
+                f"batch queue is full: {self._depth} of {self.config.max_queue} samples queued, request has {n}"
+            )
+
     async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None = None) -> np.ndarray:
         """Run `inputs` (arrays sharing a leading axis n >= 1) in batches; returns this request's n rows in order.
 
@@ -130,12 +139,10 @@ class Batcher:
         DeadlineExceeded if `deadline` (a clock() value) passed before a chunk was taken, or run_batch's exception.
         The caller must not mutate `inputs` until this returns: chunks are views into them.
         """
-        if not self._accepting or self._wakeup is None:
-            raise Unavailable("batcher is not accepting requests (not started, or draining)")
         n = _leading_length(inputs)
+        self.check_room(n)
         cfg = self.config
-        if self._depth + n > cfg.max_queue:
-            raise QueueFull(f"batch queue is full: {self._depth} of {cfg.max_queue} samples queued, request has {n}")
+        assert self._wakeup is not None
         now = self._clock()
         # Unlike Triton we split oversized requests, so one large request cannot exceed what the model was sized for.
         starts = range(0, n, cfg.max_batch_size)

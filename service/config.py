@@ -15,6 +15,8 @@ import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from service.repository import NAME, VersionPolicy
+
 ENV_PREFIX = "GAN_"
 
 
@@ -96,6 +98,40 @@ class Lifecycle:
         _check(self, 0, "grace_seconds", "max_connection_age_s", "max_connection_age_grace_s")
 
 
+MODEL_CONTROL = ("none", "poll", "explicit")
+
+
+@dataclass(frozen=True)
+class ModelControl:
+    """Which models and versions are served, and when the repository is looked at again (README, "Model lifecycle").
+
+    SIGHUP rescans the repository in every mode.
+    """
+
+    # none: what the repository holds at start; poll: rescan every poll_seconds;
+    # explicit: only what load_model names and the ModelAdmin service asks for.
+    mode: str = field(default="none", metadata=_flag("model_control"))
+    poll_seconds: float = 10.0
+    load_model: tuple[str, ...] = ()  # explicit mode: models loaded at start (the flag repeats)
+    # all | latest:N | specific:1,3 — the default for every model; <repository>/<name>/model.json may override it.
+    # latest:1, as TF Serving and Triton: a new version replaces the old one once it is ready, and memory stays at
+    # one session per model. Clients that pin versions list them with specific:, or use all.
+    version_policy: str = "latest:1"
+
+    def __post_init__(self) -> None:
+        names = (self.load_model,) if isinstance(self.load_model, str) else tuple(self.load_model)
+        object.__setattr__(self, "load_model", names)
+        if self.mode not in MODEL_CONTROL:
+            raise ValueError(f"model_control: must be one of {', '.join(MODEL_CONTROL)} (got {self.mode!r})")
+        _check(self, 0.1, "poll_seconds")
+        VersionPolicy.parse(self.version_policy, "version_policy")
+        if self.load_model and self.mode != "explicit":
+            raise ValueError("load_model: only with --model-control explicit (other modes load every model)")
+        for name in self.load_model:
+            if not NAME.fullmatch(name):
+                raise ValueError(f"load_model: {name[:64]!r} is not a model name (letters, digits, '.', '_', '-')")
+
+
 @dataclass(frozen=True)
 class Security:
     """TLS, mutual TLS and bearer tokens (see README, "Security"). All off by default, as `make serve` runs."""
@@ -127,6 +163,7 @@ class ServerConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: Limits = field(default_factory=Limits)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    models: ModelControl = field(default_factory=ModelControl)
     security: Security = field(default_factory=Security)
 
     def __post_init__(self) -> None:
@@ -190,22 +227,32 @@ def _parse_bool(text: str) -> bool:
 def parse(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ) -> ServerConfig:
     """Flags override GAN_* environment variables, which override the defaults."""
     p = argparse.ArgumentParser(prog="python -m service", description="Serve ONNX GAN generators over gRPC.")
+    repeats: dict[str, tuple[str, ...]] = {}
     for flag, section, name, kind in _leaves():
         env = ENV_PREFIX + flag.upper()
         default = _default(section, name)
+        repeated = typing.get_origin(kind) is tuple
         if env in environ:
             try:
-                default = (_parse_bool if kind is bool else kind)(environ[env])
+                if repeated:  # comma-separated
+                    default = tuple(v.strip() for v in environ[env].split(",") if v.strip())
+                else:
+                    default = (_parse_bool if kind is bool else kind)(environ[env])
             except ValueError as e:
                 raise SystemExit(f"error: {env}: {e}") from None
         option = "--" + flag.replace("_", "-")
-        if kind is bool:
+        if repeated:
+            p.add_argument(option, action="append", default=None, help=f"env {env} (comma-separated); repeatable")
+            repeats[flag] = default
+        elif kind is bool:
             p.add_argument(option, action=argparse.BooleanOptionalAction, default=default, help=f"env {env}")
         else:
             p.add_argument(option, type=kind, default=default, help=f"env {env} (default {default})")
-    args = p.parse_args(argv)
+    args = vars(p.parse_args(argv))
+    for flag, default in repeats.items():  # flags given replace the variable's list, as for every other setting
+        args[flag] = tuple(args[flag]) if args[flag] is not None else default
     try:
-        return ServerConfig.from_flags(**vars(args))
+        return ServerConfig.from_flags(**args)
     except ValueError as e:
         p.error(str(e))
         raise

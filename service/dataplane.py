@@ -8,6 +8,7 @@ the field), labels, latents, batching, encoding and the response size.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -54,62 +55,80 @@ class DataPlane:
             raise InvalidArgument(f"{field}: required")
         return self.registry.get(name, version)
 
+    def _use(self, name: str, version: int) -> contextlib.AbstractContextManager[ModelVersion]:
+        """The version held for the request: if it leaves meanwhile, the request still finishes on it."""
+        if not name:
+            raise InvalidArgument("model: required")
+        return self.registry.use(name, version)
+
     # ---- generation --------------------------------------------------------------------------------
 
     async def generate(self, req: Generate, deadline: float | None = None) -> Result:
-        mv = self._model(req.model, req.version)
-        output = _check_output(req.output)
-        n = _count(req.latents, mv.spec.latent_dim, self.limits.max_images)
-        size = response_bytes(mv, n, output)
-        if size > self.limits.max_message_bytes:
-            raise InvalidArgument(
-                f"latents: {n} images of this model make a response of up to {size:,} bytes, over the"
-                f" {self.limits.max_message_bytes:,}-byte message limit; use GenerateStream"
-            )
-        y = _label_vectors(mv, req.labels, n, self.limits.max_images)
-        psi = _truncation(req.truncation)
-        z = await self._latents(mv, req.latents)
-        return await self._run(mv, _truncate(z, psi), y, output, deadline)
+        with self._use(req.model, req.version) as mv:
+            output = _check_output(req.output)
+            n = _count(req.latents, mv.spec.latent_dim, self.limits.max_images)
+            size = response_bytes(mv, n, output)
+            if size > self.limits.max_message_bytes:
+                raise InvalidArgument(
+                    f"latents: {n} images of this model make a response of up to {size:,} bytes, over the"
+                    f" {self.limits.max_message_bytes:,}-byte message limit; use GenerateStream"
+                )
+            y = _label_vectors(mv, req.labels, n, self.limits.max_images)
+            psi = _truncation(req.truncation)
+            mv.batcher.check_room(n)  # before any latent is built: a full queue answers in microseconds
+            spec = req.latents
+            z = self._rows(mv, spec) if isinstance(spec, Rows) else await self._latents(mv, spec, 0, n)
+            return await self._run(mv, _truncate(z, psi), y, output, deadline)
 
     async def stream(self, req: Generate, deadline: float | None = None) -> AsyncIterator[Result]:
-        """Chunks of at most `stream_chunk` images, each within half a message; two in flight keep the batcher busy."""
-        mv = self._model(req.model, req.version)
-        output = _check_output(req.output)
-        if output.grid:
-            raise InvalidArgument("output.grid: not available on GenerateStream; use Generate")
-        n = _count(req.latents, mv.spec.latent_dim, self.limits.max_stream_images)
-        y = _label_vectors(mv, req.labels, n, self.limits.max_stream_images)
-        psi = _truncation(req.truncation)
-        one, per_image = response_bytes(mv, 1, output), response_bytes(mv, 1, output) - response_bytes(mv, 0, output)
-        if one > self.limits.max_message_bytes:
-            raise InvalidArgument(
-                f"output: one image of this model makes a message of up to {one:,} bytes, over the"
-                f" {self.limits.max_message_bytes:,}-byte message limit"
-            )
-        chunk = max(1, min(self.limits.stream_chunk, self.limits.max_message_bytes // (2 * per_image)))
-        z = _truncate(await self._latents(mv, req.latents), psi)
+        """Chunks of at most `stream_chunk` images, each within half a message; two in flight keep the batcher busy.
 
-        def part(start: int) -> asyncio.Task[Result]:
-            stop = min(start + chunk, n)
-            rows = None if y is None else y[start:stop]
-            return asyncio.ensure_future(self._run(mv, z[start:stop], rows, output, deadline, offset=start))
+        Latents are built chunk by chunk, so that a long stream holds two chunks' worth in memory, not all of it.
+        """
+        with self._use(req.model, req.version) as mv:
+            output = _check_output(req.output)
+            if output.grid:
+                raise InvalidArgument("output.grid: not available on GenerateStream; use Generate")
+            n = _count(req.latents, mv.spec.latent_dim, self.limits.max_stream_images)
+            y = _label_vectors(mv, req.labels, n, self.limits.max_stream_images)
+            psi = _truncation(req.truncation)
+            one = response_bytes(mv, 1, output)
+            per_image = one - response_bytes(mv, 0, output)
+            if one > self.limits.max_message_bytes:
+                raise InvalidArgument(
+                    f"output: one image of this model makes a message of up to {one:,} bytes, over the"
+                    f" {self.limits.max_message_bytes:,}-byte message limit"
+                )
+            chunk = max(1, min(self.limits.stream_chunk, self.limits.max_message_bytes // (2 * per_image)))
+            mv.batcher.check_room(min(n, chunk))
+            rows = self._rows(mv, req.latents) if isinstance(req.latents, Rows) else None  # the request holds them
 
-        pending: list[asyncio.Task[Result]] = []
-        try:
-            for start in range(0, n, chunk):
-                pending.append(part(start))
-                if len(pending) == 2:
+            async def part(start: int) -> Result:
+                stop = min(start + chunk, n)
+                z = rows[start:stop] if rows is not None else await self._latents(mv, req.latents, start, stop)
+                z = _truncate(z, psi)
+                labels = None if y is None else y[start:stop]
+                return await self._run(mv, z, labels, output, deadline, offset=start)
+
+            pending: list[asyncio.Task[Result]] = []
+            try:
+                for start in range(0, n, chunk):
+                    pending.append(asyncio.ensure_future(part(start)))
+                    if len(pending) == 2:
+                        yield await pending.pop(0)
+                while pending:
                     yield await pending.pop(0)
-            while pending:
-                yield await pending.pop(0)
-        finally:
-            for task in pending:
-                task.cancel()
-            # Collected, so that a sibling's failure is retrieved here rather than reported as never retrieved.
-            await asyncio.gather(*pending, return_exceptions=True)
+            finally:
+                for task in pending:
+                    task.cancel()
+                # Collected, so that a sibling's failure is retrieved here rather than reported as never retrieved.
+                await asyncio.gather(*pending, return_exceptions=True)
 
     async def interpolate(self, req: Interpolate, deadline: float | None = None) -> Result:
-        mv = self._model(req.model, req.version)
+        with self._use(req.model, req.version) as mv:
+            return await self._interpolate(mv, req, deadline)
+
+    async def _interpolate(self, mv: ModelVersion, req: Interpolate, deadline: float | None) -> Result:
         output = _check_output(req.output)
         if req.method not in METHODS:
             raise InvalidArgument(f"method: unknown value {short(req.method)} (methods: {', '.join(METHODS)})")
@@ -133,18 +152,17 @@ class DataPlane:
             )
         return await self._run(mv, _truncate(z, _truncation(req.truncation)), y, strip, deadline)
 
-    async def _latents(self, mv: ModelVersion, spec: Seeds | SeedRange | Rows) -> np.ndarray:
-        """[n, latent_dim] float32 by the seed contract, or the rows given (already counted by _count)."""
-        if isinstance(spec, Rows):
-            return _rows(spec.values, mv.spec.latent_dim, "rows.values")
+    async def _latents(self, mv: ModelVersion, spec: Seeds | SeedRange, start: int, stop: int) -> np.ndarray:
+        """Samples start..stop-1 by the seed contract, [n, latent_dim] float32 (the seeds were checked by _count)."""
+        seeds = range(spec.start + start, spec.start + stop) if isinstance(spec, SeedRange) else spec.values[start:stop]
         d, prior = mv.spec.latent_dim, mv.spec.prior
-        if isinstance(spec, SeedRange):  # its ends were checked by _count
-            seeds, check = range(spec.start, spec.start + spec.count), False
-        else:
-            seeds, check = spec.values, True
         if len(seeds) <= SEEDS_ON_LOOP:
-            return _seed_latents(seeds, d, prior, check)
-        return await asyncio.get_running_loop().run_in_executor(self.encoder, _seed_latents, seeds, d, prior, check)
+            return contract.seed_latents(seeds, d, prior)
+        return await asyncio.get_running_loop().run_in_executor(self.encoder, contract.seed_latents, seeds, d, prior)
+
+    @staticmethod
+    def _rows(mv: ModelVersion, spec: Rows) -> np.ndarray:
+        return _rows(spec.values, mv.spec.latent_dim, "rows.values")
 
     async def _run(
         self, mv: ModelVersion, z: np.ndarray, y: np.ndarray | None, output: Output, deadline: float | None,
@@ -159,11 +177,16 @@ class DataPlane:
         return dataclasses.replace(result, latents=z) if output.return_latents else result
 
 
-def _seed_latents(seeds: Sequence[int], latent_dim: int, prior: str, check: bool) -> np.ndarray:
-    if check:
+def _check_seeds(seeds: Sequence[int], field: str) -> None:
+    """Every seed in 0..2**64 - 1: at numpy speed when they are, item by item to name the first that is not."""
+    try:
+        values = np.asarray(seeds)
+        valid = values.ndim == 1 and values.dtype.kind in "iu" and (not values.size or values.min() >= 0)
+    except (OverflowError, TypeError, ValueError):
+        valid = False
+    if not valid:
         for i, seed in enumerate(seeds):
-            _check_seed(seed, f"seeds.seeds[{i}]")
-    return contract.seed_latents(seeds, latent_dim, prior)
+            _check_seed(seed, f"{field}[{i}]")
 
 
 def _check_seed(seed: int, field: str) -> None:
@@ -211,6 +234,8 @@ def _count(spec: Seeds | SeedRange | Rows | None, latent_dim: int, limit: int) -
             raise InvalidArgument("seed_range.start: the range runs past the largest seed, 2**64 - 1")
     else:
         field, n = "seeds.seeds", len(spec.values)
+        if n <= limit:
+            _check_seeds(spec.values, field)
     if n == 0:
         raise InvalidArgument(f"{field}: empty")
     if n > limit:

@@ -97,3 +97,13 @@ class Result:
     grid_png: bytes = b""
     latents: np.ndarray | None = None
     offset: int = 0  # streams: this chunk's first image in the whole request
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One model version's place in the lifecycle (README, "Model lifecycle")."""
+
+    name: str
+    version: int
+    state: str  # AVAILABLE | LOADING | READY | UNLOADING | FAILED
+    reason: str = ""  # why it is not READY

@@ -30,3 +30,7 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed before it could run."""
+
+
+class FailedPrecondition(ServiceError):
+    """The request is well formed, but the system's state refuses it (a model version that fails to load)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -29,6 +30,7 @@ STATUS = {
     errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,  # what generated servicer stubs raise for a missing method
 }
 CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -55,16 +57,66 @@ def code_set(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return code if isinstance(code, grpc.StatusCode) else CODES.get(code, grpc.StatusCode.UNKNOWN)
 
 
-class Interceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every call by method, model and code; maps domain errors to status codes."""
+class Malformed:
+    """What a request body that does not parse becomes, so that the call can answer INVALID_ARGUMENT itself."""
 
-    def __init__(self, metrics: Metrics, is_model: Callable[[str], bool], authorizer: Authorizer | None = None):
+    def __init__(self, message: str):
+        self.message = message
+
+
+def lenient(deserialize: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    """`deserialize`, returning Malformed instead of raising: gRPC would answer UNKNOWN and log a traceback."""
+    if deserialize is None:
+        return None
+    cls = getattr(deserialize, "__self__", None)  # Message.FromString
+    kind = getattr(getattr(cls, "DESCRIPTOR", None), "full_name", "request message")
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError, or anything a parser raises on bytes it was never meant to see
+            return Malformed(f"request: the body is not a valid {kind}")
+
+    return parse
+
+
+class Interceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call by method, model and code; maps domain errors to status codes.
+
+    While draining (`drain()`), it answers new calls itself with UNAVAILABLE, except to the services in `open_`
+    (health, so that probes read NOT_SERVING), and counts the calls still running down to zero.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        is_model: Callable[[str], bool],
+        authorizer: Authorizer | None = None,
+        open_during_drain: frozenset[str] = frozenset(),
+    ):
         self.metrics, self.is_model, self.authorizer = metrics, is_model, authorizer
+        self.open_during_drain = open_during_drain
         self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple] = {}  # labels() per call costs more
+        self.active = 0  # calls inside a handler
+        self._idle: asyncio.Event | None = None
+        self.draining = False
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new calls from now on; wait up to `timeout` s for the running ones. True if none is left."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.active and (left := deadline - time.monotonic()) > 0:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), left)
+        return not self.active
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
+        if self.draining and details.method.split("/")[1] not in self.open_during_drain:
+            # Not gRPC's own shutdown, which cancels calls it has not handed out: a clear, retryable answer.
+            return self._answer(details.method, handler, grpc.StatusCode.UNAVAILABLE, "server: shutting down")
         if self.authorizer is not None:
             # Before the handler is even looked at: an unknown method needs admin too, so that nobody without a
             # token can map the API by the difference between UNIMPLEMENTED and UNAUTHENTICATED.
@@ -80,50 +132,57 @@ class Interceptor(grpc.aio.ServerInterceptor):
         return cached[1]
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        parse, send = lenient(handler.request_deserializer), handler.response_serializer
+        guard = functools.partial(self._guard, method, request_streaming=handler.request_streaming)
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._guard(method, handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), parse, send)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._guard(method, handler.unary_stream), handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream), parse, send)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._guard(method, handler.stream_unary), handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._guard(method, handler.stream_stream), handler.request_deserializer, handler.response_serializer
-        )
+            return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary), parse, send)
+        return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream), parse, send)
 
     def _refuse(self, path: str, handler: grpc.RpcMethodHandler | None, refusal: Refusal) -> grpc.RpcMethodHandler:
-        """A handler that records, audits and aborts the call, decided on the metadata alone.
+        """A handler that records, audits and aborts a call refused for its credentials."""
+
+        def audit(context: grpc.aio.ServicerContext) -> None:
+            self.metrics.auth_failures.labels(refusal.reason).inc()
+            log.warning(
+                "refused %s from %s: %s (token %s)", path, context.peer(), refusal.reason, refusal.token or "-"
+            )  # the audit line: never the token itself
+
+        return self._answer(path, handler, refusal.code, refusal.message, audit)
+
+    def _answer(
+        self, path: str, handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str,
+        note: Callable[[grpc.aio.ServicerContext], None] = lambda context: None,
+    ) -> grpc.RpcMethodHandler:  # fmt: skip
+        """A handler that records the call and ends it with `code`, decided on the metadata alone.
 
         It takes a request *stream* whatever the method's kind, and never reads it: gRPC reads a unary request
         whole before calling its handler, which would let anyone without a token upload a full-size message.
         """
         method = path.rsplit("/", 1)[-1]
 
-        async def refuse(request, context):
+        async def answer(request, context):
             start = time.perf_counter()
-            self.metrics.auth_failures.labels(refusal.reason).inc()
-            log.warning(
-                "refused %s from %s: %s (token %s)", path, context.peer(), refusal.reason, refusal.token or "-"
-            )  # the audit line: never the token itself
-            self._record(method, UNKNOWN_MODEL, refusal.code, start)
-            await context.abort(refusal.code, refusal.message)
+            note(context)
+            self._record(method, UNKNOWN_MODEL, code, start)
+            await context.abort(code, message)
 
-        async def refuse_stream(request, context):
-            await refuse(request, context)
-            yield  # never reached: refuse() aborts; the yield makes this a streaming handler
+        async def answer_stream(request, context):
+            await answer(request, context)
+            yield  # never reached: answer() aborts; the yield makes this a streaming handler
 
         if handler is not None and not handler.response_streaming:
-            return grpc.stream_unary_rpc_method_handler(refuse, None, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(refuse_stream, None, handler and handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(answer, None, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(answer_stream, None, handler and handler.response_serializer)
 
-    def _guard(self, method: str, behavior):
+    def _guard(self, method: str, behavior, request_streaming: bool):
         """The same behaviour inside `outcome`, of the same kind: gRPC tells streams by their function type."""
         outcome = self._outcome
+        if request_streaming and (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
+            behavior = _checking_requests(behavior)
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request, context):
@@ -161,7 +220,10 @@ class Interceptor(grpc.aio.ServerInterceptor):
         name = getattr(request, "model", None) or getattr(request, "name", None) or ""
         model = name if isinstance(name, str) and self.is_model(name) else UNKNOWN_MODEL
         code = None
+        self.active += 1
         try:
+            if isinstance(request, Malformed):
+                raise errors.InvalidArgument(request.message)
             yield
             code = code_set(context)
         except (asyncio.CancelledError, GeneratorExit):  # the client left, the deadline passed, or the server stops
@@ -177,6 +239,9 @@ class Interceptor(grpc.aio.ServerInterceptor):
             await context.abort(code, message)
         finally:
             self._record(method, model, code or grpc.StatusCode.UNKNOWN, start)
+            self.active -= 1
+            if not self.active and self._idle is not None:
+                self._idle.set()
 
     def _record(self, method: str, model: str, code: grpc.StatusCode, start: float) -> None:
         key = (method, model, code)
@@ -187,3 +252,27 @@ class Interceptor(grpc.aio.ServerInterceptor):
             self._children[key] = children
         children[0].inc()
         children[1].observe(time.perf_counter() - start)
+
+
+def _checking_requests(behavior):
+    """A request-streaming behaviour whose stream raises InvalidArgument at a message that did not parse."""
+
+    async def checked(requests):
+        async for request in requests:
+            if isinstance(request, Malformed):
+                raise errors.InvalidArgument(request.message)
+            yield request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(requests, context):
+            async with contextlib.aclosing(behavior(checked(requests), context)) as it:
+                async for response in it:
+                    yield response
+
+        return stream
+
+    async def unary(requests, context):
+        return await behavior(checked(requests), context)
+
+    return unary

@@ -51,7 +51,7 @@ class Metrics:
             "gan_queue_depth", "Samples waiting in the batcher's queue.", ["model", "version"], registry=registry
         )
         self.model_info = Gauge(
-            "gan_model_info", "1 for every loaded model version, with its execution provider.",
+            "gan_model_info", "1 for every model version serving, with its execution provider.",
             ["model", "version", "provider"], registry=registry,
         )  # fmt: skip
         self.auth_failures = Counter(
@@ -62,9 +62,14 @@ class Metrics:
             "gan_credential_reload_failures", "Changed TLS or tokens files that could not be used (the old stay).",
             ["file"], registry=registry,
         )  # fmt: skip
-        self.load_failures = Counter(
-            "gan_model_load_failures", "Model versions that failed to load.", ["model"], registry=registry
-        )
+        self.model_loads = Counter(
+            "gan_model_loads", "Model version loads, by result (success, failure).", ["model", "result"],
+            registry=registry,
+        )  # fmt: skip
+        self.model_load_seconds = Histogram(
+            "gan_model_load_seconds", "Time to load, validate and warm a model version.", ["model"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=registry,
+        )  # fmt: skip
 
     def observer(self, model: str, version: int) -> BatchObserverImpl:
         return BatchObserverImpl(self, model, str(version))

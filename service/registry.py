@@ -1,26 +1,39 @@
-"""The model repository: discovery, validation, loading, versions. Health follows it.
+"""The model lifecycle: which versions serve, and how they join and leave without failing a request.
 
-Layout: <repository>/<name>/<version>/model.onnx, version a positive integer. Each version gets its own
-ONNX Runtime session and batcher. A model that fails validation is skipped with one clear log line.
+The promise (README, "Model lifecycle"):
+- a version is loaded, validated and warmed off the event loop, and joins only when ready;
+- a failed load changes nothing that serves: one log line, a counter, and the reason in the index;
+- a version that leaves stops taking requests at once; what it already took finishes, then its session is freed;
+- the last ready version of a model is never dropped because its replacement failed;
+- lifecycle work is serialised, and triggers that arrive meanwhile share the next pass.
+
+The serving map is replaced whole, never changed in place, so a request always sees one consistent set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from service.batcher import Batcher, BatchObserver
-from service.config import BatchingConfig, RuntimeConfig
+from service.batcher import Batcher
+from service.config import BatchingConfig, ModelControl, RuntimeConfig
 from service.contract import ContractError, ModelSpec, read_spec
-from service.errors import NotFound, short
+from service.domain import VersionStatus
+from service.errors import FailedPrecondition, NotFound, Unavailable, short
+from service.metrics import Metrics
+from service.repository import NAME, ModelDir, Stamp, VersionPolicy, scan
 from service.runtime import Session
 
 log = logging.getLogger(__name__)
+
+AVAILABLE, LOADING, READY, UNLOADING, FAILED = "AVAILABLE", "LOADING", "READY", "UNLOADING", "FAILED"
 
 
 def served_spec(session: Session) -> ModelSpec:
@@ -31,13 +44,15 @@ def served_spec(session: Session) -> ModelSpec:
     return spec
 
 
-@dataclass
+@dataclass(eq=False)
 class ModelVersion:
     name: str
     version: int
     session: Session
     spec: ModelSpec
     batcher: Batcher
+    users: int = 0  # requests holding it (Registry.use)
+    _released: asyncio.Event | None = None
 
     @property
     def ready(self) -> bool:
@@ -48,76 +63,71 @@ class ModelVersion:
         feeds = {"z": z} if y is None else {"z": z, "y": y}
         return await self.batcher.submit(feeds, deadline)
 
+    async def released(self) -> None:
+        """Returns once no request holds this version."""
+        while self.users:
+            self._released = asyncio.Event()
+            await self._released.wait()
 
-ObserverFactory = Callable[[str, int], BatchObserver | None]
+    def _release(self) -> None:
+        self.users -= 1
+        if not self.users and self._released is not None:
+            self._released.set()
+
+
+@dataclass
+class _Asked:
+    """What the admin API (or --load-model) said about one model; it outlives rescans."""
+
+    load: bool  # False: UnloadModel of the whole model
+    pinned: set[int] = field(default_factory=set)  # LoadModel of a version: served beside the policy's
+    dropped: set[int] = field(default_factory=set)  # UnloadModel of a version
 
 
 class Registry:
     def __init__(
         self,
         repository: Path,
+        control: ModelControl,
         runtime: RuntimeConfig,
         batching: BatchingConfig,
-        observer: ObserverFactory = lambda name, version: None,
-        on_load: Callable[[ModelVersion], None] = lambda mv: None,
-        on_failure: Callable[[str, str], None] = lambda name, reason: None,
+        metrics: Metrics | None = None,
+        on_change: Callable[[], None] = lambda: None,
     ):
-        self.repository, self.runtime, self.batching = Path(repository), runtime, batching
-        self._observer, self._on_load, self._on_failure = observer, on_load, on_failure
-        self.models: dict[str, dict[int, ModelVersion]] = {}
+        self.repository, self.control, self.runtime, self.batching = Path(repository), control, runtime, batching
+        self.policy = VersionPolicy.parse(control.version_policy, "version_policy")
+        self.metrics, self._on_change = metrics, on_change
+        self._serving: dict[str, dict[int, ModelVersion]] = {}  # replaced whole, never changed in place
+        self._disk: dict[str, ModelDir] = {}  # as of the last scan
+        self._failed: dict[tuple[str, int], tuple[Stamp, str]] = {}  # tried again once the file changes
+        self._loading: tuple[str, int] | None = None
+        self._retiring: dict[tuple[str, int], asyncio.Task] = {}
+        self._skipped: set[str] = set()  # directory names already reported as not model names
+        self._asked = {name: _Asked(load=True) for name in control.load_model}
+        self._next: asyncio.Future[int] | None = None  # the pass the next trigger joins
+        self._runner: asyncio.Task | None = None
+        self._closing = False
 
-    def discover(self) -> list[tuple[str, int, Path]]:
-        """Every <name>/<version>/model.onnx under the repository (staging and other folders ignored)."""
-        if not self.repository.is_dir():
-            return []
-        found = []
-        for model_dir in sorted(p for p in self.repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for version_dir in model_dir.iterdir():
-                if version_dir.name.isdigit() and int(version_dir.name) > 0 and (version_dir / "model.onnx").is_file():
-                    found.append((model_dir.name, int(version_dir.name), version_dir / "model.onnx"))
-        return sorted(found)
+    # ---- what serves -------------------------------------------------------------------------------
 
-    def load(self, name: str, version: int, path: Path) -> ModelVersion:
-        session = Session(path, self.runtime)
-        spec = served_spec(session)
-        session.warm_up(self.batching.max_batch_size, spec.latent_dim, spec.num_classes)
-        batcher = Batcher(session.run, self.batching, self._observer(name, version))
-        return ModelVersion(name, version, session, spec, batcher)
-
-    async def load_all(self) -> int:
-        """Load every version not loaded yet; returns how many loaded. Failures are logged and skipped."""
-        loaded = 0
-        for name, version, path in self.discover():
-            if version in self.models.get(name, {}):
-                continue
-            try:
-                # Session creation and warm-up take a while: off the event loop, so serving goes on meanwhile.
-                mv = await asyncio.get_running_loop().run_in_executor(None, self.load, name, version, path)
-            except Exception as e:  # any failure to load one model must not stop the others
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                log.error("skipping model %s version %d (%s): %s", name, version, path, reason)
-                self._on_failure(name, reason)
-                continue
-            await mv.batcher.start()
-            self.models.setdefault(name, {})[version] = mv
-            self._on_load(mv)
-            log.info("loaded model %s version %d on %s", name, version, mv.session.provider)
-            loaded += 1
-        return loaded
+    @property
+    def models(self) -> dict[str, dict[int, ModelVersion]]:
+        """The serving versions by name and version: a snapshot, never changed afterwards."""
+        return self._serving
 
     @property
     def ready(self) -> bool:
-        return any(self.models.values())
+        return any(self._serving.values())
 
     def versions(self, name: str) -> list[int]:
-        """Loaded versions of `name`, ascending (empty when none)."""
-        return sorted(self.models.get(name, ()))
+        """Serving versions of `name`, ascending (empty when none)."""
+        return sorted(self._serving.get(name, ()))
 
     def get(self, name: str, version: int = 0) -> ModelVersion:
-        """A version (0 = the latest loaded); NotFound names what is missing."""
-        versions = self.models.get(name)
+        """A version (0 = the latest serving); NotFound names what is there instead."""
+        versions = self._serving.get(name)
         if not versions:
-            known = ", ".join(sorted(self.models)) or "none loaded"
+            known = ", ".join(sorted(self._serving)) or "none loaded"
             raise NotFound(f"model: no model named {short(name)} (models: {known})")
         if version == 0:
             return versions[max(versions)]
@@ -125,8 +135,240 @@ class Registry:
             raise NotFound(f"version: model {name!r} has no version {version} (versions: {sorted(versions)})")
         return versions[version]
 
+    @contextlib.contextmanager
+    def use(self, name: str, version: int = 0) -> Iterator[ModelVersion]:
+        """A version held for one request: if it leaves meanwhile, its session stays until the request is done."""
+        mv = self.get(name, version)
+        mv.users += 1
+        try:
+            yield mv
+        finally:
+            mv._release()
+
+    # ---- triggers ----------------------------------------------------------------------------------
+
+    async def sync(self) -> int:
+        """Rescan the repository and apply it; returns how many versions joined.
+
+        A call that arrives while a pass runs is served by the next pass, which every such call shares: twenty
+        SIGHUPs make at most two passes, and each version loads once.
+        """
+        if self._closing:
+            raise Unavailable("model repository: the server is stopping")
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            if self._runner is None:
+                self._runner = asyncio.ensure_future(self._passes())
+        return await asyncio.shield(self._next)
+
+    async def _passes(self) -> None:
+        try:
+            while self._next is not None and not self._closing:
+                done, self._next = self._next, None
+                try:
+                    done.set_result(await self._pass())
+                except Exception as e:  # handed to every caller that asked for this pass
+                    done.set_exception(e)
+        finally:
+            self._runner = None
+            if self._next is not None:  # stopping: nobody waits for nothing
+                self._next.set_exception(Unavailable("model repository: the server is stopping"))
+                self._next = None
+
+    async def load_model(self, name: str, version: int = 0) -> list[VersionStatus]:
+        """LoadModel: serve `name` (by its policy), or also `version` of it; fails if what it asked for fails."""
+        if not NAME.fullmatch(name):
+            raise NotFound(f"name: {short(name)} is not a model name")
+        found, _ = await asyncio.to_thread(scan, self.repository)
+        if name not in found:
+            raise NotFound(f"name: no model {name!r} in the repository (models: {', '.join(sorted(found)) or 'none'})")
+        if version and version not in found[name].files:
+            on_disk = sorted(found[name].files)
+            raise NotFound(f"version: model {name!r} has no version {version} on disk (versions: {on_disk})")
+        asked = self._asked.setdefault(name, _Asked(load=True))
+        asked.load = True
+        if version:
+            asked.pinned.add(version)
+            asked.dropped.discard(version)
+        else:
+            asked.dropped.clear()
+        await self.sync()
+        status = self.status(name)
+        failed = [s for s in status if s.state == FAILED and (s.version == version or not version)]
+        if version in {s.version for s in failed} or (not version and failed and not self.versions(name)):
+            raise FailedPrecondition(
+                "name: " + "; ".join(f"model {name!r} version {s.version} failed to load: {s.reason}" for s in failed)
+            )
+        return status
+
+    async def unload_model(self, name: str, version: int = 0) -> list[VersionStatus]:
+        """UnloadModel: stop serving `name`, or one version of it; answers once it takes no new requests."""
+        serving = self._serving.get(name, {})
+        if not serving and (version or name not in self._disk):
+            raise NotFound(f"name: model {short(name)} is not loaded (models: {', '.join(sorted(self._serving))})")
+        asked = self._asked.setdefault(name, _Asked(load=True))
+        if version:
+            if version not in serving:
+                versions = sorted(serving)
+                raise NotFound(f"version: model {name!r} has no version {version} serving (versions: {versions})")
+            asked.dropped.add(version)
+            asked.pinned.discard(version)
+        else:
+            self._asked[name] = _Asked(load=False)
+        await self.sync()
+        return self.status(name)
+
+    # ---- one pass ----------------------------------------------------------------------------------
+
+    async def _pass(self) -> int:
+        found, skipped = await asyncio.to_thread(scan, self.repository)
+        for name in sorted(set(skipped) - self._skipped):
+            log.warning("model repository: skipping %s: not a model name (letters, digits, '.', '_', '-')", short(name))
+        self._skipped = set(skipped)
+        self._disk = found
+        self._failed = {k: v for k, v in self._failed.items() if self._still_failing(*k)}
+        joined = 0
+        # Newest first, one at a time; a failure drops out of the policy's choice, and the next pass over the
+        # wanted set picks the version after it (latest:1 with a corrupt v3 serves v2).
+        while not self._closing:
+            live = self._serving
+            missing = [(n, v) for n in found for v in sorted(self._wanted(n), reverse=True) if v not in live.get(n, {})]
+            if not missing:
+                break
+            joined += await self._load(*missing[0])
+        for name in list(self._serving):
+            wanted = self._wanted(name)
+            ready = any(v in wanted for v in self._serving[name])
+            for version in self.versions(name):
+                if version in wanted:
+                    continue
+                why = self._why_not(name, version)
+                # Availability first: a version the policy no longer selects waits for one it does select.
+                if why.startswith("outside") and not ready:
+                    continue
+                self._retire(self._serving[name][version], why)
+        self._on_change()
+        return joined
+
+    def _wanted(self, name: str) -> set[int]:
+        """The versions of `name` that should serve, of those on disk that did not fail as they are now."""
+        model = self._disk.get(name)
+        asked = self._asked.get(name)
+        if model is None or not (asked.load if asked else self.control.mode != "explicit"):
+            return set()
+        if model.error:  # an unusable model.json changes nothing: what serves goes on serving
+            return set(self.versions(name))
+        candidates = {v for v in model.files if not self._still_failing(name, v)}
+        wanted = (model.policy or self.policy).select(candidates)
+        if asked is not None:
+            wanted = (wanted | (asked.pinned & candidates)) - asked.dropped
+        return wanted
+
+    def _still_failing(self, name: str, version: int) -> bool:
+        failure = self._failed.get((name, version))
+        model = self._disk.get(name)
+        return failure is not None and model is not None and model.stamps.get(version) == failure[0]
+
+    def _why_not(self, name: str, version: int) -> str:
+        """Why a version on disk does not serve."""
+        model, asked = self._disk.get(name), self._asked.get(name)
+        if model is None or version not in model.files:
+            return "deleted from the repository"
+        if model.error:
+            return model.error
+        if asked is not None and not asked.load:
+            return "unloaded by UnloadModel"
+        if asked is not None and version in asked.dropped:
+            return "unloaded by UnloadModel"
+        if asked is None and self.control.mode == "explicit":
+            return "not loaded: explicit model control (LoadModel or --load-model loads it)"
+        return f"outside version policy {model.policy or self.policy}"
+
+    async def _load(self, name: str, version: int) -> int:
+        """Load, validate and warm one version off the event loop; it joins only if all of that worked."""
+        model = self._disk[name]
+        path, stamp = model.files[version], model.stamps[version]
+        self._loading = (name, version)
+        start = time.perf_counter()
+        try:
+            # Off the event loop: serving goes on meanwhile. A thread cannot be interrupted, so a stop waits for it.
+            mv = await asyncio.get_running_loop().run_in_executor(None, self._open, name, version, path)
+        except Exception as e:  # a corrupt file, wrong metadata, an ORT error, a file still being copied
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self._failed[(name, version)] = (stamp, reason)
+            self._count(name, "failure", start)
+            log.error("model %s version %d failed to load (%s): %s", name, version, path, reason)
+            return 0
+        finally:
+            self._loading = None
+        if self._closing:  # the stop came during the load: it never joins, and there is nothing to drain
+            return 0
+        await mv.batcher.start()
+        self._serving = {**self._serving, name: {**self._serving.get(name, {}), version: mv}}
+        self._count(name, "success", start)
+        if self.metrics is not None:
+            self.metrics.model_info.labels(name, str(version), mv.session.provider).set(1)
+        log.info("model %s version %d ready on %s", name, version, mv.session.provider)
+        return 1
+
+    def _open(self, name: str, version: int, path: Path) -> ModelVersion:
+        session = Session(path, self.runtime)
+        spec = served_spec(session)
+        session.warm_up(self.batching.max_batch_size, spec.latent_dim, spec.num_classes)
+        observer = self.metrics.observer(name, version) if self.metrics is not None else None
+        return ModelVersion(name, version, session, spec, Batcher(session.run, self.batching, observer))
+
+    def _count(self, name: str, result: str, start: float) -> None:
+        if self.metrics is not None:
+            self.metrics.model_loads.labels(name, result).inc()
+            self.metrics.model_load_seconds.labels(name).observe(time.perf_counter() - start)
+
+    def _retire(self, mv: ModelVersion, why: str) -> None:
+        """Out of the serving map now (new requests get NOT_FOUND); drained and freed in the background."""
+        rest = {v: m for v, m in self._serving[mv.name].items() if m is not mv}
+        self._serving = {n: vs for n, vs in {**self._serving, mv.name: rest}.items() if vs}
+        if self.metrics is not None:
+            with contextlib.suppress(KeyError):
+                self.metrics.model_info.remove(mv.name, str(mv.version), mv.session.provider)
+        log.info("model %s version %d leaves (%s); %d request(s) in flight finish first", mv.name, mv.version, why,
+                 mv.users)  # fmt: skip
+        key = (mv.name, mv.version)
+        self._retiring[key] = task = asyncio.ensure_future(self._drain(mv))
+        task.add_done_callback(lambda t: self._retiring.pop(key, None) if self._retiring.get(key) is t else None)
+
+    @staticmethod
+    async def _drain(mv: ModelVersion) -> None:
+        await mv.released()
+        await mv.batcher.stop()  # nothing is queued any more; this ends its workers
+        log.info("model %s version %d unloaded", mv.name, mv.version)
+
+    # ---- state -------------------------------------------------------------------------------------
+
+    def status(self, name: str | None = None) -> list[VersionStatus]:
+        """Every version on disk (as of the last scan) or loaded, with its state, by name and version."""
+        keys = {(n, v) for n, model in self._disk.items() for v in model.files}
+        keys |= {(n, v) for n, vs in self._serving.items() for v in vs} | set(self._retiring)
+        out = []
+        for n, v in sorted(k for k in keys if name is None or k[0] == name):
+            if v in self._serving.get(n, {}):
+                out.append(VersionStatus(n, v, READY))
+            elif (n, v) in self._retiring:
+                out.append(VersionStatus(n, v, UNLOADING, self._why_not(n, v)))
+            elif self._loading == (n, v):
+                out.append(VersionStatus(n, v, LOADING))
+            elif self._still_failing(n, v):
+                out.append(VersionStatus(n, v, FAILED, self._failed[(n, v)][1]))
+            elif self._disk[n].error:
+                out.append(VersionStatus(n, v, FAILED, self._disk[n].error))
+            else:
+                out.append(VersionStatus(n, v, AVAILABLE, self._why_not(n, v)))
+        return out
+
     async def stop(self) -> None:
-        """Drain every batcher: queued work finishes, new work is refused."""
-        for versions in self.models.values():
-            for mv in versions.values():
-                await mv.batcher.stop()
+        """No more passes; a load under way finishes and is dropped; every version drains, then stops."""
+        self._closing = True
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+        serving, self._serving = self._serving, {}
+        draining = [self._drain(mv) for versions in serving.values() for mv in versions.values()]
+        await asyncio.gather(*draining, *self._retiring.values())

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import signal
+import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,20 +29,21 @@ from service.interceptor import Interceptor
 from service.metrics import Metrics
 from service.registry import Registry
 from service.security import Authorizer, server_credentials
-from service.servicer import GeneratorServicer
+from service.servicer import GeneratorServicer, ModelAdminServicer
 
 log = logging.getLogger(__name__)
 
 MAX_METADATA_BYTES = 16 << 10
 
 GENERATOR = pb.DESCRIPTOR.services_by_name["Generator"]
+ADMIN = pb.DESCRIPTOR.services_by_name["ModelAdmin"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 SERVICE_NAME = GENERATOR.full_name
 # The role each service needs when tokens are on (None: open to all). Health stays open for kubelet probes, which
 # cannot send tokens; a service not named here needs admin.
 ROLES = {
-    GENERATOR.full_name: "infer", HEALTH.full_name: None, REFLECTION.full_name: "infer",
+    GENERATOR.full_name: "infer", ADMIN.full_name: "admin", HEALTH.full_name: None, REFLECTION.full_name: "infer",
     "grpc.reflection.v1.ServerReflection": "infer",  # in case grpcio-reflection also registers v1
 }  # fmt: skip
 
@@ -96,12 +98,7 @@ class Server:
         if sec.auth_tokens_file:
             self.authorizer = Authorizer(sec.auth_tokens_file, ROLES, on_reload_failure=failed("tokens").inc)
         self.registry = Registry(
-            Path(cfg.model_repository),
-            cfg.runtime,
-            cfg.batching,
-            observer=self.metrics.observer,
-            on_load=lambda mv: self.metrics.model_info.labels(mv.name, str(mv.version), mv.session.provider).set(1),
-            on_failure=lambda name, reason: self.metrics.load_failures.labels(name).inc(),
+            Path(cfg.model_repository), cfg.models, cfg.runtime, cfg.batching, self.metrics, self._registry_changed
         )
         self.encoder = ThreadPoolExecutor(cfg.limits.encoder_threads, thread_name_prefix="encode")
         self.plane = DataPlane(self.registry, cfg.limits, self.encoder, cfg.security.full_metadata)
@@ -109,10 +106,13 @@ class Server:
         # Every service, registered and listed for reflection from this one table.
         services = [
             (GENERATOR, pb_grpc.add_GeneratorServicer_to_server, GeneratorServicer(self.plane)),
+            (ADMIN, pb_grpc.add_ModelAdminServicer_to_server, ModelAdminServicer(self.registry)),
             (HEALTH, health_pb2_grpc.add_HealthServicer_to_server, self.health),
         ]
-        interceptor = Interceptor(self.metrics, lambda name: name in self.registry.models, self.authorizer)
-        self.grpc = grpc.aio.server(options=server_options(cfg), interceptors=[interceptor])
+        self.interceptor = Interceptor(
+            self.metrics, lambda name: name in self.registry.models, self.authorizer, frozenset([HEALTH.full_name])
+        )
+        self.grpc = grpc.aio.server(options=server_options(cfg), interceptors=[self.interceptor])
         for _, add, servicer in services:
             add(servicer, self.grpc)
         self.services = [d for d, *_ in services] + ([REFLECTION] if sec.reflection else [])
@@ -126,6 +126,7 @@ class Server:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._background: set[asyncio.Task] = set()
+        self._poller: asyncio.Task | None = None
 
     def spawn(self, coro: Coroutine, what: str) -> asyncio.Task:
         """Run `coro` in the background, held until it ends; a failure is logged, never lost."""
@@ -171,29 +172,47 @@ class Server:
                 )  # fmt: skip
             else:
                 log.warning("bearer tokens over plaintext gRPC on %s: anyone on the path can read them", cfg.host)
-        loaded = await self.registry.load_all()
+        loaded = await self.registry.sync()
         await self._set_health(self.registry.ready)
+        if cfg.models.mode == "poll":
+            self._poller = self.spawn(self._poll(cfg.models.poll_seconds), "repository poll")
         log.info("serving %d model version(s) on port %d, metrics on %d", loaded, self.port, self.metrics_port)
 
     async def reload(self) -> int:
-        """Load versions that appeared in the repository since start; the old ones keep serving meanwhile."""
+        """SIGHUP: re-read the tokens file and rescan the repository; returns how many versions joined."""
         if self._stopping:
             return 0
         if self.authorizer is not None:
             self.authorizer.reload()
-        loaded = await self.registry.load_all()
+        return await self.registry.sync()
+
+    async def _poll(self, seconds: float) -> None:
+        while not self._stopping:
+            await asyncio.sleep(seconds)
+            try:
+                await self.registry.sync()
+            except Exception:  # one bad pass must not end polling
+                log.exception("repository poll failed")
+
+    def _registry_changed(self) -> None:
+        """After every lifecycle pass: NOT_SERVING only while no version of any model is ready."""
         if not self._stopping:
-            await self._set_health(self.registry.ready)
-        return loaded
+            self.spawn(self._set_health(self.registry.ready), "health update")
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING first, then finish accepted requests within the grace period, then stop."""
         if self._stopping:
             return
         self._stopping = True
+        grace = self.cfg.lifecycle.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         try:
+            if self._poller is not None:
+                self._poller.cancel()
             await self._set_health(False)
-            await self.grpc.stop(self.cfg.lifecycle.grace_seconds if grace is None else grace)
+            # New calls get UNAVAILABLE from here on, while the accepted ones finish; then gRPC itself stops.
+            await self.interceptor.drain(grace)
+            await self.grpc.stop(max(0.0, deadline - time.monotonic()))
             await self.registry.stop()
         finally:
             if self._health_only is not None:
@@ -209,7 +228,7 @@ class Server:
 
 
 async def serve(cfg: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain. SIGHUP loads versions added to the repository since."""
+    """Run until SIGTERM or SIGINT, then drain. SIGHUP rescans the model repository (and the tokens file)."""
     server = Server(cfg)
     await server.start()
     # One machine-readable line on stdout: how scripts and tests learn the ports (0 in the config picks free ones).

@@ -1,4 +1,5 @@
-"""The ganserve.v1 front end: protobuf → one domain request → the data plane → protobuf. It judges nothing.
+"""The ganserve.v1 front ends: protobuf → one domain request → the data plane (or, for ModelAdmin, the registry)
+→ protobuf. They judge nothing.
 
 Validation lives in the data plane; errors become status codes in the interceptor (service/interceptor.py).
 """
@@ -14,10 +15,13 @@ from service import domain as dm
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.dataplane import DataPlane
+from service.registry import Registry
 
 FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "png", pb.PNG: "png", pb.RAW_UINT8: "uint8", pb.RAW_FLOAT32: "float32"}
 FORMAT_ENUMS = {"png": pb.PNG, "uint8": pb.RAW_UINT8, "float32": pb.RAW_FLOAT32}
 METHODS = {pb.INTERPOLATION_METHOD_UNSPECIFIED: "slerp", pb.SLERP: "slerp", pb.LERP: "lerp"}
+STATES = {name: pb.VersionState.Value(f"VERSION_STATE_{name}") for name in
+          ("AVAILABLE", "LOADING", "READY", "UNLOADING", "FAILED")}  # fmt: skip
 
 
 class Converted(Sequence):
@@ -136,3 +140,24 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
     async def Interpolate(self, request: pb.InterpolateRequest, context) -> pb.GenerateResponse:
         return from_result(await self.plane.interpolate(to_interpolate(request), deadline_of(context)))
+
+
+def from_statuses(statuses: Sequence[dm.VersionStatus]) -> list[pb.VersionStatus]:
+    return [pb.VersionStatus(name=s.name, version=s.version, state=STATES[s.state], reason=s.reason) for s in statuses]
+
+
+class ModelAdminServicer(pb_grpc.ModelAdminServicer):
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        statuses = [s for s in self.registry.status() if s.state == "READY" or not request.ready_only]
+        return pb.RepositoryIndexResponse(versions=from_statuses(statuses))
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.ModelStatus:
+        statuses = await self.registry.load_model(request.name, request.version)
+        return pb.ModelStatus(name=request.name, versions=from_statuses(statuses))
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.ModelStatus:
+        statuses = await self.registry.unload_model(request.name, request.version)
+        return pb.ModelStatus(name=request.name, versions=from_statuses(statuses))

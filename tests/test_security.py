@@ -272,7 +272,9 @@ def test_health_stays_open_and_reflection_is_gated(pki):
     on_main, gated, probe, only_health, off = asyncio.run(go())
     assert on_main == probe == health_pb2.HealthCheckResponse.SERVING
     assert gated[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert gated[1] == ["ganserve.v1.Generator", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
+    assert gated[1] == [
+        "ganserve.v1.Generator", "ganserve.v1.ModelAdmin", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"
+    ]  # fmt: skip
     assert only_health == grpc.StatusCode.UNIMPLEMENTED  # the plaintext port serves health and nothing else
     assert off == grpc.StatusCode.UNIMPLEMENTED
 

@@ -65,7 +65,7 @@ DEFAULTS = {
     "max_stream_images": 65536, "stream_chunk": 64, "max_message_bytes": 64 << 20, "encoder_threads": 2,
     "grace_seconds": 25.0, "max_connection_age_s": 0.0, "max_connection_age_grace_s": 30.0, "metrics_host": "",
     "health_port": -1, "tls_cert": "", "tls_key": "", "tls_client_ca": "", "auth_tokens_file": "", "reflection": True,
-    "full_metadata": False,
+    "full_metadata": False, "model_control": "none", "poll_seconds": 10.0, "load_model": (), "version_policy": "latest:1",
 }  # fmt: skip
 
 
@@ -83,6 +83,8 @@ def test_every_default_is_the_documented_one():
         **{f: getattr(cfg.lifecycle, f) for f in ("grace_seconds", "max_connection_age_s", "max_connection_age_grace_s")},
         **{f: getattr(cfg.security, f) for f in (
             "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file", "reflection", "full_metadata")},
+        "model_control": cfg.models.mode, "poll_seconds": cfg.models.poll_seconds, "load_model": cfg.models.load_model,
+        "version_policy": cfg.models.version_policy,
     }  # fmt: skip
     assert values == DEFAULTS
 
@@ -103,6 +105,13 @@ def test_every_default_is_the_documented_one():
         (["--health-port", "-2"], "health_port"),
         (["--port", "6000", "--health-port", "6000"], "port"),
         (["--tls-cert", "a.pem"], "tls_cert"),  # without its key
+        (["--model-control", "sometimes"], "model_control"),
+        (["--poll-seconds", "0"], "poll_seconds"),
+        (["--version-policy", "latest:0"], "version_policy"),
+        (["--version-policy", "specific:"], "version_policy"),
+        (["--version-policy", "newest"], "version_policy"),
+        (["--load-model", "a"], "load_model"),  # not in explicit mode
+        (["--model-control", "explicit", "--load-model", "../etc"], "load_model"),
         (["--tls-client-ca", "ca.pem"], "tls_client_ca"),  # mutual TLS without a server certificate
     ],
 )

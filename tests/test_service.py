@@ -27,6 +27,7 @@ def repo(tmp_path_factory):
     echo_model(root / "echo" / "1" / "model.onnx")
     plain_model(root / "plain" / "1" / "model.onnx")
     plain_model(root / "plain" / "2" / "model.onnx")
+    (root / "plain" / "model.json").write_text('{"version_policy": "all"}')  # both versions serve
     return root
 
 
@@ -336,13 +337,13 @@ def test_a_bad_model_is_skipped_and_counted(tmp_path, caplog):
         async with running(tmp_path) as (server, stub, _ch):
             names = [m.name for m in (await stub.ListModels(pb.ListModelsRequest())).models]
             samples = server.metrics.registry.get_sample_value
-            failures = {n: samples("gan_model_load_failures_total", {"model": n}) for n in ("broken", "liar")}
+            failures = {n: samples("gan_model_loads_total", {"model": n, "result": "failure"}) for n in ("broken", "liar")}
             return names, failures
 
     with caplog.at_level("ERROR"):
         names, failures = run(go())
     assert names == ["good"] and failures == {"broken": 1, "liar": 1}
-    assert "skipping model liar version 1" in caplog.text and "input z" in caplog.text
+    assert "model liar version 1 failed to load" in caplog.text and "input z" in caplog.text
 
 
 def test_more_error_paths(repo):
@@ -474,7 +475,7 @@ def test_a_failed_reload_is_logged_not_lost(repo, caplog):
             async def broken() -> int:
                 raise OSError("model repository unreadable")
 
-            server.registry.load_all = broken
+            server.registry._pass = broken
             task = server.spawn(server.reload(), "SIGHUP reload")
             await asyncio.gather(task, return_exceptions=True)
             await asyncio.sleep(0)
@@ -527,7 +528,7 @@ def test_unknown_format_versions_and_point_generators_are_skipped_with_a_reason(
     with caplog.at_level("ERROR"):
         assert run(go()) == ["good"]
     assert "format_version: '3' is not a format this reader knows" in caplog.text
-    assert "skipping model points version 1" in caplog.text
+    assert "model points version 1 failed to load" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -275,3 +275,171 @@ class Generator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelAdminStub:
+    """Model lifecycle (see README, "Model lifecycle"): what the repository holds and in which state, and loading and
+    unloading on demand. It needs the admin role once tokens are on.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RepositoryIndex = channel.unary_unary(
+                '/ganserve.v1.ModelAdmin/RepositoryIndex',
+                request_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/ganserve.v1.ModelAdmin/LoadModel',
+                request_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.ModelStatus.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/ganserve.v1.ModelAdmin/UnloadModel',
+                request_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.ModelStatus.FromString,
+                _registered_method=True)
+
+
+class ModelAdminServicer:
+    """Model lifecycle (see README, "Model lifecycle"): what the repository holds and in which state, and loading and
+    unloading on demand. It needs the admin role once tokens are on.
+    """
+
+    def RepositoryIndex(self, request, context):
+        """Every version on disk or loaded, with its state and, when it is not serving, why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load a model (the versions its policy selects) or one more version of it; answers once that is done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Stop serving a model, or one version of it. New requests for it get NOT_FOUND at once; the requests it has
+        already taken finish first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.LoadModelRequest.FromString,
+                    response_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.ModelStatus.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.UnloadModelRequest.FromString,
+                    response_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.ModelStatus.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ganserve.v1.ModelAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ganserve.v1.ModelAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelAdmin:
+    """Model lifecycle (see README, "Model lifecycle"): what the repository holds and in which state, and loading and
+    unloading on demand. It needs the admin role once tokens are on.
+    """
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganserve.v1.ModelAdmin/RepositoryIndex',
+            service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.RepositoryIndexRequest.SerializeToString,
+            service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganserve.v1.ModelAdmin/LoadModel',
+            service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.LoadModelRequest.SerializeToString,
+            service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganserve.v1.ModelAdmin/UnloadModel',
+            service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.UnloadModelRequest.SerializeToString,
+            service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,141 @@
+"""The model repository on disk: its layout, version policies and per-model settings. Stdlib only; no loading.
+
+Layout: <repository>/<name>/<version>/model.onnx, the version a positive integer written without leading zeros,
+and optionally <repository>/<name>/model.json, {"version_policy": "latest:2"}, which overrides the server's policy
+for that model. Everything here is untrusted input: names are checked before they reach a log line or a metric
+label, model.json is read with a size limit and validated, and every problem names its file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODEL_FILE = "model.onnx"
+SETTINGS_FILE = "model.json"
+MAX_SETTINGS_BYTES = 64 << 10
+MAX_VERSION = 2**32 - 1  # versions travel as uint32
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+POLICIES = "all, latest:N or specific:V[,V...]"
+
+
+class RepositoryError(ValueError):
+    """A setting that cannot be used; the message names where it came from."""
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which of a model's versions on disk are served: all of them, the newest N, or the ones listed."""
+
+    kind: str  # "all" | "latest" | "specific"
+    count: int = 0  # latest
+    versions: frozenset[int] = frozenset()  # specific
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> VersionPolicy:
+        kind, _, arg = str(text).strip().partition(":")
+        try:
+            if kind == "all" and not arg:
+                return cls("all")
+            if kind == "latest" and int(arg) >= 1:
+                return cls("latest", count=int(arg))
+            if kind == "specific":
+                versions = frozenset(int(v) for v in arg.split(","))
+                if versions and all(1 <= v <= MAX_VERSION for v in versions):
+                    return cls("specific", versions=versions)
+        except ValueError:
+            pass
+        raise RepositoryError(f"{where}: expected {POLICIES} (got {str(text)[:64]!r})")
+
+    def select(self, versions: Iterable[int]) -> set[int]:
+        versions = set(versions)
+        if self.kind == "latest":
+            return set(sorted(versions)[-self.count :])
+        if self.kind == "specific":
+            return versions & self.versions
+        return versions
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest:{self.count}"
+        if self.kind == "specific":
+            return "specific:" + ",".join(map(str, sorted(self.versions)))
+        return "all"
+
+
+Stamp = tuple[int, int, int]  # size, mtime_ns, inode: a file that changes gets a new stamp
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """One model as found on disk."""
+
+    name: str
+    files: dict[int, Path] = field(default_factory=dict)  # version → its model.onnx
+    stamps: dict[int, Stamp] = field(default_factory=dict)
+    policy: VersionPolicy | None = None  # from model.json; None: the server's
+    error: str = ""  # why model.json cannot be used ("" when it can, or there is none)
+
+
+def scan(root: Path) -> tuple[dict[str, ModelDir], list[str]]:
+    """Every model under `root` by name, and the directory names skipped as not valid model names."""
+    models: dict[str, ModelDir] = {}
+    skipped: list[str] = []
+    if not root.is_dir():
+        return models, skipped
+    for model_dir in sorted(root.iterdir()):
+        if model_dir.name.startswith(".") or not model_dir.is_dir():
+            continue
+        if not NAME.fullmatch(model_dir.name):
+            skipped.append(model_dir.name)
+            continue
+        files, stamps = {}, {}
+        for version_dir in model_dir.iterdir():
+            version = version_dir.name
+            if not (version.isdecimal() and version.isascii() and version == str(int(version))):
+                continue  # staging folders, model.json, "007"
+            path = version_dir / MODEL_FILE
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # no model file (yet)
+            if 1 <= int(version) <= MAX_VERSION and path.is_file():
+                files[int(version)] = path
+                stamps[int(version)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        policy, error = None, ""
+        try:
+            policy = read_settings(model_dir / SETTINGS_FILE)
+        except RepositoryError as e:
+            error = str(e)
+        models[model_dir.name] = ModelDir(model_dir.name, files, stamps, policy, error)
+    return models, skipped
+
+
+def read_settings(path: Path) -> VersionPolicy | None:
+    """A model's model.json: its version policy, or None when there is no file or it sets none."""
+    where = f"{path.parent.name}/{path.name}"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SETTINGS_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise RepositoryError(f"{where}: cannot be read ({os.strerror(e.errno or 0) or type(e).__name__})") from None
+    if len(raw) > MAX_SETTINGS_BYTES:
+        raise RepositoryError(f"{where}: larger than {MAX_SETTINGS_BYTES} bytes")
+    try:
+        settings = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RepositoryError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise RepositoryError(f"{where}: expected a JSON object")
+    unknown = sorted(set(settings) - {"version_policy"})
+    if unknown:
+        raise RepositoryError(f"{where}: unknown key {unknown[0][:64]!r} (known: version_policy)")
+    if "version_policy" not in settings:
+        return None
+    return VersionPolicy.parse(settings["version_policy"], f"{where}: version_policy")

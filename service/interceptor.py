@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -34,6 +35,26 @@ STATUS = {
     NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,  # what generated servicer stubs raise for a missing method
 }
 CODES = {code.value[0]: code for code in grpc.StatusCode}
+CALL: contextvars.ContextVar[grpc.aio.ServicerContext | None] = contextvars.ContextVar("call", default=None)
+
+
+class LateReplyFilter(logging.Filter):
+    """Drops gRPC's traceback for a reply that lost the race with its own call's deadline.
+
+    gRPC logs "ExecuteBatchError raised in core" when core cancels a call at its deadline while the reply's send is
+    under way; the client already has DEADLINE_EXCEEDED, and nothing was lost. The log comes from the call's own
+    task, so CALL tells whose deadline it was. Every other such error (a reply over the message limit) still logs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("ExecuteBatchError raised in core"):
+            return True
+        context = CALL.get()
+        left = context.time_remaining() if context is not None else None
+        return left is None or left > 0
+
+
+LATE_REPLIES = LateReplyFilter()
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -98,25 +119,41 @@ class Interceptor(grpc.aio.ServerInterceptor):
         self.open_during_drain = open_during_drain
         self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple] = {}  # labels() per call costs more
-        self.active = 0  # calls inside a handler
+        self.active = 0  # calls inside a handler, of the services not open during a drain
+        self.last_arrival = 0.0  # time.monotonic() of the last such call
         self._idle: asyncio.Event | None = None
         self.draining = False
+        grpc_log = logging.getLogger("grpc._cython.cygrpc")
+        if LATE_REPLIES not in grpc_log.filters:
+            grpc_log.addFilter(LATE_REPLIES)
 
-    async def drain(self, timeout: float) -> bool:
-        """Refuse new calls from now on; wait up to `timeout` s for the running ones. True if none is left."""
+    async def drain(self, timeout: float, quiet: float) -> bool:
+        """Refuse new calls from now on, and wait up to `timeout` s until none runs and none arrived for `quiet` s.
+
+        The quiet spell matters: gRPC's own shutdown cancels calls it has received and not handed out yet, so the
+        drain lasts until clients have moved on. True if it ended so, False if the time ran out.
+        """
         self.draining = True
-        deadline = time.monotonic() + timeout
-        while self.active and (left := deadline - time.monotonic()) > 0:
-            self._idle = asyncio.Event()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), left)
+        start = time.monotonic()
+        end = start + timeout
+        while (now := time.monotonic()) < end:
+            if self.active:
+                self._idle = asyncio.Event()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), end - now)
+                continue
+            idle = now - max(self.last_arrival, start)
+            if idle >= quiet:
+                return True
+            await asyncio.sleep(min(quiet - idle, end - now))
         return not self.active
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
-        if self.draining and details.method.split("/")[1] not in self.open_during_drain:
-            # Not gRPC's own shutdown, which cancels calls it has not handed out: a clear, retryable answer.
-            return self._answer(details.method, handler, grpc.StatusCode.UNAVAILABLE, "server: shutting down")
+        if details.method.split("/")[1] not in self.open_during_drain:
+            self.last_arrival = time.monotonic()
+            if self.draining:  # a clear, retryable answer rather than gRPC's own CANCELLED
+                return self._answer(details.method, handler, grpc.StatusCode.UNAVAILABLE, "server: shutting down")
         if self.authorizer is not None:
             # Before the handler is even looked at: an unknown method needs admin too, so that nobody without a
             # token can map the API by the difference between UNIMPLEMENTED and UNAUTHENTICATED.
@@ -127,13 +164,14 @@ class Interceptor(grpc.aio.ServerInterceptor):
             return None
         cached = self._handlers.get(details.method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, self._wrap(details.method.rsplit("/", 1)[-1], handler))
+            cached = (handler, self._wrap(details.method, handler))
             self._handlers[details.method] = cached
         return cached[1]
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parse, send = lenient(handler.request_deserializer), handler.response_serializer
-        guard = functools.partial(self._guard, method, request_streaming=handler.request_streaming)
+        method, counted = path.rsplit("/", 1)[-1], path.split("/")[1] not in self.open_during_drain
+        guard = functools.partial(self._guard, method, request_streaming=handler.request_streaming, counted=counted)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), parse, send)
         if handler.unary_stream:
@@ -178,9 +216,9 @@ class Interceptor(grpc.aio.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(answer, None, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(answer_stream, None, handler and handler.response_serializer)
 
-    def _guard(self, method: str, behavior, request_streaming: bool):
+    def _guard(self, method: str, behavior, request_streaming: bool, counted: bool):
         """The same behaviour inside `outcome`, of the same kind: gRPC tells streams by their function type."""
-        outcome = self._outcome
+        outcome = functools.partial(self._outcome, counted=counted)
         if request_streaming and (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
             behavior = _checking_requests(behavior)
         if inspect.isasyncgenfunction(behavior):
@@ -215,12 +253,13 @@ class Interceptor(grpc.aio.ServerInterceptor):
         return sync_unary
 
     @contextlib.asynccontextmanager
-    async def _outcome(self, method: str, request, context) -> AsyncIterator[None]:
+    async def _outcome(self, method: str, request, context, counted: bool) -> AsyncIterator[None]:
         start = time.perf_counter()
+        CALL.set(context)
         name = getattr(request, "model", None) or getattr(request, "name", None) or ""
         model = name if isinstance(name, str) and self.is_model(name) else UNKNOWN_MODEL
         code = None
-        self.active += 1
+        self.active += counted
         try:
             if isinstance(request, Malformed):
                 raise errors.InvalidArgument(request.message)
@@ -239,7 +278,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
             await context.abort(code, message)
         finally:
             self._record(method, model, code or grpc.StatusCode.UNKNOWN, start)
-            self.active -= 1
+            self.active -= counted
             if not self.active and self._idle is not None:
                 self._idle.set()
 

@@ -1,0 +1,353 @@
+"""The model lifecycle (service/registry.py): versions join and leave without failing a request.
+
+Each test here is one of the faults once measured against the old reload path, or one line of the promise in the
+README's "Model lifecycle" section.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.api.ganserve.v1 import generator_pb2 as pb
+from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from tests.servefix import plain_model, running
+from tests.waiting import until
+
+RAW = pb.OutputOptions(format=pb.RAW_UINT8)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def generate(model: str, version: int = 0, count: int = 2) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model=model, version=version, seed_range=pb.SeedRange(count=count), output=RAW)
+
+
+def loads(server, model: str, result: str = "success") -> float:
+    return server.metrics.registry.get_sample_value("gan_model_loads_total", {"model": model, "result": result}) or 0
+
+
+def index(response: pb.RepositoryIndexResponse) -> dict[tuple[str, int], tuple[str, str]]:
+    return {(v.name, v.version): (pb.VersionState.Name(v.state), v.reason) for v in response.versions}
+
+
+def corrupt(path, data: bytes = b"\x08\x07not onnx at all") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_rapid_triggers_load_each_version_once_and_leave_no_task(tmp_path):
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path) as (server, stub, channel):
+            admin = pb_grpc.ModelAdminStub(channel)
+            plain_model(tmp_path / "m" / "2" / "model.onnx")
+            threads = len(os.listdir("/proc/self/task"))
+            sighups = [server.reload() for _ in range(20)]
+            results = await asyncio.gather(*sighups, admin.LoadModel(pb.LoadModelRequest(name="m", version=2)))
+            counts = loads(server, "m")
+            after = len(os.listdir("/proc/self/task"))
+            answer = await stub.Generate(generate("m"))
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return results, counts, threads, after, answer.version, left
+
+    results, counts, threads, after, version, left = run(go())
+    # Version 1 at start, version 2 once: the triggers shared the pass that loaded it (and say so).
+    assert counts == 2 and set(results[:-1]) == {1}
+    assert after <= threads  # version 1 left (latest:1), so its batcher threads went; none were added twice
+    assert version == 2 and left == []
+
+
+def test_a_version_deleted_from_disk_stops_serving(tmp_path):
+    for v in (1, 2):
+        plain_model(tmp_path / "m" / str(v) / "model.onnx")
+    (tmp_path / "m" / "model.json").write_text('{"version_policy": "all"}')
+
+    async def go():
+        async with running(tmp_path) as (server, stub, channel):
+            shutil.rmtree(tmp_path / "m" / "1")
+            await server.reload()
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                await stub.Generate(generate("m", version=1))
+            listed = (await stub.GetModel(pb.GetModelRequest(name="m"))).versions
+            other = await stub.Generate(generate("m", version=2))
+            await until(lambda: ("m", 1) not in server.registry._retiring)
+            state = index(await pb_grpc.ModelAdminStub(channel).RepositoryIndex(pb.RepositoryIndexRequest()))
+            return gone.value, list(listed), other.version, state
+
+    gone, listed, version, state = run(go())
+    assert gone.code() == grpc.StatusCode.NOT_FOUND and "has no version 1 (versions: [2])" in gone.details()
+    assert listed == [2] and version == 2 and state == {("m", 2): ("VERSION_STATE_READY", "")}
+
+
+def test_a_corrupt_version_is_rejected_once_and_the_old_one_keeps_serving(tmp_path, caplog):
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path) as (server, stub, channel):
+            corrupt(tmp_path / "m" / "2" / "model.onnx")
+            for _ in range(3):
+                await server.reload()
+            answer = await stub.Generate(generate("m"))
+            state = index(await pb_grpc.ModelAdminStub(channel).RepositoryIndex(pb.RepositoryIndexRequest()))
+            failures = loads(server, "m", "failure")
+            # Once the file changes (the copy finished), it is tried again, and then it replaces version 1.
+            plain_model(tmp_path / "m" / "2" / "model.onnx")
+            await server.reload()
+            later = await stub.Generate(generate("m"))
+            return answer.version, state, failures, later.version
+
+    with caplog.at_level(logging.ERROR):
+        version, state, failures, later = run(go())
+    assert version == 1 and failures == 1 and later == 2
+    assert state[("m", 1)] == ("VERSION_STATE_READY", "")
+    assert state[("m", 2)][0] == "VERSION_STATE_FAILED" and state[("m", 2)][1]
+    assert caplog.text.count("model m version 2 failed to load") == 1
+
+
+def test_the_last_ready_version_survives_a_failed_replacement_even_at_start(tmp_path):
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
+    corrupt(tmp_path / "m" / "2" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path) as (_server, stub, _ch):
+            return (await stub.Generate(generate("m"))).version
+
+    assert run(go()) == 1  # latest:1 means the latest that loads
+
+
+def test_unload_and_load_through_the_admin_api_and_health_follows(tmp_path):
+    for v in (1, 2):
+        plain_model(tmp_path / "m" / str(v) / "model.onnx")
+
+    async def go():
+        async with running(tmp_path) as (server, stub, channel):
+            admin, health = pb_grpc.ModelAdminStub(channel), health_pb2_grpc.HealthStub(channel)
+
+            async def serving() -> bool:
+                status = (await health.Check(health_pb2.HealthCheckRequest())).status
+                return status == health_pb2.HealthCheckResponse.SERVING
+
+            steps = [await serving()]
+            await admin.UnloadModel(pb.UnloadModelRequest(name="m"))
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                await stub.Generate(generate("m"))
+            steps.append(await serving())
+            unloaded = index(await admin.RepositoryIndex(pb.RepositoryIndexRequest()))
+            await server.reload()  # a rescan does not bring back what UnloadModel took away
+            steps.append(bool(server.registry.models))
+            status = await admin.LoadModel(pb.LoadModelRequest(name="m", version=1))  # and pinned beside latest:1
+            await asyncio.sleep(0.05)  # the health update is its own task
+            steps.append(await serving())
+            versions = list((await stub.GetModel(pb.GetModelRequest(name="m"))).versions)
+            info = server.metrics.registry.get_sample_value
+            gauge = [info("gan_model_info", {"model": "m", "version": v, "provider": "CPUExecutionProvider"})
+                     for v in ("1", "2")]  # fmt: skip
+            return steps, gone.value.code(), unloaded, status, versions, gauge
+
+    steps, code, unloaded, status, versions, gauge = run(go())
+    assert steps == [True, False, False, True] and code == grpc.StatusCode.NOT_FOUND
+    assert {s for s, _ in unloaded.values()} == {"VERSION_STATE_AVAILABLE"}
+    assert {r for _, r in unloaded.values()} == {"unloaded by UnloadModel"}
+    assert [(v.version, pb.VersionState.Name(v.state)) for v in status.versions] == [
+        (1, "VERSION_STATE_READY"), (2, "VERSION_STATE_READY")]  # fmt: skip
+    assert versions == [1, 2] and gauge == [1, 1]
+
+
+def test_admin_errors_name_the_field(tmp_path):
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
+    corrupt(tmp_path / "bad" / "1" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path) as (_server, _stub, channel):
+            admin = pb_grpc.ModelAdminStub(channel)
+            calls = [
+                (admin.LoadModel(pb.LoadModelRequest(name="nope")), grpc.StatusCode.NOT_FOUND, "name: no model 'nope'"),
+                (admin.LoadModel(pb.LoadModelRequest(name="../m")), grpc.StatusCode.NOT_FOUND, "name: '../m' is not"),
+                (admin.LoadModel(pb.LoadModelRequest(name="m", version=9)), grpc.StatusCode.NOT_FOUND, "version: model 'm' has no version 9"),
+                (admin.LoadModel(pb.LoadModelRequest(name="bad")), grpc.StatusCode.FAILED_PRECONDITION, "name: model 'bad' version 1 failed"),
+                (admin.UnloadModel(pb.UnloadModelRequest(name="m", version=3)), grpc.StatusCode.NOT_FOUND, "version: model 'm' has no version 3"),
+                (admin.UnloadModel(pb.UnloadModelRequest(name="zzz")), grpc.StatusCode.NOT_FOUND, "name: model 'zzz' is not loaded"),
+            ]  # fmt: skip
+            out = []
+            for call, code, text in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call
+                out.append((e.value.code(), e.value.details(), code, text))
+            return out
+
+    for got, details, code, text in run(go()):
+        assert got == code and details.startswith(text), details
+
+
+def test_explicit_mode_loads_only_what_is_asked(tmp_path):
+    for name in ("a", "b"):
+        plain_model(tmp_path / name / "1" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path, model_control="explicit", load_model=("a",)) as (_server, _stub, channel):
+            admin = pb_grpc.ModelAdminStub(channel)
+            before = index(await admin.RepositoryIndex(pb.RepositoryIndexRequest()))
+            await admin.LoadModel(pb.LoadModelRequest(name="b"))
+            ready = index(await admin.RepositoryIndex(pb.RepositoryIndexRequest(ready_only=True)))
+            return before, ready
+
+    before, ready = run(go())
+    assert before[("a", 1)] == ("VERSION_STATE_READY", "")
+    assert before[("b", 1)][0] == "VERSION_STATE_AVAILABLE" and "explicit model control" in before[("b", 1)][1]
+    assert set(ready) == {("a", 1), ("b", 1)}
+
+
+def test_poll_mode_picks_up_a_new_version_and_a_policy_change(tmp_path):
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path, model_control="poll", poll_seconds=0.2) as (server, _stub, _ch):
+            plain_model(tmp_path / "m" / "2" / "model.onnx")
+            await until(lambda: server.registry.versions("m") == [2], timeout=10)
+            (tmp_path / "m" / "model.json").write_text('{"version_policy": "specific:1"}')
+            await until(lambda: server.registry.versions("m") == [1], timeout=10)
+            (tmp_path / "m" / "model.json").write_text('{"version_policy": "newest"}')  # refused: nothing changes
+            await server.reload()
+            return server.registry.versions("m"), server.registry.status("m")
+
+    versions, status = run(go())
+    assert versions == [1]
+    assert status[1].state == "FAILED" and status[1].reason.startswith("m/model.json: version_policy: expected")
+
+
+def test_unloading_a_version_lets_its_requests_finish(tmp_path):
+    plain_model(tmp_path / "m" / "1" / "model.onnx", slow_iterations=600)
+    plain_model(tmp_path / "m" / "2" / "model.onnx")
+    (tmp_path / "m" / "model.json").write_text('{"version_policy": "all"}')
+
+    async def go():
+        async with running(tmp_path, max_batch_size=4) as (server, stub, channel):
+            slow = asyncio.ensure_future(stub.Generate(generate("m", version=1, count=8)))
+            await until(lambda: server.registry.get("m", 1).users == 1)
+            await pb_grpc.ModelAdminStub(channel).UnloadModel(pb.UnloadModelRequest(name="m", version=1))
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                await stub.Generate(generate("m", version=1))
+            states = [s.state for s in server.registry.status("m")]
+            other = await stub.Generate(generate("m", version=2))
+            finished = await slow
+            await until(lambda: not server.registry._retiring)
+            return gone.value, states, other.version, len(finished.images)
+
+    gone, states, other, images = run(go())
+    assert gone.code() == grpc.StatusCode.NOT_FOUND and "(versions: [2])" in gone.details()
+    assert states == ["UNLOADING", "READY"] and other == 2 and images == 8
+
+
+def test_a_stop_during_a_load_abandons_it_and_leaves_nothing_running(tmp_path):
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path) as (server, _stub, _ch):
+            plain_model(tmp_path / "m" / "2" / "model.onnx", slow_iterations=2000)  # its warm-up takes a while
+            reload = asyncio.ensure_future(server.reload())
+            await until(lambda: server.registry._loading == ("m", 2))
+            await server.stop(grace=1)
+            outcome = await asyncio.gather(reload, return_exceptions=True)
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            return outcome, server.registry.models, left
+
+    outcome, models, left = run(go())
+    assert models == {} and left == [] and outcome in ([0], [1])
+
+
+def test_a_full_queue_answers_before_any_latent_is_built(tmp_path):
+    plain_model(tmp_path / "m" / "1" / "model.onnx", slow_iterations=3000)
+
+    async def go():
+        flags = dict(max_batch_size=1024, max_queue=1024, batch_workers=1, encoder_threads=1)
+        async with running(tmp_path, **flags) as (server, stub, _ch):
+            first = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))
+            second = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))  # queued behind it
+            await until(lambda: server.registry.get("m").batcher.queue_depth == 1024)
+            busy = server.encoder.submit(time.sleep, 3)  # PNG work of other callers holds the encoder pool
+            start = time.perf_counter()
+            with pytest.raises(grpc.aio.AioRpcError) as full:
+                await stub.Generate(pb.GenerateRequest(model="m", seeds=pb.SeedList(seeds=range(1024)), output=RAW))
+            seconds = time.perf_counter() - start
+            still_queued = server.registry.get("m").batcher.queue_depth
+            await asyncio.gather(first, second, asyncio.wrap_future(busy))
+            return full.value, seconds, still_queued
+
+    full, seconds, still_queued = run(go())
+    assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "batch queue is full" in full.details()
+    # Refused before its 1,024 seeds went to the busy encoder pool: not 3 s later, when the pool freed up.
+    assert seconds < 1.5 and still_queued == 1024
+
+
+def test_bodies_that_do_not_parse_get_invalid_argument_and_are_counted(tmp_path, caplog):
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path) as (server, _stub, channel):
+            codes = []
+            for body in (b"\xff\xff\xff", b"\x0a\x05ab", b"\x1a\x80\x80\x80\x80\x10"):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await channel.unary_unary("/ganserve.v1.Generator/Generate")(body, timeout=5)
+                codes.append((e.value.code(), e.value.details()))
+            counted = server.metrics.registry.get_sample_value(
+                "gan_requests_total", {"method": "Generate", "model": "unknown", "code": "INVALID_ARGUMENT"}
+            )
+            return codes, counted
+
+    with caplog.at_level(logging.WARNING):
+        codes, counted = run(go())
+    assert (
+        codes
+        == [(grpc.StatusCode.INVALID_ARGUMENT, "request: the body is not a valid ganserve.v1.GenerateRequest")] * 3
+    )
+    assert counted == 3 and "Traceback" not in caplog.text
+
+
+def test_the_response_bound_counts_latents(tmp_path):
+    plain_model(tmp_path / "m" / "1" / "model.onnx", shape=(1, 16, 16))
+
+    async def go():
+        async with running(tmp_path, max_message_bytes=1 << 20) as (_server, stub, _ch):
+            output = pb.OutputOptions(format=pb.RAW_UINT8, return_latents=True)
+            request = pb.GenerateRequest(model="m", seed_range=pb.SeedRange(count=1000), output=output)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Generate(request)
+            fits = await stub.Generate(pb.GenerateRequest(model="m", seed_range=pb.SeedRange(count=700), output=output))
+            return e.value, len(fits.latents)
+
+    error, latents = run(go())
+    # 1,000 × (256 image bytes + 1,024 latent bytes) is over 1 MiB; 700 is under it, and arrives whole.
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("latents: 1000 images")
+    assert latents == 700 * 256
+
+
+def test_a_call_after_sigterm_gets_unavailable_while_accepted_ones_finish(tmp_path):
+    plain_model(tmp_path / "m" / "1" / "model.onnx", slow_iterations=600)
+
+    async def go():
+        async with running(tmp_path, max_batch_size=4) as (server, stub, channel):
+            slow = asyncio.ensure_future(stub.Generate(generate("m", count=8)))
+            await until(lambda: server.registry.get("m").users == 1)
+            stopping = asyncio.ensure_future(server.stop(grace=20))
+            await until(lambda: server.interceptor.draining)
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await stub.Generate(generate("m"))
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            finished = await slow
+            await stopping
+            return late.value, health.status, len(finished.images)
+
+    late, health, images = run(go())
+    assert late.code() == grpc.StatusCode.UNAVAILABLE and late.details() == "server: shutting down"
+    assert health == health_pb2.HealthCheckResponse.NOT_SERVING and images == 8

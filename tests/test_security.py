@@ -487,3 +487,25 @@ def test_plaintext_without_tokens_warns_once_off_loopback_and_metrics_bind_their
     assert bound == "127.0.0.2" and not quiet
     assert caplog.text.count("serving plaintext gRPC without tokens on 0.0.0.0") == 1
     assert caplog.text.count("bearer tokens over plaintext gRPC on 0.0.0.0") == 1
+
+
+def test_the_admin_api_needs_an_admin_token(pki):
+    async def go():
+        async with serving(pki["repo"], auth_tokens_file=str(pki["tokens"])) as server, channel(server.port) as ch:
+            admin = pb_grpc.ModelAdminStub(ch)
+            table = {}
+            for token in (None, WRONG, READER, ADMIN):
+                calls = {
+                    "RepositoryIndex": admin.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=bearer(token)),
+                    "LoadModel": admin.LoadModel(pb.LoadModelRequest(name="plain"), metadata=bearer(token)),
+                    "UnloadModel": admin.UnloadModel(pb.UnloadModelRequest(name="echo"), metadata=bearer(token)),
+                }
+                for name, call in calls.items():
+                    table[token, name] = await code_of(call)
+            return table, sorted(server.registry.models)
+
+    table, left = asyncio.run(go())
+    expected = {None: grpc.StatusCode.UNAUTHENTICATED, WRONG: grpc.StatusCode.UNAUTHENTICATED,
+                READER: grpc.StatusCode.PERMISSION_DENIED, ADMIN: grpc.StatusCode.OK}  # fmt: skip
+    assert table == {(t, n): expected[t] for t, n in table}
+    assert left == ["plain"]  # only the admin's UnloadModel took effect

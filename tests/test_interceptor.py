@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
+import logging
 
 import grpc
 import pytest
@@ -12,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from service import errors, servicer
 from service.api.ganserve.v1 import generator_pb2 as pb
-from service.interceptor import Interceptor
+from service.interceptor import CALL, LATE_REPLIES, Interceptor
 from service.metrics import Metrics
 from tests.servefix import call_raw, plain_model, running
 from tests.waiting import until
@@ -146,3 +148,48 @@ def test_counts_are_refused_before_any_item_is_converted(tmp_path, monkeypatch):
     err = asyncio.run(go())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("labels: 2000 given")
     assert converted == []
+
+
+class _Context:
+    """The one thing LateReplyFilter asks of a call: how long it has left."""
+
+    def __init__(self, left: float | None):
+        self.left = left
+
+    def time_remaining(self) -> float | None:
+        return self.left
+
+
+@pytest.mark.parametrize(
+    ("message", "left", "logged"),
+    [
+        ("ExecuteBatchError raised in core by servicer method [/ganserve.v1.Generator/Generate]", -0.001, False),
+        ("ExecuteBatchError raised in core by servicer method [/ganserve.v1.Generator/Generate]", 3.0, True),  # too big
+        ("ExecuteBatchError raised in core by servicer method [/ganserve.v1.Generator/Generate]", None, True),
+        ("some other grpc error", -1.0, True),
+    ],
+)
+def test_only_a_reply_that_lost_the_race_with_its_deadline_goes_unlogged(message, left, logged):
+    record = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1, message, None, None)
+
+    def decide() -> bool:
+        CALL.set(_Context(left))
+        return LATE_REPLIES.filter(record)
+
+    assert contextvars.copy_context().run(decide) is logged
+
+
+def test_a_reflection_stream_with_a_body_that_does_not_parse_gets_invalid_argument(tmp_path):
+    plain_model(tmp_path / "plain" / "1" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path) as (_server, _stub, channel):
+            call = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in call(iter([b"\xff\xff"]), timeout=5):
+                    pass
+            return e.value
+
+    error = asyncio.run(go())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "request: the body is not a valid grpc.reflection.v1alpha.ServerReflectionRequest"

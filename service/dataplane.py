@@ -53,7 +53,7 @@ class DataPlane:
     def _model(self, name: str, version: int, field: str = "model") -> ModelVersion:
         if not name:
             raise InvalidArgument(f"{field}: required")
-        return self.registry.get(name, version)
+        return self.registry.get(name, version, field)
 
     def _use(self, name: str, version: int) -> contextlib.AbstractContextManager[ModelVersion]:
         """The version held for the request: if it leaves meanwhile, the request still finishes on it."""

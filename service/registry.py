@@ -123,12 +123,12 @@ class Registry:
         """Serving versions of `name`, ascending (empty when none)."""
         return sorted(self._serving.get(name, ()))
 
-    def get(self, name: str, version: int = 0) -> ModelVersion:
-        """A version (0 = the latest serving); NotFound names what is there instead."""
+    def get(self, name: str, version: int = 0, field: str = "model") -> ModelVersion:
+        """A version (0 = the latest serving); NotFound names what is there instead, and the request's `field`."""
         versions = self._serving.get(name)
         if not versions:
             known = ", ".join(sorted(self._serving)) or "none loaded"
-            raise NotFound(f"model: no model named {short(name)} (models: {known})")
+            raise NotFound(f"{field}: no model named {short(name)} (models: {known})")
         if version == 0:
             return versions[max(versions)]
         if version not in versions:

@@ -7,9 +7,11 @@ README's "Model lifecycle" section.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import shutil
 import time
+import weakref
 
 import grpc
 import pytest
@@ -234,18 +236,22 @@ def test_unloading_a_version_lets_its_requests_finish(tmp_path):
         async with running(tmp_path, max_batch_size=4) as (server, stub, channel):
             slow = asyncio.ensure_future(stub.Generate(generate("m", version=1, count=8)))
             await until(lambda: server.registry.get("m", 1).users == 1)
+            session = weakref.ref(server.registry.get("m", 1).session)
             await pb_grpc.ModelAdminStub(channel).UnloadModel(pb.UnloadModelRequest(name="m", version=1))
             with pytest.raises(grpc.aio.AioRpcError) as gone:
                 await stub.Generate(generate("m", version=1))
             states = [s.state for s in server.registry.status("m")]
             other = await stub.Generate(generate("m", version=2))
+            held = session() is not None  # while its request runs
             finished = await slow
             await until(lambda: not server.registry._retiring)
-            return gone.value, states, other.version, len(finished.images)
+            gc.collect()
+            return gone.value, states, other.version, len(finished.images), held, session()
 
-    gone, states, other, images = run(go())
+    gone, states, other, images, held, session = run(go())
     assert gone.code() == grpc.StatusCode.NOT_FOUND and "(versions: [2])" in gone.details()
     assert states == ["UNLOADING", "READY"] and other == 2 and images == 8
+    assert held and session is None  # then freed: nothing keeps a version that left
 
 
 def test_a_stop_during_a_load_abandons_it_and_leaves_nothing_running(tmp_path):

@@ -337,7 +337,9 @@ def test_a_bad_model_is_skipped_and_counted(tmp_path, caplog):
         async with running(tmp_path) as (server, stub, _ch):
             names = [m.name for m in (await stub.ListModels(pb.ListModelsRequest())).models]
             samples = server.metrics.registry.get_sample_value
-            failures = {n: samples("gan_model_loads_total", {"model": n, "result": "failure"}) for n in ("broken", "liar")}
+            failures = {
+                n: samples("gan_model_loads_total", {"model": n, "result": "failure"}) for n in ("broken", "liar")
+            }
             return names, failures
 
     with caplog.at_level("ERROR"):
@@ -350,7 +352,7 @@ def test_more_error_paths(repo):
     async def go():
         async with running(repo, max_message_bytes=4096) as (_, stub, _ch):
             calls = [
-                (stub.GetModel(pb.GetModelRequest(name="nope")), grpc.StatusCode.NOT_FOUND, "model"),
+                (stub.GetModel(pb.GetModelRequest(name="nope")), grpc.StatusCode.NOT_FOUND, "name"),
                 (stub.Interpolate(pb.InterpolateRequest(model="plain", version=7, keyframes=[pb.Keyframe(seed=1)] * 2, steps=2)),
                  grpc.StatusCode.NOT_FOUND, "version"),
                 (stub.Interpolate(pb.InterpolateRequest(

@@ -272,21 +272,25 @@ def test_a_stop_during_a_load_abandons_it_and_leaves_nothing_running(tmp_path):
 
 
 def test_a_full_queue_answers_before_any_latent_is_built(tmp_path):
-    plain_model(tmp_path / "m" / "1" / "model.onnx", slow_iterations=3000)
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
 
     async def go():
         flags = dict(max_batch_size=1024, max_queue=1024, batch_workers=1, encoder_threads=1)
         async with running(tmp_path, **flags) as (server, stub, _ch):
+            batcher = server.registry.get("m").batcher
+            stall = batcher._executor.submit(time.sleep, 3)  # the worker's next run waits behind this
             first = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))
-            second = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))  # queued behind it
-            await until(lambda: server.registry.get("m").batcher.queue_depth == 1024)
+            await until(lambda: batcher.queue_depth == 1024)
+            await until(lambda: batcher.queue_depth == 0)  # taken by the worker, stalled
+            second = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))
+            await until(lambda: batcher.queue_depth == 1024)  # the queue is full
             busy = server.encoder.submit(time.sleep, 3)  # PNG work of other callers holds the encoder pool
             start = time.perf_counter()
             with pytest.raises(grpc.aio.AioRpcError) as full:
                 await stub.Generate(pb.GenerateRequest(model="m", seeds=pb.SeedList(seeds=range(1024)), output=RAW))
             seconds = time.perf_counter() - start
             still_queued = server.registry.get("m").batcher.queue_depth
-            await asyncio.gather(first, second, asyncio.wrap_future(busy))
+            await asyncio.gather(first, second, asyncio.wrap_future(busy), asyncio.wrap_future(stall))
             return full.value, seconds, still_queued
 
     full, seconds, still_queued = run(go())

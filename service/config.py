@@ -142,8 +142,13 @@ class Security:
     auth_tokens_file: str = ""  # `<name> <role> <token>` lines; calls then need `authorization: Bearer <token>`
     reflection: bool = True  # server reflection; it needs a token when tokens are on
     full_metadata: bool = False  # GetModel serves every metadata key, not only the documented ones
+    # ganserve.v1.ModelAdmin. auto: served with tokens (it needs the admin role) or on a loopback --host, so that
+    # nobody who merely reaches an open port can unload models; on; off.
+    admin_api: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.admin_api not in ("auto", "on", "off"):
+            raise ValueError(f"admin_api: must be auto, on or off (got {self.admin_api!r})")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert: give tls_cert and tls_key together")
         if self.tls_client_ca and not self.tls_cert:

@@ -150,10 +150,9 @@ class Interceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
-        if details.method.split("/")[1] not in self.open_during_drain:
-            self.last_arrival = time.monotonic()
-            if self.draining:  # a clear, retryable answer rather than gRPC's own CANCELLED
-                return self._answer(details.method, handler, grpc.StatusCode.UNAVAILABLE, "server: shutting down")
+        counted = _service(details.method) not in self.open_during_drain
+        if counted and self.draining:  # a clear, retryable answer rather than gRPC's own CANCELLED
+            return self._answer(details.method, handler, grpc.StatusCode.UNAVAILABLE, "server: shutting down")
         if self.authorizer is not None:
             # Before the handler is even looked at: an unknown method needs admin too, so that nobody without a
             # token can map the API by the difference between UNIMPLEMENTED and UNAUTHENTICATED.
@@ -162,6 +161,8 @@ class Interceptor(grpc.aio.ServerInterceptor):
                 return self._refuse(details.method, handler, refusal)
         if handler is None:  # no such method: gRPC answers UNIMPLEMENTED itself
             return None
+        if counted:  # after the token check: a caller without one cannot keep a drain from ending
+            self.last_arrival = time.monotonic()
         cached = self._handlers.get(details.method)
         if cached is None or cached[0] is not handler:
             cached = (handler, self._wrap(details.method, handler))
@@ -170,7 +171,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parse, send = lenient(handler.request_deserializer), handler.response_serializer
-        method, counted = path.rsplit("/", 1)[-1], path.split("/")[1] not in self.open_during_drain
+        method, counted = path.rsplit("/", 1)[-1], _service(path) not in self.open_during_drain
         guard = functools.partial(self._guard, method, request_streaming=handler.request_streaming, counted=counted)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), parse, send)
@@ -277,10 +278,10 @@ class Interceptor(grpc.aio.ServerInterceptor):
                 log.exception("%s failed", method, exc_info=exc)
             await context.abort(code, message)
         finally:
-            self._record(method, model, code or grpc.StatusCode.UNKNOWN, start)
             self.active -= counted
             if not self.active and self._idle is not None:
                 self._idle.set()
+            self._record(method, model, code or grpc.StatusCode.UNKNOWN, start)
 
     def _record(self, method: str, model: str, code: grpc.StatusCode, start: float) -> None:
         key = (method, model, code)
@@ -315,3 +316,9 @@ def _checking_requests(behavior):
         return await behavior(checked(requests), context)
 
     return unary
+
+
+def _service(path: str) -> str:
+    """ "/pkg.Service/Method" → "pkg.Service" ("" for a path of another shape)."""
+    parts = path.split("/")
+    return parts[1] if len(parts) == 3 else ""

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from service.batcher import Batcher
 from service.config import BatchingConfig, ModelControl, RuntimeConfig
 from service.contract import ContractError, ModelSpec, read_spec
 from service.domain import VersionStatus
-from service.errors import FailedPrecondition, NotFound, Unavailable, short
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, short
 from service.metrics import Metrics
 from service.repository import NAME, ModelDir, Stamp, VersionPolicy, scan
 from service.runtime import Session
@@ -65,8 +67,8 @@ class ModelVersion:
 
     async def released(self) -> None:
         """Returns once no request holds this version."""
-        while self.users:
-            self._released = asyncio.Event()
+        if self.users:
+            self._released = self._released or asyncio.Event()
             await self._released.wait()
 
     def _release(self) -> None:
@@ -93,15 +95,16 @@ class Registry:
         batching: BatchingConfig,
         metrics: Metrics | None = None,
         on_change: Callable[[], None] = lambda: None,
+        grace: float = 25.0,
     ):
         self.repository, self.control, self.runtime, self.batching = Path(repository), control, runtime, batching
         self.policy = VersionPolicy.parse(control.version_policy, "version_policy")
-        self.metrics, self._on_change = metrics, on_change
+        self.metrics, self._on_change, self.grace = metrics, on_change, grace  # grace: the longest a drain waits
         self._serving: dict[str, dict[int, ModelVersion]] = {}  # replaced whole, never changed in place
         self._disk: dict[str, ModelDir] = {}  # as of the last scan
         self._failed: dict[tuple[str, int], tuple[Stamp, str]] = {}  # tried again once the file changes
         self._loading: tuple[str, int] | None = None
-        self._retiring: dict[tuple[str, int], asyncio.Task] = {}
+        self._retiring: dict[ModelVersion, tuple[str, asyncio.Task]] = {}  # → why it left, its drain
         self._skipped: set[str] = set()  # directory names already reported as not model names
         self._asked = {name: _Asked(load=True) for name in control.load_model}
         self._next: asyncio.Future[int] | None = None  # the pass the next trigger joins
@@ -178,15 +181,15 @@ class Registry:
     async def load_model(self, name: str, version: int = 0) -> list[VersionStatus]:
         """LoadModel: serve `name` (by its policy), or also `version` of it; fails if what it asked for fails."""
         if not NAME.fullmatch(name):
-            raise NotFound(f"name: {short(name)} is not a model name")
+            raise InvalidArgument(f"name: {short(name)} is not a model name (letters, digits, '.', '_', '-')")
         found, _ = await asyncio.to_thread(scan, self.repository)
         if name not in found:
             raise NotFound(f"name: no model {name!r} in the repository (models: {', '.join(sorted(found)) or 'none'})")
         if version and version not in found[name].files:
             on_disk = sorted(found[name].files)
             raise NotFound(f"version: model {name!r} has no version {version} on disk (versions: {on_disk})")
-        asked = self._asked.setdefault(name, _Asked(load=True))
-        asked.load = True
+        before = self._asked.get(name)
+        asked = self._asked[name] = _Asked(True, set(before.pinned), set(before.dropped)) if before else _Asked(True)
         if version:
             asked.pinned.add(version)
             asked.dropped.discard(version)
@@ -196,6 +199,11 @@ class Registry:
         status = self.status(name)
         failed = [s for s in status if s.state == FAILED and (s.version == version or not version)]
         if version in {s.version for s in failed} or (not version and failed and not self.versions(name)):
+            # What it asked for did not load: as if it had not asked (a later fix of the file loads nothing unasked).
+            if self._asked.get(name) is asked and before is None:
+                del self._asked[name]
+            elif self._asked.get(name) is asked:
+                self._asked[name] = before
             raise FailedPrecondition(
                 "name: " + "; ".join(f"model {name!r} version {s.version} failed to load: {s.reason}" for s in failed)
             )
@@ -225,8 +233,13 @@ class Registry:
         for name in sorted(set(skipped) - self._skipped):
             log.warning("model repository: skipping %s: not a model name (letters, digits, '.', '_', '-')", short(name))
         self._skipped = set(skipped)
+        # A folder that could not be listed this time keeps what was known of it, with the reason.
+        for name, model in found.items():
+            if not model.readable and name in self._disk:
+                found[name] = dataclasses.replace(self._disk[name], error=model.error)
         self._disk = found
         self._failed = {k: v for k, v in self._failed.items() if self._still_failing(*k)}
+        self._leave(replaced=False)  # unloaded and deleted versions first: they must not wait for loads
         joined = 0
         # Newest first, one at a time; a failure drops out of the policy's choice, and the next pass over the
         # wanted set picks the version after it (latest:1 with a corrupt v3 serves v2).
@@ -236,19 +249,21 @@ class Registry:
             if not missing:
                 break
             joined += await self._load(*missing[0])
+        self._leave(replaced=True)
+        self._on_change()
+        return joined
+
+    def _leave(self, replaced: bool) -> None:
+        """Retire serving versions that are no longer wanted. One that is merely outside the policy leaves only once
+        a version the policy wants is ready (`replaced`), and then only if one is: availability first."""
         for name in list(self._serving):
             wanted = self._wanted(name)
             ready = any(v in wanted for v in self._serving[name])
             for version in self.versions(name):
-                if version in wanted:
-                    continue
                 why = self._why_not(name, version)
-                # Availability first: a version the policy no longer selects waits for one it does select.
-                if why.startswith("outside") and not ready:
+                if version in wanted or (why.startswith("outside") and not (replaced and ready)):
                     continue
                 self._retire(self._serving[name][version], why)
-        self._on_change()
-        return joined
 
     def _wanted(self, name: str) -> set[int]:
         """The versions of `name` that should serve, of those on disk that did not fail as they are now."""
@@ -259,10 +274,10 @@ class Registry:
         if model.error:  # an unusable model.json changes nothing: what serves goes on serving
             return set(self.versions(name))
         candidates = {v for v in model.files if not self._still_failing(name, v)}
-        wanted = (model.policy or self.policy).select(candidates)
-        if asked is not None:
-            wanted = (wanted | (asked.pinned & candidates)) - asked.dropped
-        return wanted
+        if asked is None:
+            return (model.policy or self.policy).select(candidates)
+        candidates -= asked.dropped  # latest:1 with the newest unloaded serves the one before it
+        return (model.policy or self.policy).select(candidates) | (asked.pinned & candidates)
 
     def _still_failing(self, name: str, version: int) -> bool:
         failure = self._failed.get((name, version))
@@ -274,14 +289,12 @@ class Registry:
         model, asked = self._disk.get(name), self._asked.get(name)
         if model is None or version not in model.files:
             return "deleted from the repository"
-        if model.error:
-            return model.error
-        if asked is not None and not asked.load:
-            return "unloaded by UnloadModel"
-        if asked is not None and version in asked.dropped:
+        if asked is not None and (not asked.load or version in asked.dropped):
             return "unloaded by UnloadModel"
         if asked is None and self.control.mode == "explicit":
             return "not loaded: explicit model control (LoadModel or --load-model loads it)"
+        if model.error:
+            return model.error
         return f"outside version policy {model.policy or self.policy}"
 
     async def _load(self, name: str, version: int) -> int:
@@ -294,7 +307,8 @@ class Registry:
             # Off the event loop: serving goes on meanwhile. A thread cannot be interrupted, so a stop waits for it.
             mv = await asyncio.get_running_loop().run_in_executor(None, self._open, name, version, path)
         except Exception as e:  # a corrupt file, wrong metadata, an ORT error, a file still being copied
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            # Bounded, and without the server's own paths: it reaches RepositoryIndex and LoadModel's answer.
+            reason = (str(e).splitlines() or [type(e).__name__])[0].replace(f"{self.repository}{os.sep}", "")[:300]
             self._failed[(name, version)] = (stamp, reason)
             self._count(name, "failure", start)
             log.error("model %s version %d failed to load (%s): %s", name, version, path, reason)
@@ -332,14 +346,16 @@ class Registry:
                 self.metrics.model_info.remove(mv.name, str(mv.version), mv.session.provider)
         log.info("model %s version %d leaves (%s); %d request(s) in flight finish first", mv.name, mv.version, why,
                  mv.users)  # fmt: skip
-        key = (mv.name, mv.version)
-        self._retiring[key] = task = asyncio.ensure_future(self._drain(mv))
-        task.add_done_callback(lambda t: self._retiring.pop(key, None) if self._retiring.get(key) is t else None)
+        task = asyncio.ensure_future(self._drain(mv))
+        self._retiring[mv] = (why, task)
+        task.add_done_callback(lambda _: self._retiring.pop(mv, None))
 
-    @staticmethod
-    async def _drain(mv: ModelVersion) -> None:
-        await mv.released()
-        await mv.batcher.stop()  # nothing is queued any more; this ends its workers
+    async def _drain(self, mv: ModelVersion) -> None:
+        """Wait for the requests it holds, at most the grace period (a client that stops reading a stream must not
+        pin a session for ever), then stop its batcher: queued work runs, later work gets UNAVAILABLE."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(mv.released(), self.grace)
+        await mv.batcher.stop()
         log.info("model %s version %d unloaded", mv.name, mv.version)
 
     # ---- state -------------------------------------------------------------------------------------
@@ -347,21 +363,21 @@ class Registry:
     def status(self, name: str | None = None) -> list[VersionStatus]:
         """Every version on disk (as of the last scan) or loaded, with its state, by name and version."""
         keys = {(n, v) for n, model in self._disk.items() for v in model.files}
-        keys |= {(n, v) for n, vs in self._serving.items() for v in vs} | set(self._retiring)
+        leaving = {(mv.name, mv.version): why for mv, (why, _) in self._retiring.items()}
+        keys |= {(n, v) for n, vs in self._serving.items() for v in vs} | set(leaving)
         out = []
         for n, v in sorted(k for k in keys if name is None or k[0] == name):
             if v in self._serving.get(n, {}):
                 out.append(VersionStatus(n, v, READY))
-            elif (n, v) in self._retiring:
-                out.append(VersionStatus(n, v, UNLOADING, self._why_not(n, v)))
+            elif (n, v) in leaving:
+                out.append(VersionStatus(n, v, UNLOADING, leaving[n, v]))
             elif self._loading == (n, v):
                 out.append(VersionStatus(n, v, LOADING))
             elif self._still_failing(n, v):
                 out.append(VersionStatus(n, v, FAILED, self._failed[(n, v)][1]))
-            elif self._disk[n].error:
-                out.append(VersionStatus(n, v, FAILED, self._disk[n].error))
             else:
-                out.append(VersionStatus(n, v, AVAILABLE, self._why_not(n, v)))
+                why = self._why_not(n, v)
+                out.append(VersionStatus(n, v, FAILED if why == self._disk[n].error else AVAILABLE, why))
         return out
 
     async def stop(self) -> None:
@@ -371,4 +387,4 @@ class Registry:
             await asyncio.gather(self._runner, return_exceptions=True)
         serving, self._serving = self._serving, {}
         draining = [self._drain(mv) for versions in serving.values() for mv in versions.values()]
-        await asyncio.gather(*draining, *self._retiring.values())
+        await asyncio.gather(*draining, *(task for _, task in self._retiring.values()))

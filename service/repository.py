@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,8 @@ class ModelDir:
     files: dict[int, Path] = field(default_factory=dict)  # version → its model.onnx
     stamps: dict[int, Stamp] = field(default_factory=dict)
     policy: VersionPolicy | None = None  # from model.json; None: the server's
-    error: str = ""  # why model.json cannot be used ("" when it can, or there is none)
+    error: str = ""  # why model.json cannot be used, or the folder read ("" when all is well)
+    readable: bool = True  # False: the folder could not be listed, so `files` says nothing about what is there
 
 
 def scan(root: Path) -> tuple[dict[str, ModelDir], list[str]]:
@@ -93,19 +95,12 @@ def scan(root: Path) -> tuple[dict[str, ModelDir], list[str]]:
         if not NAME.fullmatch(model_dir.name):
             skipped.append(model_dir.name)
             continue
-        files, stamps = {}, {}
-        for version_dir in model_dir.iterdir():
-            version = version_dir.name
-            if not (version.isdecimal() and version.isascii() and version == str(int(version))):
-                continue  # staging folders, model.json, "007"
-            path = version_dir / MODEL_FILE
-            try:
-                st = path.stat()
-            except OSError:
-                continue  # no model file (yet)
-            if 1 <= int(version) <= MAX_VERSION and path.is_file():
-                files[int(version)] = path
-                stamps[int(version)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        try:
+            files, stamps = _versions(model_dir)
+        except OSError as e:  # deleted meanwhile, or not ours to read: the registry keeps what it knew
+            error = f"{model_dir.name}: cannot be read ({os.strerror(e.errno or 0) or type(e).__name__})"
+            models[model_dir.name] = ModelDir(model_dir.name, error=error, readable=False)
+            continue
         policy, error = None, ""
         try:
             policy = read_settings(model_dir / SETTINGS_FILE)
@@ -115,10 +110,29 @@ def scan(root: Path) -> tuple[dict[str, ModelDir], list[str]]:
     return models, skipped
 
 
+def _versions(model_dir: Path) -> tuple[dict[int, Path], dict[int, Stamp]]:
+    files, stamps = {}, {}
+    for version_dir in model_dir.iterdir():
+        name = version_dir.name
+        if not (name.isdecimal() and name.isascii() and name == str(int(name)) and 1 <= int(name) <= MAX_VERSION):
+            continue  # staging folders, model.json, "007"
+        path = version_dir / MODEL_FILE
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # no model file (yet)
+        if stat.S_ISREG(st.st_mode):
+            files[int(name)] = path
+            stamps[int(name)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return files, stamps
+
+
 def read_settings(path: Path) -> VersionPolicy | None:
     """A model's model.json: its version policy, or None when there is no file or it sets none."""
     where = f"{path.parent.name}/{path.name}"
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the scan for good
+            raise RepositoryError(f"{where}: not a regular file")
         with open(path, "rb") as f:
             raw = f.read(MAX_SETTINGS_BYTES + 1)
     except FileNotFoundError:
@@ -129,8 +143,8 @@ def read_settings(path: Path) -> VersionPolicy | None:
         raise RepositoryError(f"{where}: larger than {MAX_SETTINGS_BYTES} bytes")
     try:
         settings = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RepositoryError(f"{where}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, nesting too deep, an integer too long
+        raise RepositoryError(f"{where}: not valid JSON ({str(e)[:120]})") from None
     if not isinstance(settings, dict):
         raise RepositoryError(f"{where}: expected a JSON object")
     unknown = sorted(set(settings) - {"version_policy"})

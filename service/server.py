@@ -99,19 +99,27 @@ class Server:
         if sec.auth_tokens_file:
             self.authorizer = Authorizer(sec.auth_tokens_file, ROLES, on_reload_failure=failed("tokens").inc)
         self.registry = Registry(
-            Path(cfg.model_repository), cfg.models, cfg.runtime, cfg.batching, self.metrics, self._registry_changed
-        )
+            Path(cfg.model_repository), cfg.models, cfg.runtime, cfg.batching, self.metrics, self._registry_changed,
+            cfg.lifecycle.grace_seconds,
+        )  # fmt: skip
         self.encoder = ThreadPoolExecutor(cfg.limits.encoder_threads, thread_name_prefix="encode")
         self.plane = DataPlane(self.registry, cfg.limits, self.encoder, cfg.security.full_metadata)
         self.health = health.aio.HealthServicer()
         # Every service, registered and listed for reflection from this one table.
         services = [
             (GENERATOR, pb_grpc.add_GeneratorServicer_to_server, GeneratorServicer(self.plane)),
-            (ADMIN, pb_grpc.add_ModelAdminServicer_to_server, ModelAdminServicer(self.registry)),
             (HEALTH, health_pb2_grpc.add_HealthServicer_to_server, self.health),
         ]
+        admin = sec.admin_api == "on" or (sec.admin_api == "auto" and (self.authorizer or is_loopback(cfg.host)))
+        if admin:
+            services.insert(1, (ADMIN, pb_grpc.add_ModelAdminServicer_to_server, ModelAdminServicer(self.registry)))
+        else:
+            log.info("ganserve.v1.ModelAdmin is off: no tokens, and %s is not loopback (--admin-api on)", cfg.host)
+        # Health, so that probes read NOT_SERVING, and reflection, whose streams tools hold open, neither count nor
+        # are refused during a drain.
+        open_streams = frozenset([HEALTH.full_name, REFLECTION.full_name, "grpc.reflection.v1.ServerReflection"])
         self.interceptor = Interceptor(
-            self.metrics, lambda name: name in self.registry.models, self.authorizer, frozenset([HEALTH.full_name])
+            self.metrics, lambda name: name in self.registry.models, self.authorizer, open_streams
         )
         self.grpc = grpc.aio.server(options=server_options(cfg), interceptors=[self.interceptor])
         for _, add, servicer in services:
@@ -198,7 +206,11 @@ class Server:
     def _registry_changed(self) -> None:
         """After every lifecycle pass: NOT_SERVING only while no version of any model is ready."""
         if not self._stopping:
-            self.spawn(self._set_health(self.registry.ready), "health update")
+            self.spawn(self._refresh_health(), "health update")
+
+    async def _refresh_health(self) -> None:
+        if not self._stopping:  # looked at when it runs: a stop may have begun since it was spawned
+            await self._set_health(self.registry.ready)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING first, then finish accepted requests within the grace period, then stop."""
@@ -210,7 +222,7 @@ class Server:
         try:
             if self._poller is not None:
                 self._poller.cancel()
-            await self._set_health(False)
+            await self.health.enter_graceful_shutdown()  # NOT_SERVING, and later updates are ignored
             # New calls get UNAVAILABLE from here on, while the accepted ones finish; then gRPC itself stops. After a
             # clean drain only health Watch streams are left, and they need not hold the stop for the whole grace.
             drained = await self.interceptor.drain(grace, quiet=min(DRAIN_QUIET_S, grace / 4))

@@ -6,6 +6,7 @@ Validation lives in the data plane; errors become status codes in the intercepto
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -135,8 +136,10 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         return from_result(await self.plane.generate(to_generate(request), deadline_of(context)))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
-        async for result in self.plane.stream(to_generate(request), deadline_of(context)):
-            yield from_result(result)
+        # aclosing: a call that ends early releases the model version now, not when the generator is collected.
+        async with contextlib.aclosing(self.plane.stream(to_generate(request), deadline_of(context))) as results:
+            async for result in results:
+                yield from_result(result)
 
     async def Interpolate(self, request: pb.InterpolateRequest, context) -> pb.GenerateResponse:
         return from_result(await self.plane.interpolate(to_interpolate(request), deadline_of(context)))

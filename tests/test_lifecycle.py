@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.config import ServerConfig
+from service.server import Server
 from tests.servefix import plain_model, running
 from tests.waiting import until
 
@@ -82,7 +84,7 @@ def test_a_version_deleted_from_disk_stops_serving(tmp_path):
                 await stub.Generate(generate("m", version=1))
             listed = (await stub.GetModel(pb.GetModelRequest(name="m"))).versions
             other = await stub.Generate(generate("m", version=2))
-            await until(lambda: ("m", 1) not in server.registry._retiring)
+            await until(lambda: not server.registry._retiring)
             state = index(await pb_grpc.ModelAdminStub(channel).RepositoryIndex(pb.RepositoryIndexRequest()))
             return gone.value, list(listed), other.version, state
 
@@ -174,7 +176,7 @@ def test_admin_errors_name_the_field(tmp_path):
             admin = pb_grpc.ModelAdminStub(channel)
             calls = [
                 (admin.LoadModel(pb.LoadModelRequest(name="nope")), grpc.StatusCode.NOT_FOUND, "name: no model 'nope'"),
-                (admin.LoadModel(pb.LoadModelRequest(name="../m")), grpc.StatusCode.NOT_FOUND, "name: '../m' is not"),
+                (admin.LoadModel(pb.LoadModelRequest(name="../m")), grpc.StatusCode.INVALID_ARGUMENT, "name: '../m' is not"),
                 (admin.LoadModel(pb.LoadModelRequest(name="m", version=9)), grpc.StatusCode.NOT_FOUND, "version: model 'm' has no version 9"),
                 (admin.LoadModel(pb.LoadModelRequest(name="bad")), grpc.StatusCode.FAILED_PRECONDITION, "name: model 'bad' version 1 failed"),
                 (admin.UnloadModel(pb.UnloadModelRequest(name="m", version=3)), grpc.StatusCode.NOT_FOUND, "version: model 'm' has no version 3"),
@@ -280,8 +282,7 @@ def test_a_full_queue_answers_before_any_latent_is_built(tmp_path):
             batcher = server.registry.get("m").batcher
             stall = batcher._executor.submit(time.sleep, 3)  # the worker's next run waits behind this
             first = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))
-            await until(lambda: batcher.queue_depth == 1024)
-            await until(lambda: batcher.queue_depth == 0)  # taken by the worker, stalled
+            await until(lambda: batcher._executor._work_queue.qsize() == 1)  # taken, its run waits behind the stall
             second = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))
             await until(lambda: batcher.queue_depth == 1024)  # the queue is full
             busy = server.encoder.submit(time.sleep, 3)  # PNG work of other callers holds the encoder pool
@@ -360,3 +361,51 @@ def test_a_call_after_sigterm_gets_unavailable_while_accepted_ones_finish(tmp_pa
     late, health, images = run(go())
     assert late.code() == grpc.StatusCode.UNAVAILABLE and late.details() == "server: shutting down"
     assert health == health_pb2.HealthCheckResponse.NOT_SERVING and images == 8
+
+
+def test_unloading_the_newest_under_latest_serves_the_one_before(tmp_path):
+    for v in (1, 2):
+        plain_model(tmp_path / "m" / str(v) / "model.onnx")
+
+    async def go():
+        async with running(tmp_path) as (server, stub, channel):
+            await pb_grpc.ModelAdminStub(channel).UnloadModel(pb.UnloadModelRequest(name="m", version=2))
+            return server.registry.versions("m"), (await stub.Generate(generate("m"))).version
+
+    assert run(go()) == ([1], 1)
+
+
+def test_a_request_that_never_ends_holds_a_leaving_version_for_the_grace_period_only(tmp_path):
+    for v in (1, 2):
+        plain_model(tmp_path / "m" / str(v) / "model.onnx")
+
+    async def go():
+        async with running(tmp_path, grace_seconds=0.3, version_policy="all") as (server, _stub, channel):
+            with server.registry.use("m", 1) as held:  # a stream whose client stopped reading
+                await pb_grpc.ModelAdminStub(channel).UnloadModel(pb.UnloadModelRequest(name="m", version=1))
+                await until(lambda: not server.registry._retiring, timeout=5)
+                return held.batcher.accepting
+
+    assert run(go()) is False  # its batcher stopped; the version is gone although a request still holds it
+
+
+def test_the_admin_api_is_off_on_an_open_port_without_tokens_unless_asked(tmp_path):
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
+
+    async def index_code(**flags) -> grpc.StatusCode:
+        cfg = ServerConfig.from_flags(model_repository=str(tmp_path), host="0.0.0.0", port=0, metrics_port=-1, **flags)
+        server = Server(cfg)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                await pb_grpc.ModelAdminStub(channel).RepositoryIndex(pb.RepositoryIndexRequest())
+                return grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+        finally:
+            await server.stop(grace=1)
+
+    async def go():
+        return await index_code(), await index_code(admin_api="on")
+
+    assert run(go()) == (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.OK)

@@ -66,6 +66,7 @@ DEFAULTS = {
     "grace_seconds": 25.0, "max_connection_age_s": 0.0, "max_connection_age_grace_s": 30.0, "metrics_host": "",
     "health_port": -1, "tls_cert": "", "tls_key": "", "tls_client_ca": "", "auth_tokens_file": "", "reflection": True,
     "full_metadata": False, "model_control": "none", "poll_seconds": 10.0, "load_model": (), "version_policy": "latest:1",
+    "admin_api": "auto",
 }  # fmt: skip
 
 
@@ -82,7 +83,7 @@ def test_every_default_is_the_documented_one():
             "max_images", "max_stream_images", "stream_chunk", "max_message_bytes", "encoder_threads")},
         **{f: getattr(cfg.lifecycle, f) for f in ("grace_seconds", "max_connection_age_s", "max_connection_age_grace_s")},
         **{f: getattr(cfg.security, f) for f in (
-            "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file", "reflection", "full_metadata")},
+            "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file", "reflection", "full_metadata", "admin_api")},
         "model_control": cfg.models.mode, "poll_seconds": cfg.models.poll_seconds, "load_model": cfg.models.load_model,
         "version_policy": cfg.models.version_policy,
     }  # fmt: skip
@@ -106,6 +107,7 @@ def test_every_default_is_the_documented_one():
         (["--port", "6000", "--health-port", "6000"], "port"),
         (["--tls-cert", "a.pem"], "tls_cert"),  # without its key
         (["--model-control", "sometimes"], "model_control"),
+        (["--admin-api", "yes"], "admin_api"),
         (["--poll-seconds", "0"], "poll_seconds"),
         (["--version-policy", "latest:0"], "version_policy"),
         (["--version-policy", "specific:"], "version_policy"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -116,21 +117,27 @@ def raw_ort(path: Path, batch: int, duration: float) -> Stats:
 
 
 class Process:
-    """A server subprocess; its ports come from the JSON line it prints on stdout once serving."""
+    """A server subprocess; its ports come from the JSON line it prints on stdout once serving. Its log is kept in
+    memory, or written to `log` when given."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 120):
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}), cwd=ROOT
-        )
-        log: list[str] = []
-        # Keep draining its log, so a chatty server can never block on a full pipe; it says why a start failed.
-        threading.Thread(target=lambda: log.extend(self.proc.stderr), daemon=True).start()
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, timeout: float = 120, log: Path | None = None
+    ):
+        self.log = log
+        with open(log, "w") if log else contextlib.nullcontext(subprocess.PIPE) as err:
+            self.proc = subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ | (env or {}), cwd=ROOT
+            )
+        lines: list[str] = []
+        if log is None:  # keep draining it, so a chatty server can never block on a full pipe
+            threading.Thread(target=lambda: lines.extend(self.proc.stderr), daemon=True).start()
         watchdog = threading.Timer(timeout, self.proc.kill)  # a server that never gets ready ends the wait
         watchdog.start()
         line = self.proc.stdout.readline()
         watchdog.cancel()
         if not line:
-            raise RuntimeError(f"{args} did not start (exit status {self.proc.wait()}):\n{''.join(log[-20:])}")
+            tail = "".join(lines[-20:]) if log is None else "\n".join(log.read_text().splitlines()[-20:])
+            raise RuntimeError(f"{args} did not start (exit status {self.proc.wait()}):\n{tail}")
         ready = json.loads(line)
         self.port, self.metrics_port = ready["port"], ready.get("metrics_port")
 
@@ -140,9 +147,9 @@ class Process:
         count = sum(float(v) for v in re.findall(r"^gan_batch_size_count\{[^}]*\} (\S+)", text, re.M))
         return total / count if count else float("nan")
 
-    def close(self) -> None:
+    def close(self) -> int:
         self.proc.terminate()
-        self.proc.wait(timeout=60)
+        return self.proc.wait(timeout=60)
 
 
 def service(repo: Path, **flags) -> Process:

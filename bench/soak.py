@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: `bench` lives in the repositor
 import grpc
 
 from bench.load import Shape, Tally, closed_loop, discover
+from bench.serve_bench import Process
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "mnist-cdcgan" / "2"
@@ -84,33 +84,7 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-class Server:
-    """`python -m service` on a repository; its log goes to a file, its port comes from its ready line."""
-
-    def __init__(self, repo: Path, log: Path, timeout: float = 120):
-        self.log = log
-        with log.open("w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "--model-repository", str(repo)],
-                stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ | SERVER_ENV, cwd=ROOT,
-            )  # fmt: skip
-        watchdog = threading.Timer(timeout, self.proc.kill)  # a server that never gets ready ends the wait
-        watchdog.start()
-        line = self.proc.stdout.readline()
-        watchdog.cancel()
-        if not line:
-            raise RuntimeError(f"the server did not start (exit status {self.proc.wait()}):\n{self.log_tail(20)}")
-        self.port = json.loads(line)["port"]
-
-    def log_tail(self, n: int) -> str:
-        return "\n".join(self.log.read_text().splitlines()[-n:])
-
-    def close(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(timeout=60)
-
-
-async def soak(server: Server, repo: Path, minutes: float, concurrency: int, reload_every: float) -> dict:
+async def soak(server: Process, repo: Path, minutes: float, concurrency: int, reload_every: float) -> dict:
     """Drive the load, publish and SIGHUP on schedule, sample RSS; the summary as plain data."""
     total = minutes * 60
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -246,7 +220,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         repo = Path(tmp) / "models"
         build_repository(repo)
-        server = Server(repo, Path(tmp) / "server.log")
+        command = [sys.executable, "-m", "service", "--model-repository", str(repo)]
+        server = Process(command, SERVER_ENV, log=Path(tmp) / "server.log")
         try:
             summary = asyncio.run(soak(server, repo, args.minutes, args.concurrency, args.reload_every))
         finally:

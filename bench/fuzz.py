@@ -61,7 +61,7 @@ def rss_mib(pid: int) -> float:
 
 def start_server(repo: Path, log: Path) -> tuple[subprocess.Popen, dict]:
     """`python -m service` on free ports; the process and its ready line."""
-    env = os.environ | {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HOST": "127.0.0.1"}
+    env = os.environ | {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HTTP_PORT": "0", "GAN_HOST": "127.0.0.1"}
     env |= {f"GAN_{name.upper()}": str(value) for name, value in LIMITS.items()}
     with log.open("w") as err:
         proc = subprocess.Popen(

@@ -153,7 +153,7 @@ class Process:
 
 
 def service(repo: Path, **flags) -> Process:
-    env = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HOST": "127.0.0.1", "GAN_GRACE_SECONDS": "1"}
+    env = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HTTP_PORT": "0", "GAN_HOST": "127.0.0.1", "GAN_GRACE_SECONDS": "1"}
     env |= {f"GAN_{k.upper()}": str(v) for k, v in flags.items()}
     return Process([sys.executable, "-m", "service", "--model-repository", str(repo)], env)
 

@@ -44,6 +44,7 @@ SHAPE = Shape(images=2, stream_images=6, steps=2)
 SERVER_ENV = {
     "GAN_PORT": "0",
     "GAN_METRICS_PORT": "0",
+    "GAN_HTTP_PORT": "0",
     "GAN_HOST": "127.0.0.1",
     "GAN_GRACE_SECONDS": "5",
     "GAN_STREAM_CHUNK": "2",  # several messages per stream, so errors between chunks can show

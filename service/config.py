@@ -158,8 +158,10 @@ class Security:
 @dataclass(frozen=True)
 class ServerConfig:
     model_repository: str = "models"
-    host: str = "[::]"  # the gRPC and the metrics endpoint both bind here
+    host: str = "[::]"  # the gRPC, HTTP and metrics endpoints all bind here
     port: int = 50051  # 0 picks a free port
+    # HTTP: Open Inference Protocol REST, PNG endpoints, the playground and /metrics. 0 picks a free port; -1: off.
+    http_port: int = 8000
     metrics_port: int = 9090  # 0 picks a free port; -1 disables the HTTP endpoint
     metrics_host: str = ""  # the metrics endpoint's address; empty: the same as host
     # A second, plaintext port serving only grpc.health.v1, for kubelet probes, which cannot do TLS or tokens.
@@ -174,12 +176,12 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be in 0..65535 (got {self.port})")
-        for name in ("metrics_port", "health_port"):
+        for name in ("http_port", "metrics_port", "health_port"):
             if not -1 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name}: must be in -1..65535 (got {getattr(self, name)})")
-        ports = [p for p in (self.port, self.metrics_port, self.health_port) if p > 0]
+        ports = [p for p in (self.port, self.http_port, self.metrics_port, self.health_port) if p > 0]
         if len(set(ports)) != len(ports):
-            raise ValueError(f"port: port, metrics_port and health_port must differ (got {ports})")
+            raise ValueError(f"port: port, http_port, metrics_port and health_port must differ (got {ports})")
         if self.batching.max_queue < self.limits.max_images:
             raise ValueError(
                 f"max_queue: must be >= max_images ({self.limits.max_images}), or big requests could never run"

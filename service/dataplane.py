@@ -40,8 +40,16 @@ class DataPlane:
     def list_models(self) -> list[ModelInfo]:
         return [self._info(self.registry.get(name)) for name in sorted(self.registry.models)]
 
-    def get_model(self, name: str, version: int = 0) -> ModelInfo:
-        return self._info(self._model(name, version, field="name"))
+    def get_model(self, name: str, version: int = 0, field: str = "name", version_field: str = "version") -> ModelInfo:
+        """One model version's description; errors name the request's `field` and `version_field`."""
+        if not name:
+            raise InvalidArgument(f"{field}: required")
+        return self._info(self.registry.get(name, version, field, version_field))
+
+    def is_ready(self, name: str, version: int = 0) -> bool:
+        """Whether the model (that version of it; 0: any) serves now."""
+        versions = self.registry.models.get(name, {})
+        return bool(versions) and (version == 0 or version in versions)
 
     def _info(self, mv: ModelVersion) -> ModelInfo:
         versions = self.registry.versions(mv.name)
@@ -49,11 +57,6 @@ class DataPlane:
         if not self.full_metadata:  # the documented keys only: `config` holds paths of the machine that trained it
             metadata = {k: v for k, v in metadata.items() if k in contract.DOCUMENTED_KEYS}
         return ModelInfo(mv.name, mv.version, versions, mv.ready, mv.spec, mv.session.provider, metadata)
-
-    def _model(self, name: str, version: int, field: str = "model") -> ModelVersion:
-        if not name:
-            raise InvalidArgument(f"{field}: required")
-        return self.registry.get(name, version, field)
 
     def _use(self, name: str, version: int) -> contextlib.AbstractContextManager[ModelVersion]:
         """The version held for the request: if it leaves meanwhile, the request still finishes on it."""

@@ -12,6 +12,16 @@ class ServiceError(Exception):
     """Base class; the message is safe to show to the client."""
 
 
+def renamed(error: ServiceError, names: dict[str, str]) -> ServiceError:
+    """The same error in a front end's words: a message led by a domain field (`seed_range.count: ...`) is led by
+    the field the client actually sent instead, the longest prefix in `names` deciding; others stay as they are."""
+    head, sep, rest = str(error).partition(":")
+    for prefix in sorted(names, key=len, reverse=True):
+        if head == prefix or head.startswith((prefix + ".", prefix + "[")):
+            return type(error)(names[prefix] + sep + rest)
+    return error
+
+
 class InvalidArgument(ServiceError):
     """A bad request; the message names the offending field."""
 

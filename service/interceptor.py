@@ -15,7 +15,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -206,7 +206,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
         async def answer(request, context):
             start = time.perf_counter()
             note(context)
-            self._record(method, UNKNOWN_MODEL, code, start)
+            self.record(method, UNKNOWN_MODEL, code, start)
             await context.abort(code, message)
 
         async def answer_stream(request, context):
@@ -257,10 +257,10 @@ class Interceptor(grpc.aio.ServerInterceptor):
     async def _outcome(self, method: str, request, context, counted: bool) -> AsyncIterator[None]:
         start = time.perf_counter()
         CALL.set(context)
-        name = getattr(request, "model", None) or getattr(request, "name", None) or ""
+        name = getattr(request, "model", None) or getattr(request, "name", None) or getattr(request, "model_name", "")
         model = name if isinstance(name, str) and self.is_model(name) else UNKNOWN_MODEL
         code = None
-        self.active += counted
+        self._enter(counted)
         try:
             if isinstance(request, Malformed):
                 raise errors.InvalidArgument(request.message)
@@ -278,12 +278,29 @@ class Interceptor(grpc.aio.ServerInterceptor):
                 log.exception("%s failed", method, exc_info=exc)
             await context.abort(code, message)
         finally:
-            self.active -= counted
-            if not self.active and self._idle is not None:
-                self._idle.set()
-            self._record(method, model, code or grpc.StatusCode.UNKNOWN, start)
+            self._leave(counted)
+            self.record(method, model, code or grpc.StatusCode.UNKNOWN, start)
 
-    def _record(self, method: str, model: str, code: grpc.StatusCode, start: float) -> None:
+    def _enter(self, counted: bool) -> None:
+        self.active += counted
+
+    def _leave(self, counted: bool) -> None:
+        self.active -= counted
+        if not self.active and self._idle is not None:
+            self._idle.set()
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        """A call of another front end (HTTP), counted like an RPC for the drain."""
+        self.last_arrival = time.monotonic()
+        self._enter(True)
+        try:
+            yield
+        finally:
+            self._leave(True)
+
+    def record(self, method: str, model: str, code: grpc.StatusCode, start: float) -> None:
+        """Count and time one call (`start`: time.perf_counter() when it arrived)."""
         key = (method, model, code)
         children = self._children.get(key)
         if children is None:

@@ -126,8 +126,8 @@ class Registry:
         """Serving versions of `name`, ascending (empty when none)."""
         return sorted(self._serving.get(name, ()))
 
-    def get(self, name: str, version: int = 0, field: str = "model") -> ModelVersion:
-        """A version (0 = the latest serving); NotFound names what is there instead, and the request's `field`."""
+    def get(self, name: str, version: int = 0, field: str = "model", version_field: str = "version") -> ModelVersion:
+        """A version (0 = the latest serving); NotFound names what is there instead, and the request's fields."""
         versions = self._serving.get(name)
         if not versions:
             known = ", ".join(sorted(self._serving)) or "none loaded"
@@ -135,7 +135,7 @@ class Registry:
         if version == 0:
             return versions[max(versions)]
         if version not in versions:
-            raise NotFound(f"version: model {name!r} has no version {version} (versions: {sorted(versions)})")
+            raise NotFound(f"{version_field}: model {name!r} has no version {version} (versions: {sorted(versions)})")
         return versions[version]
 
     @contextlib.contextmanager

@@ -180,32 +180,6 @@ class Authorizer:
         return None
 
 
-def _read_pem(cert: str, key: str, client_ca: str) -> tuple[bytes, bytes, bytes | None]:
-    """Read the PEM files once and check those very bytes with the standard library (the key must match the
-    certificate), so that a rotation halfway through cannot hand gRPC a certificate and someone else's key."""
-    try:
-        cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
-        ca_pem = Path(client_ca).read_bytes() if client_ca else None
-    except OSError as e:
-        raise SecurityError(f"tls_cert / tls_key / tls_client_ca: cannot read {e.filename} ({e.strerror})") from None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with tempfile.TemporaryDirectory() as private:  # ssl checks a pair only from files: private copies, then gone
-        pair = Path(private) / "pair.pem"
-        pair.write_bytes(cert_pem + b"\n" + key_pem)
-        try:
-            context.load_cert_chain(pair)
-        except ssl.SSLError as e:
-            raise SecurityError(
-                f"tls_cert / tls_key: {cert} and {key} are not a certificate and its key ({e})"
-            ) from None
-    if ca_pem is not None:
-        try:
-            context.load_verify_locations(cadata=ca_pem.decode("ascii"))
-        except (ssl.SSLError, UnicodeDecodeError) as e:
-            raise SecurityError(f"tls_client_ca: {client_ca} is not a PEM CA certificate ({e})") from None
-    return cert_pem, key_pem, ca_pem
-
-
 def server_credentials(
     cert: str, key: str, client_ca: str = "", on_reload_failure: Callable[[], None] = lambda: None
 ) -> grpc.ServerCredentials:
@@ -232,3 +206,66 @@ def server_credentials(
         return fresh
 
     return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=bool(client_ca))
+
+
+def _read_pem(cert: str, key: str, client_ca: str) -> tuple[bytes, bytes, bytes | None]:
+    """Read the PEM files once and check those very bytes with the standard library (the key must match the
+    certificate), so that a rotation halfway through cannot hand gRPC a certificate and someone else's key."""
+    try:
+        cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
+        ca_pem = Path(client_ca).read_bytes() if client_ca else None
+    except OSError as e:
+        raise SecurityError(f"tls_cert / tls_key / tls_client_ca: cannot read {e.filename} ({e.strerror})") from None
+    _ssl_context(cert, key, client_ca, cert_pem, key_pem, ca_pem)
+    return cert_pem, key_pem, ca_pem
+
+
+def _ssl_context(
+    cert: str, key: str, client_ca: str, cert_pem: bytes, key_pem: bytes, ca_pem: bytes | None
+) -> ssl.SSLContext:
+    """A server context from PEM bytes; SecurityError names the file that does not do."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    with tempfile.TemporaryDirectory() as private:  # ssl checks a pair only from files: private copies, then gone
+        pair = Path(private) / "pair.pem"
+        pair.write_bytes(cert_pem + b"\n" + key_pem)
+        try:
+            context.load_cert_chain(pair)
+        except ssl.SSLError as e:
+            raise SecurityError(
+                f"tls_cert / tls_key: {cert} and {key} are not a certificate and its key ({e})"
+            ) from None
+    if ca_pem is not None:
+        try:
+            context.load_verify_locations(cadata=ca_pem.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError) as e:
+            raise SecurityError(f"tls_client_ca: {client_ca} is not a PEM CA certificate ({e})") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def http_ssl_context(
+    cert: str, key: str, client_ca: str = "", on_reload_failure: Callable[[], None] = lambda: None
+) -> ssl.SSLContext:
+    """The HTTP port's TLS (mTLS with a client CA), from the gRPC port's files and following them the same way:
+    each handshake after they change uses the new ones, and a broken change keeps the old."""
+    watch = FileWatch([cert, key, client_ca])
+    lock = threading.Lock()
+    build = lambda: _ssl_context(cert, key, client_ca, *_read_pem(cert, key, client_ca))  # noqa: E731
+    current = [build()]
+
+    def choose(connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        """Called by ssl at each handshake's ClientHello: switch the connection to the files' current context."""
+        with lock:
+            if watch.changed():
+                try:
+                    current[0] = build()
+                    log.info("reloaded the TLS certificate for HTTP from %s", cert)
+                except SecurityError as e:
+                    log.error("%s; the certificate loaded before stays in use for HTTP", e)
+                    on_reload_failure()
+        connection.context = current[0]
+
+    front = build()
+    front.sni_callback = choose
+    return front

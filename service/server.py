@@ -21,14 +21,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
+from service import http
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.api.inference import grpc_predict_v2_pb2 as oip_pb
+from service.api.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from service.config import ServerConfig
 from service.dataplane import DataPlane
 from service.interceptor import Interceptor
 from service.metrics import Metrics
+from service.oip import InferenceServicer
 from service.registry import Registry
-from service.security import Authorizer, server_credentials
+from service.security import Authorizer, http_ssl_context, server_credentials
 from service.servicer import GeneratorServicer, ModelAdminServicer
 
 log = logging.getLogger(__name__)
@@ -38,13 +42,15 @@ DRAIN_QUIET_S = 0.5  # a drain ends once no call arrived for this long (or at th
 
 GENERATOR = pb.DESCRIPTOR.services_by_name["Generator"]
 ADMIN = pb.DESCRIPTOR.services_by_name["ModelAdmin"]
+OIP = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 SERVICE_NAME = GENERATOR.full_name
 # The role each service needs when tokens are on (None: open to all). Health stays open for kubelet probes, which
 # cannot send tokens; a service not named here needs admin.
 ROLES = {
-    GENERATOR.full_name: "infer", ADMIN.full_name: "admin", HEALTH.full_name: None, REFLECTION.full_name: "infer",
+    GENERATOR.full_name: "infer", OIP.full_name: "infer", ADMIN.full_name: "admin", HEALTH.full_name: None,
+    REFLECTION.full_name: "infer",
     "grpc.reflection.v1.ServerReflection": "infer",  # in case grpcio-reflection also registers v1
 }  # fmt: skip
 
@@ -92,6 +98,7 @@ class Server:
         sec = cfg.security
         self.metrics = Metrics(metrics_registry or CollectorRegistry())
         failed = self.metrics.credential_reload_failures.labels
+        self._tls_failed = failed("tls").inc
         # Before anything else is built: a certificate, key or tokens file that cannot be used stops the start.
         self.credentials = self.authorizer = None
         if sec.tls_cert:
@@ -108,6 +115,7 @@ class Server:
         # Every service, registered and listed for reflection from this one table.
         services = [
             (GENERATOR, pb_grpc.add_GeneratorServicer_to_server, GeneratorServicer(self.plane)),
+            (OIP, oip_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(self.plane)),
             (HEALTH, health_pb2_grpc.add_HealthServicer_to_server, self.health),
         ]
         admin = sec.admin_api == "on" or (sec.admin_api == "auto" and (self.authorizer or is_loopback(cfg.host)))
@@ -129,6 +137,8 @@ class Server:
             reflection.enable_server_reflection([d.full_name for d in self.services], self.grpc)
         self._health_only = None  # the plaintext health port's server, when there is one
         self.port = 0
+        self.http_port = 0
+        self._web = None  # the HTTP front end's runner, when it serves
         self.metrics_port = 0
         self.health_port = 0
         self._http = None
@@ -157,7 +167,7 @@ class Server:
 
     async def start(self) -> None:
         await self._set_health(False)
-        cfg = self.cfg
+        cfg, sec = self.cfg, self.cfg.security
         address = f"{cfg.host}:{cfg.port}"
         if self.credentials is None:
             self.port = self.grpc.add_insecure_port(address)
@@ -172,6 +182,12 @@ class Server:
             self._http = metrics_endpoint(cfg.metrics_port, cfg.metrics_host or cfg.host, self.metrics.registry)
             self.metrics_port = self._http.server_port
         await self.grpc.start()
+        if cfg.http_port >= 0:
+            front = http.Front(self.plane, self.interceptor, self.authorizer, cfg.limits.max_message_bytes)
+            tls = None
+            if sec.tls_cert:
+                tls = http_ssl_context(sec.tls_cert, sec.tls_key, sec.tls_client_ca, self._tls_failed)
+            self._web, self.http_port = await http.start(front, cfg.host, cfg.http_port, tls)
         if self.credentials is None and not is_loopback(cfg.host):
             if self.authorizer is None:
                 log.warning(
@@ -185,7 +201,10 @@ class Server:
         await self._set_health(self.registry.ready)
         if cfg.models.mode == "poll":
             self._poller = self.spawn(self._poll(cfg.models.poll_seconds), "repository poll")
-        log.info("serving %d model version(s) on port %d, metrics on %d", loaded, self.port, self.metrics_port)
+        log.info(
+            "serving %d model version(s): gRPC on port %d, HTTP on %d, metrics on %d", loaded, self.port,
+            self.http_port, self.metrics_port,
+        )  # fmt: skip
 
     async def reload(self) -> int:
         """SIGHUP: re-read the tokens file and rescan the repository; returns how many versions joined."""
@@ -228,6 +247,8 @@ class Server:
             drained = await self.interceptor.drain(grace, quiet=min(DRAIN_QUIET_S, grace / 4))
             left = max(0.0, deadline - time.monotonic())
             await self.grpc.stop(min(left, DRAIN_QUIET_S) if drained else left)
+            if self._web is not None:
+                await self._web.cleanup()
             await self.registry.stop()
         finally:
             if self._health_only is not None:
@@ -247,7 +268,8 @@ async def serve(cfg: ServerConfig) -> None:
     server = Server(cfg)
     await server.start()
     # One machine-readable line on stdout: how scripts and tests learn the ports (0 in the config picks free ones).
-    ready = {"event": "serving", "port": server.port, "metrics_port": server.metrics_port}
+    ready = {"event": "serving", "port": server.port, "http_port": server.http_port}
+    ready |= {"metrics_port": server.metrics_port}
     ready |= {"health_port": server.health_port} if cfg.health_port >= 0 else {}
     print(json.dumps(ready | {"models": sum(map(len, server.registry.models.values()))}), flush=True)
     loop = asyncio.get_running_loop()

@@ -29,7 +29,7 @@ ADMIN = "admin-token-fedcba9876543210"
 WRONG = "wrong-token-00000000000000000"
 SECRETS = (INFER, ADMIN, WRONG)
 GRPC_LOGS = ("GRPC_VERBOSITY", "GRPC_TRACE")  # unset: the CLI and the probe must quiet gRPC themselves
-ENV = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HOST": "127.0.0.1"}
+ENV = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HTTP_PORT": "0", "GAN_HOST": "127.0.0.1"}
 
 
 @dataclass(frozen=True)

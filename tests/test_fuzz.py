@@ -15,6 +15,7 @@ import contextlib
 import math
 import re
 import string
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.api.inference import grpc_predict_v2_pb2 as oip
 from tests.servefix import echo_model, plain_model, running
 
 # ---- what the server may answer -----------------------------------------------------------------------------
@@ -49,11 +51,13 @@ UPSTREAM_GAPS = {"/grpc.health.v1.Health/List"}
 
 SERVICES = [
     *pb.DESCRIPTOR.services_by_name.values(),
+    oip.DESCRIPTOR.services_by_name["GRPCInferenceService"],
     health_pb2.DESCRIPTOR.services_by_name["Health"],
     reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
 ]
 METHODS = [(f"/{s.full_name}/{m.name}", m) for s in SERVICES for m in s.methods]
-GANSERVE = [(path, m) for path, m in METHODS if m.containing_service.file.package == pb.DESCRIPTOR.package]
+OURS = {pb.DESCRIPTOR.package, oip.DESCRIPTOR.package}  # the APIs whose refusals must name a field
+GANSERVE = [(path, m) for path, m in METHODS if m.containing_service.file.package in OURS]
 
 
 def request_class(method: descriptor.MethodDescriptor) -> type[message.Message]:
@@ -97,8 +101,12 @@ def names_a_field(details: str, request: descriptor.Descriptor) -> bool:
     if not FIELD_PATH.fullmatch(head):
         return False
     where: descriptor.Descriptor | None = request
+    key = False  # the next part is a map's key, not a field
     for part in head.split("."):
         name = part.split("[", 1)[0]
+        if key:
+            where, key = where.fields_by_name["value"].message_type, False
+            continue
         if where is None:  # past a scalar or a oneof
             return False
         if name in where.oneofs_by_name:
@@ -108,6 +116,7 @@ def names_a_field(details: str, request: descriptor.Descriptor) -> bool:
         if field is None:
             return False
         where = field.message_type
+        key = where is not None and where.GetOptions().map_entry
     return True
 
 
@@ -131,11 +140,11 @@ def verdict(case: Case, code: Code, details: str, served: set[str], auth: bool =
         return f"{code.name} for a body that does not parse (expected INVALID_ARGUMENT 'request: ...')"
     if code not in DOCUMENTED:
         return f"undocumented status {code.name}"
-    if code is not Code.OK and not details and case.method.containing_service.file.package == pb.DESCRIPTOR.package:
+    if code is not Code.OK and not details and case.method.containing_service.file.package in OURS:
         return f"{code.name} with an empty message"
     if (
         code in NAMING
-        and case.method.containing_service.file.package == pb.DESCRIPTOR.package
+        and case.method.containing_service.file.package in OURS
         and not names_a_field(details, case.method.input_type)
     ):
         return "the message does not start with a field of the request"
@@ -318,6 +327,56 @@ def interpolate_requests(draw) -> pb.InterpolateRequest:
     )
 
 
+P = oip.InferParameter
+OIP_VERSIONS = weighted((6, st.just("")), (1, st.sampled_from(["1", "2", "3", "0", "-1", "01", "x", "1.0"])),
+                        (1, st.text(max_size=6)))  # fmt: skip
+PARAMETERS = st.one_of(
+    st.builds(P, bool_param=st.booleans()), st.builds(P, int64_param=st.integers(-(2**63), 2**63 - 1)),
+    st.builds(P, uint64_param=U64), st.builds(P, double_param=st.floats()),
+    st.builds(P, string_param=st.one_of(st.sampled_from(["0-3", "1,5,9", "7", "0-70", "3,x", "9-2", "0-1,2-3", "cat",
+                                                        "0," * 40, "18446744073709551615"]), st.text(max_size=12))),
+    st.just(P()),
+)  # fmt: skip
+PARAMETER_KEYS = weighted(
+    (6, st.sampled_from(["seeds", "seed_start", "count", "labels", "truncation"])),
+    (1, st.sampled_from(["binary_data_output", "priority", "seed"])),
+    (1, st.text(max_size=8)),
+)
+DATATYPES = weighted((5, st.just("FP32")), (1, st.sampled_from(["UINT8", "INT64", "FP16", "BYTES", "", "fp32"])))
+SHAPES = weighted(
+    (4, st.tuples(st.sampled_from([1, 2, 3, 65]), st.sampled_from([*LATENT_DIMS, 3, 10])).map(list)),
+    (1, st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4)),
+)
+
+
+@st.composite
+def infer_requests(draw) -> oip.ModelInferRequest:
+    """Seeds as parameters, or z/y tensors in typed contents or raw bytes; names, shapes and types now and then off."""
+    request = oip.ModelInferRequest(
+        model_name=draw(MODELS), model_version=draw(OIP_VERSIONS), id=draw(st.text(max_size=4))
+    )
+    for key, value in draw(st.lists(st.tuples(PARAMETER_KEYS, PARAMETERS), max_size=4)):
+        request.parameters[key].CopyFrom(value)
+    raw = draw(st.booleans())
+    for _ in range(draw(weighted((2, st.just(0)), (3, st.just(1)), (2, st.just(2)), (1, st.just(3))))):
+        shape = draw(SHAPES)
+        tensor = request.inputs.add(name=draw(weighted((5, st.sampled_from(["z", "y"])), (1, st.text(max_size=3)))),
+                                    datatype=draw(DATATYPES), shape=shape)  # fmt: skip
+        size = max(0, math.prod(shape) if all(0 <= d < 1000 for d in shape) else 3) + draw(st.sampled_from([0, 0, 1]))
+        values = draw(latent_values(st.just(1)))[:1] * size if size < 10**5 else []
+        if raw:
+            request.raw_input_contents.append(
+                draw(st.one_of(st.just(struct.pack(f"<{len(values)}f", *values)), st.binary(max_size=9)))
+            )
+        else:
+            tensor.contents.fp32_contents.extend(values)
+    for _ in range(draw(st.integers(0, 2))):
+        out = request.outputs.add(name=draw(st.sampled_from(["images", "points", "x"])))
+        if draw(st.booleans()):
+            out.parameters["datatype"].string_param = draw(st.sampled_from(["UINT8", "FP32", "INT8", ""]))
+    return request
+
+
 REQUESTS: dict[str, st.SearchStrategy[message.Message]] = {
     "ganserve.v1.ListModelsRequest": st.just(pb.ListModelsRequest()),
     "ganserve.v1.GetModelRequest": st.builds(pb.GetModelRequest, name=NAMES, version=VERSIONS),
@@ -329,6 +388,12 @@ REQUESTS: dict[str, st.SearchStrategy[message.Message]] = {
     "ganserve.v1.UnloadModelRequest": st.builds(
         pb.UnloadModelRequest, name=NAMES.filter(lambda n: n not in SERVED_MODELS), version=VERSIONS
     ),
+    "inference.ServerLiveRequest": st.just(oip.ServerLiveRequest()),
+    "inference.ServerReadyRequest": st.just(oip.ServerReadyRequest()),
+    "inference.ServerMetadataRequest": st.just(oip.ServerMetadataRequest()),
+    "inference.ModelReadyRequest": st.builds(oip.ModelReadyRequest, name=NAMES, version=OIP_VERSIONS),
+    "inference.ModelMetadataRequest": st.builds(oip.ModelMetadataRequest, name=NAMES, version=OIP_VERSIONS),
+    "inference.ModelInferRequest": infer_requests(),
     "grpc.health.v1.HealthCheckRequest": st.builds(
         health_pb2.HealthCheckRequest, service=st.one_of(st.sampled_from(["", "ganserve.v1.Generator"]), NAMES)
     ),
@@ -354,6 +419,11 @@ VALID = {
         model="plain", keyframes=[pb.Keyframe(seed=1), pb.Keyframe(seed=2)], steps=2
     ),
     "ganserve.v1.LoadModelRequest": pb.LoadModelRequest(name=SPARE),
+    "inference.ModelReadyRequest": oip.ModelReadyRequest(name="plain"),
+    "inference.ModelMetadataRequest": oip.ModelMetadataRequest(name="plain"),
+    "inference.ModelInferRequest": oip.ModelInferRequest(
+        model_name="plain", parameters={"seeds": P(string_param="1-2")}
+    ),
     "ganserve.v1.UnloadModelRequest": pb.UnloadModelRequest(name=SPARE),
 }
 

@@ -219,7 +219,9 @@ def test_poll_mode_picks_up_a_new_version_and_a_policy_change(tmp_path):
             plain_model(tmp_path / "m" / "2" / "model.onnx")
             await until(lambda: server.registry.versions("m") == [2], timeout=10)
             (tmp_path / "m" / "model.json").write_text('{"version_policy": "specific:1"}')
-            await until(lambda: server.registry.versions("m") == [1], timeout=10)
+            # ...and version 2 has finished leaving, so that its state is the policy's verdict, not its drain.
+            left = lambda: [s.state for s in server.registry.status("m")] == ["READY", "AVAILABLE"]  # noqa: E731
+            await until(lambda: server.registry.versions("m") == [1] and left(), timeout=10)
             (tmp_path / "m" / "model.json").write_text('{"version_policy": "newest"}')  # refused: nothing changes
             await server.reload()
             return server.registry.versions("m"), server.registry.status("m")
@@ -393,7 +395,7 @@ def test_the_admin_api_is_off_on_an_open_port_without_tokens_unless_asked(tmp_pa
     plain_model(tmp_path / "m" / "1" / "model.onnx")
 
     async def index_code(**flags) -> grpc.StatusCode:
-        cfg = ServerConfig.from_flags(model_repository=str(tmp_path), host="0.0.0.0", port=0, metrics_port=-1, **flags)
+        cfg = ServerConfig.from_flags(model_repository=str(tmp_path), host="0.0.0.0", port=0, http_port=-1, metrics_port=-1, **flags)
         server = Server(cfg)
         await server.start()
         try:

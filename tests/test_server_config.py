@@ -11,6 +11,7 @@ FLAGS = [
     "model_repository",
     "host",
     "port",
+    "http_port",
     "metrics_port",
     "max_batch_size",
     "max_delay_ms",
@@ -59,7 +60,7 @@ def test_every_existing_flag_and_variable_keeps_its_name(capsys):
 # The defaults as documented in the README (and, before the tree, the flat ServerConfig's): every default the
 # server runs with, read through its command line. Any section that grew a default of its own would show here.
 DEFAULTS = {
-    "model_repository": "models", "host": "[::]", "port": 50051, "metrics_port": 9090, "max_batch_size": 128,
+    "model_repository": "models", "host": "[::]", "port": 50051, "http_port": 8000, "metrics_port": 9090, "max_batch_size": 128,
     "max_delay_ms": 2.0, "max_queue": 8192, "batch_workers": 2, "batching": True, "adaptive_delay": True,
     "providers": "auto", "intra_op_threads": 1, "inter_op_threads": 1, "allow_spinning": False, "max_images": 1024,
     "max_stream_images": 65536, "stream_chunk": 64, "max_message_bytes": 64 << 20, "encoder_threads": 2,
@@ -74,7 +75,8 @@ def test_every_default_is_the_documented_one():
     cfg = parse([], environ={})
     assert set(flags()) == set(DEFAULTS)
     values = {
-        **{f: getattr(cfg, f) for f in ("model_repository", "host", "port", "metrics_port", "metrics_host", "health_port")},
+        **{f: getattr(cfg, f) for f in (
+            "model_repository", "host", "port", "http_port", "metrics_port", "metrics_host", "health_port")},
         "max_batch_size": cfg.batching.max_batch_size, "max_delay_ms": cfg.batching.max_delay_ms,
         "max_queue": cfg.batching.max_queue, "batch_workers": cfg.batching.workers, "batching": cfg.batching.enabled,
         "adaptive_delay": cfg.batching.adaptive, **{f: getattr(cfg.runtime, f) for f in (

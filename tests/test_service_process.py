@@ -57,7 +57,7 @@ def start_server(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subpr
 @pytest.fixture
 def server_process(tmp_path):
     """`python -m service` on the shipped model, free ports; yields (process, port)."""
-    env = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_GRACE_SECONDS": "20", "GAN_HOST": "127.0.0.1"}
+    env = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HTTP_PORT": "0", "GAN_GRACE_SECONDS": "20", "GAN_HOST": "127.0.0.1"}
     proc, ready = start_server(["--model-repository", str(ROOT / "models")], env, tmp_path)
     assert ready["event"] == "serving" and ready["models"] == 1 and ready["metrics_port"] > 0
     yield proc, ready["port"]

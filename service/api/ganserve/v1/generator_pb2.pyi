@@ -93,7 +93,7 @@ class ModelInfo(_message.Message):
     output_max: float
     provider: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., ready: _Optional[bool] = ..., latent_dim: _Optional[int] = ..., prior: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., output_min: _Optional[float] = ..., output_max: _Optional[float] = ..., provider: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., ready: bool = ..., latent_dim: _Optional[int] = ..., prior: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., output_min: _Optional[float] = ..., output_max: _Optional[float] = ..., provider: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SeedList(_message.Message):
     __slots__ = ("seeds",)
@@ -143,7 +143,7 @@ class OutputOptions(_message.Message):
     grid_columns: int
     return_latents: bool
     grid_only: bool
-    def __init__(self, format: _Optional[_Union[OutputFormat, str]] = ..., grid: _Optional[bool] = ..., grid_columns: _Optional[int] = ..., return_latents: _Optional[bool] = ..., grid_only: _Optional[bool] = ...) -> None: ...
+    def __init__(self, format: _Optional[_Union[OutputFormat, str]] = ..., grid: bool = ..., grid_columns: _Optional[int] = ..., return_latents: bool = ..., grid_only: bool = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "version", "seeds", "seed_range", "rows", "labels", "truncation", "output")
@@ -229,7 +229,7 @@ class RepositoryIndexRequest(_message.Message):
     __slots__ = ("ready_only",)
     READY_ONLY_FIELD_NUMBER: _ClassVar[int]
     ready_only: bool
-    def __init__(self, ready_only: _Optional[bool] = ...) -> None: ...
+    def __init__(self, ready_only: bool = ...) -> None: ...
 
 class RepositoryIndexResponse(_message.Message):
     __slots__ = ("versions",)

@@ -5,7 +5,7 @@ import warnings
 
 from service.api.ganserve.v1 import generator_pb2 as service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class GeneratorStub:
+class GeneratorStub(object):
     """Serves ONNX generators from a versioned model repository.
     """
 
@@ -62,7 +62,7 @@ class GeneratorStub:
                 _registered_method=True)
 
 
-class GeneratorServicer:
+class GeneratorServicer(object):
     """Serves ONNX generators from a versioned model repository.
     """
 
@@ -137,7 +137,7 @@ def add_GeneratorServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Generator:
+class Generator(object):
     """Serves ONNX generators from a versioned model repository.
     """
 
@@ -277,7 +277,7 @@ class Generator:
             _registered_method=True)
 
 
-class ModelAdminStub:
+class ModelAdminStub(object):
     """Model lifecycle (see README, "Model lifecycle"): what the repository holds and in which state, and loading and
     unloading on demand. It needs the admin role once tokens are on.
     """
@@ -305,7 +305,7 @@ class ModelAdminStub:
                 _registered_method=True)
 
 
-class ModelAdminServicer:
+class ModelAdminServicer(object):
     """Model lifecycle (see README, "Model lifecycle"): what the repository holds and in which state, and loading and
     unloading on demand. It needs the admin role once tokens are on.
     """
@@ -358,7 +358,7 @@ def add_ModelAdminServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ModelAdmin:
+class ModelAdmin(object):
     """Model lifecycle (see README, "Model lifecycle"): what the repository holds and in which state, and loading and
     unloading on demand. It needs the admin role once tokens are on.
     """

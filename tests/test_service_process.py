@@ -25,17 +25,18 @@ from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_checked_in_stubs_match_the_proto(tmp_path):
+@pytest.mark.parametrize("proto", ["ganserve/v1/generator", "inference/grpc_predict_v2"])
+def test_checked_in_stubs_match_the_proto(tmp_path, proto):
     """service/api is generated from proto/; regenerating must give the same files."""
     from grpc_tools import protoc
 
     args = ["protoc", f"-Iservice/api={ROOT / 'proto'}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-            f"--pyi_out={tmp_path}", str(ROOT / "proto" / "ganserve" / "v1" / "generator.proto")]  # fmt: skip
+            f"--pyi_out={tmp_path}", str(ROOT / "proto" / f"{proto}.proto")]  # fmt: skip
     assert protoc.main(args) == 0
-    generated = tmp_path / "service" / "api" / "ganserve" / "v1"
-    names = ["generator_pb2.py", "generator_pb2_grpc.py", "generator_pb2.pyi"]
+    folder, stem = proto.rsplit("/", 1)
+    names = [f"{stem}_pb2.py", f"{stem}_pb2_grpc.py", f"{stem}_pb2.pyi"]
     _match, mismatch, errors = filecmp.cmpfiles(
-        generated, ROOT / "service" / "api" / "ganserve" / "v1", names, shallow=False
+        tmp_path / "service" / "api" / folder, ROOT / "service" / "api" / folder, names, shallow=False
     )
     assert (mismatch, errors) == ([], []), "regenerate: see README, 'Changing the API'"
 
@@ -57,7 +58,13 @@ def start_server(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subpr
 @pytest.fixture
 def server_process(tmp_path):
     """`python -m service` on the shipped model, free ports; yields (process, port)."""
-    env = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HTTP_PORT": "0", "GAN_GRACE_SECONDS": "20", "GAN_HOST": "127.0.0.1"}
+    env = {
+        "GAN_PORT": "0",
+        "GAN_METRICS_PORT": "0",
+        "GAN_HTTP_PORT": "0",
+        "GAN_GRACE_SECONDS": "20",
+        "GAN_HOST": "127.0.0.1",
+    }
     proc, ready = start_server(["--model-repository", str(ROOT / "models")], env, tmp_path)
     assert ready["event"] == "serving" and ready["models"] == 1 and ready["metrics_port"] > 0
     yield proc, ready["port"]

@@ -58,8 +58,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     GAN_MODEL_REPOSITORY=/models
 USER 10001:10001
 WORKDIR /tmp
-# gRPC (GAN_PORT) and Prometheus metrics (GAN_METRICS_PORT): the ServerConfig defaults.
-EXPOSE 50051 9090
+# gRPC (GAN_PORT), HTTP: Open Inference Protocol REST, PNG endpoints, playground (GAN_HTTP_PORT), and Prometheus
+# metrics (GAN_METRICS_PORT): the ServerConfig defaults.
+EXPOSE 50051 8000 9090
 # Through the standard grpc.health.v1 service, with the gRPC client already in the image (python -m service.probe)
 # rather than a grpc_health_probe binary downloaded at build time: nothing to fetch, pin or checksum. Kubernetes
 # ignores HEALTHCHECK and probes the same service natively (deploy/base/deployment.yaml). With GAN_HEALTH_PORT set

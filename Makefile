@@ -12,7 +12,16 @@ TORCH_PIP_ARGS ?=
 PRESET ?= mnist-cdcgan
 ARGS ?=
 
-.PHONY: setup test validate lint serve train clean
+# buf (lint and breaking-change checks of proto/, configured in buf.yaml), from npm's @bufbuild/buf at an exact
+# version, in a directory of its own; the stamp carries the version, so a bump reinstalls.
+BUF_VERSION := 1.75.0
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+BUF_STAMP := $(TOOLS)/.buf-$(BUF_VERSION)
+# The API as last released: what `buf breaking` holds proto/ to.
+RELEASED_API := proto/released.txtpb
+
+.PHONY: setup test validate lint proto-release serve train clean
 
 setup: $(STAMP)
 
@@ -27,11 +36,32 @@ $(STAMP): pyproject.toml
 test: lint validate
 	$(PY) -m pytest
 
+# The package's own postinstall only swaps the launcher for the platform binary; without it (--ignore-scripts) the
+# launcher finds that binary itself, and nothing from the registry runs at install time. node and npm come from
+# apt on a machine without them.
+$(BUF_STAMP):
+	command -v npm >/dev/null || { apt-get update && apt-get install -y --no-install-recommends nodejs npm; }
+	npm install --prefix $(TOOLS) --no-save --no-audit --no-fund --ignore-scripts @bufbuild/buf@$(BUF_VERSION)
+	$(BUF) --version
+	touch $@
+
 # Renders every kustomization under deploy/, checks the built-in kinds with kubernetes-validate --strict (CRD kinds
 # such as ServiceMonitor and cert-manager's Certificate have no schema there and are skipped by name) and lints
-# the Dockerfile with hadolint.
-validate: setup
+# the Dockerfile with hadolint. Then buf: lint proto/, and fail on any change to it that breaks clients of the
+# released API (buf.yaml says which rules and why).
+validate: setup $(BUF_STAMP)
 	$(PY) deploy/validate.py
+	$(BUF) lint
+	$(BUF) breaking --against $(RELEASED_API)
+
+# Records proto/ as the released API. Run it on purpose, in the change that releases new fields, messages or RPCs.
+# It refuses a tree that breaks the current image: that failure means existing clients would break, and recording
+# it would only hide it (a new major version is a new package beside the old one, which counts as an addition).
+# Text format, so that the review shows what the release adds; no source info, so that comments do not churn it.
+proto-release: $(BUF_STAMP)
+	$(BUF) lint
+	$(BUF) breaking --against $(RELEASED_API)
+	$(BUF) build --exclude-source-info -o $(RELEASED_API)
 
 lint: setup
 	$(PY) -m ruff check .
@@ -44,4 +74,4 @@ train: setup
 	$(PY) -m training.run --preset $(PRESET) $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache build *.egg-info

@@ -24,7 +24,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")  # 1.31: the oldest with every field used here (podFailurePolicy GA)
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("cert-manager.io/v1", "Certificate")}
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("cert-manager.io/v1", "Certificate"),
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"),
+    ("serving.kserve.io/v1beta1", "InferenceService"),
+}
 
 
 def tool(name: str) -> str:

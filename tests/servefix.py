@@ -112,7 +112,9 @@ def plain_model(
 @contextlib.asynccontextmanager
 async def running(repository: Path, **changes) -> AsyncIterator[tuple[Server, pb_grpc.GeneratorStub, grpc.aio.Channel]]:
     """A real server on free ports over `repository`, and a stub connected to it."""
-    cfg = ServerConfig.from_flags(model_repository=str(repository), host="127.0.0.1", port=0, http_port=0, metrics_port=0, **changes)
+    cfg = ServerConfig.from_flags(
+        model_repository=str(repository), host="127.0.0.1", port=0, http_port=0, metrics_port=0, **changes
+    )
     server = Server(cfg)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")

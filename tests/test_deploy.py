@@ -24,6 +24,7 @@ from service import probe
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.config import ENV_PREFIX, ServerConfig, flags, parse
+from service.contract import FORMAT_VERSION, READABLE_FORMATS
 from service.metrics import Metrics
 from service.server import SERVICE_NAME, server_options
 from tests.servefix import plain_model, running
@@ -76,7 +77,7 @@ def effective_config(resources: list[dict]) -> ServerConfig:
 
 
 def test_every_kustomization_renders(rendered):
-    assert {"base", "overlays/gpu", "overlays/cpu", "monitoring", "train", *TLS} <= set(rendered)
+    assert {"base", "overlays/gpu", "overlays/cpu", "monitoring", "train", "kserve", *TLS} <= set(rendered)
     assert all(rendered.values())
 
 
@@ -103,7 +104,7 @@ def test_probes_ask_grpc_health_on_the_probe_port(rendered, overlay):
     cfg, container = effective_config(resources), server_container(resources)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     health = {"health": cfg.health_port} if cfg.health_port > 0 else {}
-    assert ports == {"grpc": cfg.port, "metrics": cfg.metrics_port, **health}
+    assert ports == {"grpc": cfg.port, "http": cfg.http_port, "metrics": cfg.metrics_port, **health}
     # The kubelet's gRPC probes dial plaintext with no metadata and no client certificate: a TLS port fails them.
     assert not cfg.security.tls_cert or probe_port(cfg) != cfg.port
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -119,7 +120,7 @@ def test_services_and_policies_reach_the_pods_on_the_configured_ports(rendered, 
     resources = rendered[overlay]
     cfg = effective_config(resources)
     pod_labels = one(resources, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    wanted = {"grpc": cfg.port, "metrics": cfg.metrics_port}
+    wanted = {"grpc": cfg.port, "http": cfg.http_port, "metrics": cfg.metrics_port}
 
     def selects(selector: dict) -> bool:
         return selector.items() <= pod_labels.items()
@@ -136,6 +137,9 @@ def test_services_and_policies_reach_the_pods_on_the_configured_ports(rendered, 
         (grpc_port,) = [p for p in s["spec"]["ports"] if p["name"] == "grpc"]
         cleartext = grpc_port.get("appProtocol") == "kubernetes.io/h2c"
         assert cleartext != bool(cfg.security.tls_cert), s["metadata"]["name"]
+    # The HTTP port shares the gRPC port's TLS settings; the hint follows them.
+    (http_port,) = [p for p in service["spec"]["ports"] if p["name"] == "http"]
+    assert http_port["appProtocol"] == ("https" if cfg.security.tls_cert else "http")
     assert selects(one(resources, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"])
     hpa = one(resources, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"]["name"] == one(resources, "Deployment")["metadata"]["name"]
@@ -146,9 +150,10 @@ def test_services_and_policies_reach_the_pods_on_the_configured_ports(rendered, 
     # No rule for the plaintext health port: probes come from the pod's own node, which NetworkPolicy always
     # admits, and no other pod needs it.
     rules = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
-    assert set(rules) == {"grpc", "metrics"} and all(len(r["ports"]) == 1 for r in policy["ingress"])
+    assert set(rules) == {"grpc", "http", "metrics"} and all(len(r["ports"]) == 1 for r in policy["ingress"])
     (clients,) = rules["grpc"]
     assert clients["podSelector"]["matchLabels"] == {"gan-serve/client": "true"}
+    assert rules["http"] == rules["grpc"]  # the same clients, whichever protocol they speak
     (monitoring,) = rules["metrics"]
     assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
 
@@ -363,6 +368,59 @@ def test_training_job_runs_torchrun_on_the_gpus_it_asks_for(rendered):
     assert "--repository /models" in script and mounts["/models"] in serving
 
 
+def kserve_runtime(rendered) -> tuple[dict, dict, ServerConfig]:
+    """deploy/kserve's ServingRuntime, its one container, and the ServerConfig its GAN_* variables give."""
+    runtime = one(rendered["kserve"], "ServingRuntime")
+    (container,) = runtime["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    known = {ENV_PREFIX + flag.upper() for flag in flags()}
+    assert set(env) <= known, set(env) - known
+    return runtime, container, parse([], environ=env)
+
+
+def test_kserve_runtime_serves_the_open_inference_protocol_from_the_storage_mount(rendered):
+    runtime, container, cfg = kserve_runtime(rendered)
+    isvc = one(rendered["kserve"], "InferenceService")
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1" and isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    spec, model = runtime["spec"], isvc["spec"]["predictor"]["model"]
+    assert set(spec["protocolVersions"]) == {"v2", "grpc-v2"}
+    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
+    assert runtime["metadata"]["namespace"] == isvc["metadata"]["namespace"]
+    # Only generators that follow the ONNX metadata contract, in the formats the server reads; training exports
+    # the current one.
+    formats = {(f["name"], f["version"]) for f in spec["supportedModelFormats"]}
+    assert formats == {("gan-onnx", str(v)) for v in READABLE_FORMATS}
+    assert model["modelFormat"] == {"name": "gan-onnx", "version": str(FORMAT_VERSION)}
+    # The whole model repository claim of deploy/base, which KServe mounts where the server looks.
+    base_claim = one(rendered["base"], "PersistentVolumeClaim")["metadata"]["name"]
+    assert model["storageUri"] == f"pvc://{base_claim}" and cfg.model_repository == "/mnt/models"
+    assert isvc["metadata"]["namespace"] == one(rendered["base"], "Namespace")["metadata"]["name"]
+    # KServe routes REST to the one declared port (8080 unless told otherwise) and gRPC to 9000; the probes ask the
+    # Open Inference Protocol's health endpoints there.
+    assert container["name"] == "kserve-container"
+    assert [p["containerPort"] for p in container["ports"]] == [cfg.http_port] == [8080]
+    assert cfg.port == 9000
+    for kind, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+        assert container[kind]["httpGet"] == {"path": path, "port": cfg.http_port}, kind
+    assert spec["annotations"]["prometheus.kserve.io/port"] == str(cfg.metrics_port)
+    # Knative allows no terminationGracePeriodSeconds: the drain must fit Kubernetes' default 30 s.
+    assert "terminationGracePeriodSeconds" not in isvc["spec"]["predictor"] and cfg.lifecycle.grace_seconds < 30
+    # The CPU variant, as overlays/cpu runs it.
+    assert container["image"] == server_container(rendered["overlays/cpu"])["image"]
+    assert cfg.runtime.providers == effective_config(rendered["overlays/cpu"]).runtime.providers
+
+
+def test_kserve_pods_run_as_the_deployment_pods_do(rendered):
+    runtime, container, _ = kserve_runtime(rendered)
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == sc["runAsGroup"] == dockerfile_user()
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    writable = {v["name"] for v in runtime["spec"]["volumes"] if "emptyDir" in v}
+    assert any(m["mountPath"] == "/tmp" and m["name"] in writable for m in container["volumeMounts"])
+    assert one(rendered["kserve"], "InferenceService")["spec"]["predictor"]["automountServiceAccountToken"] is False
+
+
 def dockerfile_stages() -> dict[str, str]:
     stages, name = {}, None
     for line in (ROOT / "Dockerfile").read_text().splitlines():
@@ -385,7 +443,8 @@ def test_dockerfile_serves_without_torch_and_probes_grpc_health():
     stages = dockerfile_stages()
     assert {"serve-build", "serve", "train"} <= set(stages)
     serve = stages["serve"]
-    assert re.search(rf"^EXPOSE {ServerConfig.port} {ServerConfig.metrics_port}$", serve, re.MULTILINE)
+    exposed = f"{ServerConfig.port} {ServerConfig.http_port} {ServerConfig.metrics_port}"
+    assert re.search(rf"^EXPOSE {exposed}$", serve, re.MULTILINE)
     assert "python -m service.probe" in " ".join(healthcheck_command())
     assert "PYTHONDONTWRITEBYTECODE=1" in serve and re.search(r"^USER 10001", serve, re.MULTILINE)
     installs = [line for line in (stages["serve-build"] + serve).splitlines() if "pip install" in line]

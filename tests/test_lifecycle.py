@@ -395,7 +395,9 @@ def test_the_admin_api_is_off_on_an_open_port_without_tokens_unless_asked(tmp_pa
     plain_model(tmp_path / "m" / "1" / "model.onnx")
 
     async def index_code(**flags) -> grpc.StatusCode:
-        cfg = ServerConfig.from_flags(model_repository=str(tmp_path), host="0.0.0.0", port=0, http_port=-1, metrics_port=-1, **flags)
+        cfg = ServerConfig.from_flags(
+            model_repository=str(tmp_path), host="0.0.0.0", port=0, http_port=-1, metrics_port=-1, **flags
+        )
         server = Server(cfg)
         await server.start()
         try:

@@ -48,7 +48,9 @@ def pki(tmp_path_factory):
 
 @contextlib.asynccontextmanager
 async def serving(repo: Path, **flags) -> AsyncIterator[Server]:
-    cfg = ServerConfig.from_flags(model_repository=str(repo), host="127.0.0.1", port=0, http_port=0, metrics_port=0, **flags)
+    cfg = ServerConfig.from_flags(
+        model_repository=str(repo), host="127.0.0.1", port=0, http_port=0, metrics_port=0, **flags
+    )
     server = Server(cfg)
     await server.start()
     try:
@@ -477,7 +479,12 @@ def test_plaintext_without_tokens_warns_once_off_loopback_and_metrics_bind_their
                 quiet = "plaintext" in caplog.text
             for tokens in ("", str(pki["tokens"])):
                 cfg = ServerConfig.from_flags(
-                    model_repository=str(pki["repo"]), host="0.0.0.0", port=0, http_port=-1, metrics_port=-1, auth_tokens_file=tokens
+                    model_repository=str(pki["repo"]),
+                    host="0.0.0.0",
+                    port=0,
+                    http_port=-1,
+                    metrics_port=-1,
+                    auth_tokens_file=tokens,
                 )
                 server = Server(cfg)
                 await server.start()

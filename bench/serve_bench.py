@@ -25,11 +25,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
 import numpy as np
 
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.api.inference import grpc_predict_v2_pb2 as oip_pb
+from service.api.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from service.runtime import RuntimeConfig, Session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,31 +74,105 @@ async def load(
 ) -> Stats:  # fmt: skip
     """`concurrency` callers in a closed loop for `duration` seconds (after a short warm-up), over one channel:
     TLS with `credentials`, plaintext without; `metadata` goes with every call (a bearer token)."""
-    options = [("grpc.max_receive_message_length", 64 << 20)]
     target = f"127.0.0.1:{port}"
     secure = credentials is not None
     channel = (
-        grpc.aio.secure_channel(target, credentials, options) if secure else grpc.aio.insecure_channel(target, options)
+        grpc.aio.secure_channel(target, credentials, OPTIONS) if secure else grpc.aio.insecure_channel(target, OPTIONS)
     )
     async with channel:
         stub = pb_grpc.GeneratorStub(channel)
-        for _ in range(3):
-            await stub.Generate(request, metadata=metadata)
-        latencies: list[float] = []
-        images = 0
-        stop = time.perf_counter() + duration
 
-        async def caller() -> None:
-            nonlocal images
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                response = await stub.Generate(request, metadata=metadata)
-                latencies.append(time.perf_counter() - t)
-                images += len(response.images)
+        async def call() -> int:
+            return len((await stub.Generate(request, metadata=metadata)).images)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return Stats(len(latencies), images, time.perf_counter() - start, latencies)
+        return await drive(call, concurrency, duration)
+
+
+OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+
+
+async def drive(call, concurrency: int, duration: float) -> Stats:
+    """`concurrency` callers of `call()` (which returns how many images it got) in a closed loop, after 3 warm-ups."""
+    for _ in range(3):
+        await call()
+    latencies: list[float] = []
+    images = 0
+    stop = time.perf_counter() + duration
+
+    async def caller() -> None:
+        nonlocal images
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            got = await call()  # not `images += await call()`: that reads `images` before the await
+            latencies.append(time.perf_counter() - t)
+            images += got
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return Stats(len(latencies), images, time.perf_counter() - start, latencies)
+
+
+async def protocol_load(
+    kind: str, port: int, http_port: int, model: str, n: int, concurrency: int, duration: float
+) -> Stats:
+    """One workload (n uint8 images per request) through one front end: ganserve.v1, OIP gRPC, or OIP REST."""
+    if kind == "ganserve.v1 Generate":
+        return await load(port, request(model, n, pb.RAW_UINT8), concurrency, duration)
+    if kind == "OIP gRPC ModelInfer":
+        infer = oip_pb.ModelInferRequest(model_name=model, parameters={
+            "seed_start": oip_pb.InferParameter(int64_param=0), "count": oip_pb.InferParameter(int64_param=n),
+            "datatype": oip_pb.InferParameter(string_param="UINT8")})  # fmt: skip
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", OPTIONS) as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+
+            async def call() -> int:
+                return (await stub.ModelInfer(infer)).outputs[0].shape[0]
+
+            return await drive(call, concurrency, duration)
+    binary = kind == "OIP REST infer (binary)"
+    body = {"parameters": {"seed_start": 0, "count": n, "datatype": "UINT8", "binary_data_output": binary}}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{http_port}", connector=connector) as session:
+
+        async def call() -> int:
+            async with session.post(f"/v2/models/{model}/infer", json=body) as r:
+                data = await r.read()
+                if r.status != 200:
+                    raise RuntimeError(data[:200])
+                head = int(r.headers.get("Inference-Header-Content-Length", len(data)))
+                return json.loads(data[:head])["outputs"][0]["shape"][0]
+
+        return await drive(call, concurrency, duration)
+
+
+PROTOCOLS = ("ganserve.v1 Generate", "OIP gRPC ModelInfer", "OIP REST infer (binary)", "OIP REST infer (JSON)")
+
+
+def protocols(repo: Path, d: float, rounds: int) -> None:
+    """P1 and P2 through every front end against one server each, interleaved rounds; medians, ÷ ganserve.v1."""
+    table = []
+    for label, model, n, concurrency in (("P1", "dcgan", 16, 8), ("P2", "mlp", 1, 64)):
+        server = service(repo)
+        try:
+            got: dict[str, list[Stats]] = {k: [] for k in PROTOCOLS}
+            for _ in range(rounds):
+                for kind in PROTOCOLS:
+                    stats = asyncio.run(protocol_load(kind, server.port, server.http_port, model, n, concurrency, d))
+                    got[kind].append(stats)
+                    print(f"{label} {kind}: {stats.ips:,.0f} img/s, {stats.rps:,.0f} req/s, p50 {stats.pct(50):.2f} ms",
+                          flush=True)  # fmt: skip
+        finally:
+            server.close()
+        base = float(np.median([s.rps for s in got[PROTOCOLS[0]]]))
+        for kind in PROTOCOLS:
+            rps = float(np.median([s.rps for s in got[kind]]))
+            p50 = float(np.median([s.pct(50) for s in got[kind]]))
+            table.append((label, kind, f"{rps * n:,.0f}", f"{rps:,.0f}", f"{rps / base:.2f}", f"{p50:.2f}"))
+    print(
+        f"\n| workload | front end | img/s | req/s | ÷ ganserve.v1 | p50 ms |  (median of {rounds})\n|---|---|---|---|---|---|"
+    )
+    for row in table:
+        print("| " + " | ".join(row) + " |")
 
 
 def raw_ort(path: Path, batch: int, duration: float) -> Stats:
@@ -139,7 +216,7 @@ class Process:
             tail = "".join(lines[-20:]) if log is None else "\n".join(log.read_text().splitlines()[-20:])
             raise RuntimeError(f"{args} did not start (exit status {self.proc.wait()}):\n{tail}")
         ready = json.loads(line)
-        self.port, self.metrics_port = ready["port"], ready.get("metrics_port")
+        self.port, self.metrics_port, self.http_port = ready["port"], ready.get("metrics_port"), ready.get("http_port")
 
     def mean_batch(self) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
@@ -153,7 +230,13 @@ class Process:
 
 
 def service(repo: Path, **flags) -> Process:
-    env = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HTTP_PORT": "0", "GAN_HOST": "127.0.0.1", "GAN_GRACE_SECONDS": "1"}
+    env = {
+        "GAN_PORT": "0",
+        "GAN_METRICS_PORT": "0",
+        "GAN_HTTP_PORT": "0",
+        "GAN_HOST": "127.0.0.1",
+        "GAN_GRACE_SECONDS": "1",
+    }
     env |= {f"GAN_{k.upper()}": str(v) for k, v in flags.items()}
     return Process([sys.executable, "-m", "service", "--model-repository", str(repo)], env)
 
@@ -219,7 +302,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     p.add_argument("--security", action="store_true", help="only the cost of TLS, mTLS and tokens on P2 and P4")
-    p.add_argument("--rounds", type=int, default=3, help="--security: interleaved rounds (medians reported)")
+    p.add_argument("--protocols", action="store_true", help="only P1 and P2 through ganserve.v1, OIP gRPC and REST")
+    p.add_argument("--rounds", type=int, default=3, help="--security, --protocols: interleaved rounds (medians)")
     args = p.parse_args()
     d = args.duration
     rows: list[tuple[str, str, str, str]] = []
@@ -230,6 +314,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
         if args.security:
             security(repo, Path(tmp), d, args.rounds)
+            return
+        if args.protocols:
+            protocols(repo, d, args.rounds)
             return
         dcgan = repo / "dcgan" / "1" / "model.onnx"
 

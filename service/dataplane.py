@@ -284,6 +284,8 @@ def _label_vectors(
         if labels:
             raise InvalidArgument(f"{field}: model {mv.name!r} is unconditional and takes no labels")
         return None
+    if not labels:
+        raise InvalidArgument(f"{field}: model {mv.name!r} is conditional: give a class index, a name or soft weights")
     if len(labels) not in (1, n):
         raise InvalidArgument(f"{field}: expected 1 or {n} labels for {n} samples, got {len(labels)}")
     rows = np.stack([_label_row(spec.class_names, lab, f"{field}[{i}]") for i, lab in enumerate(labels)])

@@ -52,10 +52,8 @@ STRIP_QUERY = ("from", "to", "steps", "from_label", "to_label", "from_soft", "to
 DATATYPES = {"FP32": "<f4", "UINT8": "u1"}
 JSON_ON_LOOP = 16 << 10  # output bytes written as JSON on the event loop; more go to the encoder threads
 # The data plane's fields → the query parameters that carried them, so that errors name what the caller wrote.
-IMAGE_NAMES = {"seeds.seeds": "seeds", "seed_range": "seeds", "labels": "label", "truncation": "psi",
-               "output.grid_columns": "columns"}  # fmt: skip
-STRIP_NAMES = {"keyframes[0]": "from", "keyframes[1]": "to", "keyframes.label[0]": "from_label",
-               "keyframes.label[1]": "to_label", "keyframes": "from", "truncation": "psi"}  # fmt: skip
+IMAGE_NAMES = {"seeds.seeds": "seeds", "seed_range": "seeds", "truncation": "psi", "output.grid_columns": "columns"}
+STRIP_NAMES = {"keyframes[0]": "from", "keyframes[1]": "to", "keyframes": "from", "truncation": "psi"}
 
 
 class Front:
@@ -213,11 +211,13 @@ class Front:
         seeds = oip.seed_text(q.get("seeds", "0"), "seeds")
         label = _label(q.get("label"), q.get("soft"), "label")
         columns = _int(q.get("columns", "0"), "columns")
+        model, version = _model_of(request, q)
+        output = dm.Output("png", grid=True, grid_columns=columns, grid_only=True)
         generate = dm.Generate(
-            request.match_info["model"], _int(q.get("version", "0"), "version"), seeds, [label] if label else [],
-            _float(q.get("psi", "0"), "psi"), dm.Output("png", grid=True, grid_columns=columns, grid_only=True),
+            model, version, seeds, [label] if label else [], _float(q.get("psi", "0"), "psi"), output
         )  # fmt: skip
-        return _png(await _renamed(self.plane.generate(generate), IMAGE_NAMES))
+        names = IMAGE_NAMES | {"labels": "soft" if "soft" in q else "label"}
+        return _png(await _renamed(self.plane.generate(generate), names))
 
     async def interpolation(self, request: web.Request) -> web.Response:
         """A PNG strip of frames from seed to seed: ?from=0&to=1&steps=8&from_label=3&to_label=5&psi=0.7."""
@@ -227,12 +227,17 @@ class Front:
                                                                          f"{end}_label"))
             for end, first in (("from", "0"), ("to", "1"))
         ]  # fmt: skip
-        model, version, steps = request.match_info["model"], _int(q.get("version", "0"), "version"), q.get("steps", "8")
+        model, version = _model_of(request, q)
+        steps, psi = _int(q.get("steps", "8"), "steps"), _float(q.get("psi", "0"), "psi")
         interpolate = dm.Interpolate(
-            model, version, keys, _int(steps, "steps"), q.get("method", "slerp"), _float(q.get("psi", "0"), "psi"),
-            dm.Output("png", grid=True, grid_only=True),
+            model, version, keys, steps, q.get("method", "slerp"), psi, dm.Output("png", grid=True, grid_only=True)
         )  # fmt: skip
-        return _png(await _renamed(self.plane.interpolate(interpolate), STRIP_NAMES))
+        given = {end: f"{end}_soft" if f"{end}_soft" in q else f"{end}_label" for end in ("from", "to")}
+        # A label at one end only: the message names the end that lacks one.
+        lacking = given["to"] if given["from"] in q else given["from"]
+        names = STRIP_NAMES | {"keyframes.label[0]": given["from"], "keyframes.label[1]": given["to"],
+                               "keyframes.label": lacking}  # fmt: skip
+        return _png(await _renamed(self.plane.interpolate(interpolate), names))
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -272,8 +277,10 @@ def _png(result: dm.Result) -> web.Response:
     )  # fmt: skip
 
 
-def _model_of(request: web.Request) -> tuple[str, int]:
-    return request.match_info["model"], oip.parse_version(request.match_info.get("version", ""), "version")
+def _model_of(request: web.Request, query: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """The model and version a route names: in its path (OIP), or in its query (the PNG endpoints); "": latest."""
+    version = request.match_info.get("version", "") if query is None else query.get("version", "")
+    return request.match_info["model"], oip.parse_version(version, "version")
 
 
 def _model_json(info: dm.ModelInfo) -> dict:

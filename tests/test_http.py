@@ -66,6 +66,11 @@ def test_rest_endpoints_and_their_errors(repo):
                 "bad_query": await fetch(s, "GET", "/v1/models/echo/images.png?seeds=1&colour=red"),
                 "bad_psi": await fetch(s, "GET", "/v1/models/echo/images.png?seeds=1&label=cat&psi=2"),
                 "bad_label": await fetch(s, "GET", "/v1/models/echo/images.png?seeds=1&label=emu"),
+                "no_label": await fetch(s, "GET", "/v1/models/echo/images.png?seeds=1"),
+                "bad_soft": await fetch(s, "GET", "/v1/models/echo/images.png?seeds=1&soft=1,2"),
+                "one_end": await fetch(s, "GET", "/v1/models/echo/interpolation.png?from_label=1"),
+                "bad_to_soft": await fetch(s, "GET", "/v1/models/echo/interpolation.png?from_label=1&to_soft=0,0,0"),
+                "latest": await fetch(s, "GET", "/v1/models/echo/images.png?seeds=1&label=1&version="),
                 "no_route": await fetch(s, "GET", "/v2/nothing/here"),
                 "wrong_method": await fetch(s, "GET", "/v2/models/echo/infer"),
             }  # fmt: skip
@@ -83,6 +88,7 @@ def test_rest_endpoints_and_their_errors(repo):
         "version: model 'echo' has no version 9"
     )
     assert got["model_ready"][0] == 200 and got["model_unready"][0] == 503
+    assert got["latest"][0] == 200 and got["latest"][1]["X-Model-Version"] == "1"  # an empty version: the latest
     infer = ok["infer"]
     assert infer["id"] == "a1" and infer["model_version"] == "1" and infer["outputs"][0]["shape"] == [2, 2, 4, 1]
     assert bytes(infer["outputs"][0]["data"]) == b"".join(ours.images)  # the same bytes as ganserve.v1
@@ -100,6 +106,10 @@ def test_rest_endpoints_and_their_errors(repo):
         "bad_query": (400, "query: unknown parameter 'colour'"),
         "bad_psi": (400, "psi: must be in (0, 1]"),
         "bad_label": (400, "label: unknown class 'emu'"),
+        "no_label": (400, "label: model 'echo' is conditional: give a class index, a name or soft weights"),
+        "bad_soft": (400, "soft: expected 3 weights, got 2"),
+        "one_end": (400, "to_label: give a label for every keyframe or for none"),
+        "bad_to_soft": (400, "to_soft: weights must be finite, non-negative and not all zero"),
         "no_route": (404, "Not Found"),
         "wrong_method": (405, "Method Not Allowed"),
     }

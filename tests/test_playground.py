@@ -1,0 +1,243 @@
+"""The playground in a real browser: headless Chromium loads `/` from `python -m service` and draws real images.
+
+Debian's `chromium` and `chromium-driver` drive it, by explicit path, so Selenium never downloads a browser; CI
+installs them (.ci/run). `python -m tests.test_playground --screenshot docs/playground.png` redraws the README's
+screenshot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import os
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.select import Select
+
+from tests.test_service_process import ROOT, start_server
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+INSTALL = "apt-get install -y chromium chromium-driver"
+SKIP_ENV = "GAN_SKIP_BROWSER"
+MODEL, TILE = "mnist-cdcgan", 28
+STRIP = "from=0&to=1&steps=15&from_label=3&to_label=5&psi=0.50"  # the interpolation the test asks the page for
+# The page's own drawing, read back as PNG: decoded pixels, not DOM nodes.
+PIXELS_JS = """
+const el = document.getElementById(arguments[0]);
+const canvas = document.createElement("canvas");
+canvas.width = el.naturalWidth ?? el.width;
+canvas.height = el.naturalHeight ?? el.height;
+canvas.getContext("2d").drawImage(el, 0, 0);
+return canvas.toDataURL("image/png");
+"""
+
+
+def _padded(n: int) -> int:
+    """Pixels across n tiles: 2 px padding around and between them."""
+    return n * (TILE + 2) + 2
+
+
+@contextlib.contextmanager
+def serving(folder: Path) -> Iterator[str]:
+    """`python -m service` on the shipped models; yields the HTTP base URL."""
+    env = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HTTP_PORT": "0", "GAN_GRACE_SECONDS": "1",
+           "GAN_HOST": "127.0.0.1"}  # fmt: skip
+    proc, ready = start_server(["--model-repository", str(ROOT / "models")], env, folder)
+    try:
+        yield f"http://127.0.0.1:{ready['http_port']}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def chrome(width: int = 1200, height: int = 800):
+    """Headless Chromium from the system packages; fails (never skips) when it is missing, unless asked to."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        if os.environ.get(SKIP_ENV) == "1":
+            pytest.skip(f"{SKIP_ENV}=1 and no {', '.join(missing)}")
+        pytest.fail(f"the playground test needs {', '.join(missing)}: `{INSTALL}` (or set {SKIP_ENV}=1 to skip)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
+                f"--window-size={width},{height}", "--force-device-scale-factor=1", "--hide-scrollbars"):  # fmt: skip
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory) -> Iterator[str]:
+    with serving(tmp_path_factory.mktemp("playground")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def driver():
+    browser = chrome()
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def _wait(condition: Callable[[], object], what: str, timeout: float = 10.0):
+    end = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def _seq(driver, element: str) -> int:
+    return int(driver.find_element("id", element).get_attribute("data-seq"))
+
+
+def _pixels(driver, element: str) -> np.ndarray:
+    """What the page shows in an <img> or <canvas>, decoded by the browser, as RGBA."""
+    url = driver.execute_script(PIXELS_JS, element)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGBA"))
+
+
+def _drawn(driver, element: str, after: int, caption: str = "") -> np.ndarray:
+    """Waits until `element` shows a picture newer than `after` whose caption has `caption`; returns its pixels."""
+    text = f"{element}-caption"
+    _wait(lambda: _seq(driver, element) > after and caption in driver.find_element("id", text).text,
+          f"a new #{element} with {caption!r}")  # fmt: skip
+    return _pixels(driver, element)
+
+
+def _server_png(base_url: str, path: str) -> np.ndarray:
+    """The same picture straight from the API, decoded by PIL, as RGBA."""
+    with urllib.request.urlopen(f"{base_url}/v1/models/{MODEL}/{path}") as response:
+        return np.asarray(Image.open(io.BytesIO(response.read())).convert("RGBA"))
+
+
+def _severe(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def _select(driver, element: str, text: str) -> None:
+    Select(driver.find_element("id", element)).select_by_visible_text(text)
+
+
+def _keys(driver, element: str, *keys: str) -> None:
+    driver.find_element("id", element).send_keys(*keys)
+
+
+def test_page_draws_a_grid_a_class_psi_and_an_interpolation(driver, base_url, tmp_path):
+    driver.get(f"{base_url}/")
+    first = _drawn(driver, "grid", 0)
+    # 16 seeds, 4 columns: real pixels, exactly the server's PNG, and not blank.
+    assert first.shape == (_padded(4), _padded(4), 4)
+    np.testing.assert_array_equal(first, _server_png(base_url, "images.png?seeds=0-15&label=0&psi=0.70&columns=4"))
+    assert first[..., 0].std() > 20
+    assert "server" in driver.find_element("id", "grid-timing").text
+
+    # Another class: other pixels, the server's for that class.
+    seq = _seq(driver, "grid")
+    _select(driver, "label", "7")
+    seven = _drawn(driver, "grid", seq)
+    assert not np.array_equal(seven, first)
+    np.testing.assert_array_equal(seven, _server_png(base_url, "images.png?seeds=0-15&label=7&psi=0.70&columns=4"))
+
+    # ψ by keyboard, four quick steps of 0.05: the page waits for the slider to rest, then draws that value.
+    seq = _seq(driver, "grid")
+    _keys(driver, "psi", *[Keys.ARROW_LEFT] * 4)
+    assert driver.find_element("id", "psi-value").text == "0.50"
+    looser = _drawn(driver, "grid", seq, "ψ 0.50")
+    np.testing.assert_array_equal(looser, _server_png(base_url, "images.png?seeds=0-15&label=7&psi=0.50&columns=4"))
+
+    # Blended with a 1, half and half (the blend slider's default): soft weights over all ten classes.
+    seq = _seq(driver, "grid")
+    _select(driver, "blend-label", "1")
+    blend = _drawn(driver, "grid", seq, "7 50% + 1 50%")
+    soft = "0,0.5,0,0,0,0,0,0.5,0,0"
+    np.testing.assert_array_equal(blend, _server_png(base_url, f"images.png?seeds=0-15&soft={soft}&psi=0.50&columns=4"))
+
+    # Interpolation from a 3 to a 5: a strip of 16 frames, and the animation's canvas shows one of them scaled up.
+    seq = _seq(driver, "strip")
+    _select(driver, "from-label", "3")
+    _select(driver, "to-label", "5")
+    strip = _drawn(driver, "strip", seq, "class 3 → 5 · 16 frames · ψ 0.50")
+    expected = _server_png(base_url, f"interpolation.png?{STRIP}")
+    assert strip.shape == (TILE + 4, _padded(16), 4)
+    np.testing.assert_array_equal(strip, expected)
+    _keys(driver, "frame-slider", Keys.HOME, *[Keys.ARROW_RIGHT] * 5)  # moving the slider pauses the animation
+    assert driver.find_element("id", "play").get_attribute("aria-pressed") == "false"
+    assert driver.find_element("id", "frame-value").text == "6 / 16"
+    canvas = _pixels(driver, "frame")
+    scale = canvas.shape[0] // TILE
+    x = 2 + 5 * (TILE + 2)
+    frame = expected[2 : 2 + TILE, x : x + TILE]
+    np.testing.assert_array_equal(canvas, frame.repeat(scale, 0).repeat(scale, 1))
+    assert canvas[..., 0].std() > 20
+
+    # Download saves the strip that is shown, byte for byte.
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+    driver.find_element("id", "strip-download").click()
+    saved = _wait(lambda: list(tmp_path.glob("*.png")), "the download")
+    assert [p.name for p in saved] == [f"{MODEL}-v2-seed0-to-seed1.png"]
+    with urllib.request.urlopen(f"{base_url}/v1/models/{MODEL}/interpolation.png?{STRIP}") as response:
+        assert saved[0].read_bytes() == response.read()
+
+    assert _severe(driver) == []  # console errors, CSP violations among them
+
+
+def test_page_shows_the_api_error(driver, base_url):
+    driver.get(f"{base_url}/")
+    _drawn(driver, "grid", 0)
+    _severe(driver)  # drained: only what follows counts
+    driver.execute_script("""
+        const columns = document.getElementById("columns");
+        columns.value = "-1";
+        columns.dispatchEvent(new Event("input"));
+    """)  # fmt: skip
+    error = _wait(lambda: driver.find_element("id", "error").text, "the error line")
+    assert error == "Grid: columns: must be >= 0 (got -1)"
+    # The browser logs the failed request itself, and nothing else.
+    assert all("400 (Bad Request)" in message for message in _severe(driver))
+
+
+def screenshot(path: Path) -> None:
+    """Redraws the README's picture: a grid of one class and an interpolation between two."""
+    with tempfile.TemporaryDirectory() as folder, serving(Path(folder)) as url:
+        driver = chrome(1200, 800)
+        try:
+            # The window's size includes what headless Chromium keeps for its own frame; the page gets exactly this.
+            metrics = {"width": 1200, "height": 800, "deviceScaleFactor": 1, "mobile": False}
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+            driver.get(f"{url}/")
+            for element, text in (("label", "7"), ("from-label", "3"), ("to-label", "8")):
+                _select(driver, element, text)
+            _drawn(driver, "grid", 0, "class 7")
+            _drawn(driver, "strip", 0, "class 3 → 8")
+            _keys(driver, "frame-slider", Keys.HOME, *[Keys.ARROW_RIGHT] * 10)
+            driver.execute_script("document.activeElement.blur()")  # no focus ring in the picture
+            driver.save_screenshot(str(path))
+            assert _severe(driver) == []
+        finally:
+            driver.quit()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=screenshot.__doc__)
+    parser.add_argument("--screenshot", type=Path, required=True, help="PNG to write, e.g. docs/playground.png")
+    screenshot(parser.parse_args().screenshot)

@@ -260,7 +260,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
         name = getattr(request, "model", None) or getattr(request, "name", None) or getattr(request, "model_name", "")
         model = name if isinstance(name, str) and self.is_model(name) else UNKNOWN_MODEL
         code = None
-        self._enter(counted)
+        self.active += counted
         try:
             if isinstance(request, Malformed):
                 raise errors.InvalidArgument(request.message)
@@ -281,9 +281,6 @@ class Interceptor(grpc.aio.ServerInterceptor):
             self._leave(counted)
             self.record(method, model, code or grpc.StatusCode.UNKNOWN, start)
 
-    def _enter(self, counted: bool) -> None:
-        self.active += counted
-
     def _leave(self, counted: bool) -> None:
         self.active -= counted
         if not self.active and self._idle is not None:
@@ -293,7 +290,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
     def call(self) -> Iterator[None]:
         """A call of another front end (HTTP), counted like an RPC for the drain."""
         self.last_arrival = time.monotonic()
-        self._enter(True)
+        self.active += 1
         try:
             yield
         finally:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,10 +19,14 @@ from service.errors import DeadlineExceeded, QueueFull, Unavailable
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[dict[str, np.ndarray]], np.ndarray]
+# What the batcher itself spends per batch besides run_batch (taking, concatenating, answering), measured on a
+# 2-core CPU machine; choose_batch_size weighs it against the run time saved per sample by a bigger batch.
+PER_BATCH_OVERHEAD = 100e-6
 
 
 class BatchObserver(Protocol):
-    """Metrics hooks, called on the event loop: keep them cheap and non-blocking."""
+    """Metrics hooks, called on worker threads and the event loop, some under the queue's lock: keep them cheap,
+    thread-safe and non-blocking (prometheus_client's are)."""
 
     def queue_wait(self, seconds: float) -> None:
         """Once per request chunk when it is taken into a batch: seconds since it was queued."""
@@ -81,8 +84,26 @@ class _Chunk:
     deadline: float | None
 
 
+def choose_batch_size(seconds: dict[int, float], overhead: float = PER_BATCH_OVERHEAD, tolerance: float = 0.05) -> int:
+    """The batch size to form, from measured run times: the smallest within `tolerance` of the best cost per sample.
+
+    `seconds` maps batch sizes to one run's time; each run also pays `overhead` (the batcher's own work per batch).
+    On a CPU the cost per sample stops falling at a small batch and then rises (caches); on a GPU it falls to the
+    largest size. Smaller batches keep every worker busy and cost callers less waiting, so ties go to them.
+    """
+    if not seconds:
+        raise ValueError("no timings to choose a batch size from")
+    cost = {size: (t + overhead) / size for size, t in seconds.items()}
+    best = min(cost.values())
+    return min(size for size, c in cost.items() if c <= best * (1 + tolerance))
+
+
 class Batcher:
-    """Queues request chunks and runs them through `run_batch` in batches of at most `max_batch_size` samples."""
+    """Queues request chunks and runs them through `run_batch` in batches of at most `batch_size` samples.
+
+    Each worker is a thread of its own that forms its next batch from the shared queue as soon as it is free, and
+    hands the result back to the event loop with one call_soon_threadsafe: the loop never waits on a worker.
+    """
 
     def __init__(
         self,
@@ -90,16 +111,20 @@ class Batcher:
         config: BatchingConfig,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        batch_size: int = 0,
     ) -> None:
         self.config = config
+        # The size batches are formed at (and requests split at): measured by the runtime, else the maximum.
+        self.batch_size = min(batch_size or config.max_batch_size, config.max_batch_size)
+        self.workers = config.workers or 1
         self._run_batch = run_batch
         self._observer = _Shielded(observer or _NoObserver())
         self._clock = clock
+        self._cv = threading.Condition()  # guards everything below; workers wait on it
         self._queue: deque[_Chunk] = deque()  # FIFO, so the head is always the oldest chunk
         self._depth = 0
-        self._wakeup: asyncio.Event | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
         self._accepting = False
         self._closing = False
         self._concurrent = False  # did the last batch show requests arriving together? (adaptive delay)
@@ -115,17 +140,20 @@ class Batcher:
         return self._depth
 
     async def start(self) -> None:
-        """Create the worker tasks on the running loop and start accepting requests."""
-        if self._tasks or self._closing:
+        """Start the worker threads, which answer on the running loop, and start accepting requests."""
+        if self._threads or self._closing:
             raise RuntimeError("a Batcher can be started only once")
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(self.config.workers, thread_name_prefix="batcher")
-        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
+        self._loop = asyncio.get_running_loop()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"batcher-{i}", daemon=True) for i in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
         self._accepting = True
 
     def check_room(self, n: int) -> None:
         """Raise what submit() would for n samples now: Unavailable when not accepting, QueueFull when full."""
-        if not self._accepting or self._wakeup is None:
+        if not self._accepting:
             raise Unavailable("batcher is not accepting requests (not started, or draining)")
         if self._depth + n > self.config.max_queue:
             raise QueueFull(
@@ -140,81 +168,102 @@ class Batcher:
         The caller must not mutate `inputs` until this returns: chunks are views into them.
         """
         n = _leading_length(inputs)
-        self.check_room(n)
-        cfg = self.config
-        assert self._wakeup is not None
-        now = self._clock()
-        # Unlike Triton we split oversized requests, so one large request cannot exceed what the model was sized for.
-        starts = range(0, n, cfg.max_batch_size)
+        step = self.batch_size
+        # Unlike Triton we split oversized requests: one large request neither exceeds what the model was sized
+        # for nor runs on a single worker while the others idle.
+        starts = range(0, n, step)
         request = _Request(asyncio.get_running_loop().create_future(), [None] * len(starts), len(starts))
-        for index, lo in enumerate(starts):
-            hi = min(lo + cfg.max_batch_size, n)
-            chunk_inputs = {name: array[lo:hi] for name, array in inputs.items()}
-            self._queue.append(_Chunk(request, index, chunk_inputs, hi - lo, now, deadline))
-        self._set_depth(self._depth + n)
-        self._wakeup.set()
+        with self._cv:
+            self.check_room(n)
+            now = self._clock()
+            for index, lo in enumerate(starts):
+                hi = min(lo + step, n)
+                chunk_inputs = {name: array[lo:hi] for name, array in inputs.items()}
+                self._queue.append(_Chunk(request, index, chunk_inputs, hi - lo, now, deadline))
+            self._depth += n
+            self._observer.depth(self._depth)
+            self._cv.notify(len(starts))
         try:
             return await request.future
         except asyncio.CancelledError:
             # The caller gave up: its chunks that have not run yet should cost nothing.
-            self._discard(request)
+            with self._cv:
+                self._discard(request)
             raise
 
     async def stop(self) -> None:
         """Stop accepting (submit raises Unavailable), run everything already queued, then end the workers."""
-        self._accepting = False
-        self._closing = True
-        if self._wakeup is not None:
-            self._wakeup.set()
-        await asyncio.gather(*self._tasks)
-        if self._executor is not None:
-            self._executor.shutdown()  # nothing is left to run, so this does not block the loop
-            self._executor = None
+        with self._cv:
+            self._accepting = False
+            self._closing = True
+            self._cv.notify_all()
+        loop = asyncio.get_running_loop()
+        for thread in self._threads:
+            await loop.run_in_executor(None, thread.join)
+        # A worker's last answers were scheduled before it ended: let them run before returning.
+        await asyncio.sleep(0)
 
-    async def _worker(self) -> None:
-        assert self._wakeup is not None
+    # ---- worker threads ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
         while True:
-            wait = self._seconds_until_ready()
-            if wait is None and self._closing:
-                return
-            if wait == 0:
-                batch = self._take()
-                if batch:
-                    await self._run(batch)
-                continue
-            # Clearing and checking happen with no await in between, so a submit() can never be missed.
-            self._wakeup.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), wait)
+            with self._cv:
+                while True:
+                    wait = self._seconds_until_ready()
+                    if wait == 0:
+                        batch, expired = self._take()
+                        if batch or expired:
+                            break
+                        continue
+                    if wait is None and self._closing:
+                        return
+                    self._cv.wait(wait)
+                if self._queue:  # more than this batch is waiting: another worker may take it
+                    self._cv.notify()
+            if expired:
+                self._answer(self._expire, expired)
+            if batch:
+                result, seconds = self._call(batch)
+                if not isinstance(result, Exception):
+                    self._observer.batch(sum(chunk.size for chunk in batch), seconds)
+                self._answer(self._deliver, batch, result)
+
+    def _answer(self, callback: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop closed without stop(): nobody is left to answer
+            log.warning("batcher: the event loop closed before a batch was answered (stop() was never awaited)")
 
     def _seconds_until_ready(self) -> float | None:
         """0: take a batch now; None: nothing queued; else seconds until the oldest chunk's delay ends."""
         if not self._queue:
             return None
         cfg = self.config
-        if self._closing or not cfg.enabled or self._depth >= cfg.max_batch_size:
+        if self._closing or not cfg.enabled or self._depth >= self.batch_size:
             return 0.0
         if cfg.adaptive and not self._concurrent:
             return 0.0
         return max(0.0, self._queue[0].queued_at + cfg.max_delay_ms / 1000 - self._clock())
 
-    def _take(self) -> list[_Chunk]:
-        """Pop the next batch in FIFO order, up to max_batch_size samples; requests past their deadline fail instead."""
+    def _take(self) -> tuple[list[_Chunk], list[tuple[_Chunk, float]]]:
+        """Under the lock: pop the next batch in FIFO order, up to batch_size samples, and the chunks past their
+        deadline (with how long they waited), which fail instead."""
         now = self._clock()
         cfg = self.config
         before = self._depth
         batch: list[_Chunk] = []
+        expired: list[tuple[_Chunk, float]] = []
         size = 0
         # Strict FIFO (no smaller chunk overtakes the head): O(batch) per take, and no chunk can starve.
-        while self._queue and size + self._queue[0].size <= cfg.max_batch_size:
+        while self._queue and size + self._queue[0].size <= self.batch_size:
             chunk = self._queue.popleft()
             self._depth -= chunk.size
             if chunk.request.future.done():
                 # Cancelled, but the submit() task has not run its own cleanup yet.
                 self._discard(chunk.request)
             elif chunk.deadline is not None and now >= chunk.deadline:
-                waited = now - chunk.queued_at
-                self._fail(chunk.request, DeadlineExceeded(f"deadline passed after {waited:.3f} s in the batch queue"))
+                expired.append((chunk, now - chunk.queued_at))
             else:
                 batch.append(chunk)
                 size += chunk.size
@@ -223,31 +272,14 @@ class Batcher:
                     break
         if self._depth != before:
             self._observer.depth(self._depth)
-        return batch
-
-    async def _run(self, batch: list[_Chunk]) -> None:
         # Adaptive delay: wait for company only while requests are arriving together. A lone caller (the
         # last batch held one chunk) never pays max_delay_ms; under concurrency the wait fills batches.
-        self._concurrent = len(batch) > 1 or len(self._queue) > 0
-        loop = asyncio.get_running_loop()
-        result, seconds = await loop.run_in_executor(self._executor, self._call, batch)
-        if isinstance(result, Exception):
-            for chunk in batch:
-                self._fail(chunk.request, result)
-            return
-        self._observer.batch(sum(chunk.size for chunk in batch), seconds)
-        offset = 0
-        for chunk in batch:
-            request = chunk.request
-            request.parts[chunk.index] = result[offset : offset + chunk.size]
-            offset += chunk.size
-            request.pending -= 1
-            if request.pending == 0 and not request.future.done():
-                parts = request.parts
-                request.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        if batch:
+            self._concurrent = len(batch) > 1 or len(self._queue) > 0
+        return batch, expired
 
     def _call(self, batch: list[_Chunk]) -> tuple[np.ndarray | Exception, float]:
-        """On a worker thread: concatenate, run and time the batch; an error is returned for the batch's requests."""
+        """Concatenate, run and time the batch; an error is returned for the batch's requests."""
         size = sum(chunk.size for chunk in batch)
         start = self._clock()
         try:
@@ -262,21 +294,41 @@ class Batcher:
             return exc, self._clock() - start
         return output, self._clock() - start
 
+    # ---- on the event loop ---------------------------------------------------------------------------
+
+    def _deliver(self, batch: list[_Chunk], result: np.ndarray | Exception) -> None:
+        if isinstance(result, Exception):
+            for chunk in batch:
+                self._fail(chunk.request, result)
+            return
+        offset = 0
+        for chunk in batch:
+            request = chunk.request
+            request.parts[chunk.index] = result[offset : offset + chunk.size]
+            offset += chunk.size
+            request.pending -= 1
+            if request.pending == 0 and not request.future.done():
+                parts = request.parts
+                request.future.set_result(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+    def _expire(self, expired: list[tuple[_Chunk, float]]) -> None:
+        for chunk, waited in expired:
+            self._fail(chunk.request, DeadlineExceeded(f"deadline passed after {waited:.3f} s in the batch queue"))
+
     def _fail(self, request: _Request, exc: Exception) -> None:
         if not request.future.done():
             request.future.set_exception(exc)
         if len(request.parts) > 1:  # a one-chunk request failing here is off the queue: skip the O(queue) scan
-            self._discard(request)  # its other chunks would only produce rows nobody can receive
+            with self._cv:
+                self._discard(request)  # its other chunks would only produce rows nobody can receive
 
     def _discard(self, request: _Request) -> None:
+        """Under the lock: drop the request's queued chunks."""
         removed = sum(c.size for c in self._queue if c.request is request)
         if removed:
             self._queue = deque(c for c in self._queue if c.request is not request)
-            self._set_depth(self._depth - removed)
-
-    def _set_depth(self, samples: int) -> None:
-        self._depth = samples
-        self._observer.depth(samples)
+            self._depth -= removed
+            self._observer.depth(self._depth)
 
 
 def _leading_length(inputs: dict[str, np.ndarray]) -> int:

@@ -38,19 +38,27 @@ def _check(section, minimum: float, *names: str) -> None:
 class BatchingConfig:
     """Dynamic batching, per model version; see Triton's dynamic_batching for the same ideas."""
 
-    max_batch_size: int = 128  # samples per ONNX Runtime run
+    max_batch_size: int = 128  # samples per ONNX Runtime run, at most
+    # The size batches are formed at, and requests split at. 0: measured when a version loads (the smallest size
+    # within 5% of the best time per sample), as Triton's preferred_batch_size but measured rather than configured.
+    preferred_batch_size: int = 0
     max_delay_ms: float = 2.0  # how long the oldest queued chunk may wait for company
     max_queue: int = 8192  # queued samples before RESOURCE_EXHAUSTED
-    # Two single-threaded ONNX Runtime runs in parallel beat one run on two threads here (P1 in bench/README.md)
-    workers: int = field(default=2, metadata=_flag("batch_workers"))  # concurrent runs per model version
+    # Concurrent runs per model version, each on a thread of its own. 0: one per usable core on CPU, where
+    # single-threaded runs side by side beat one run on every thread (bench/README.md), and 2 on a GPU.
+    workers: int = field(default=0, metadata=_flag("batch_workers"))
     enabled: bool = field(default=True, metadata=_flag("batching"))  # off: every request runs alone
     # On: wait max_delay_ms only while requests arrive together, so a lone caller never pays it.
     # Off: always wait, as Triton and TF Serving do.
     adaptive: bool = field(default=True, metadata=_flag("adaptive_delay"))
 
     def __post_init__(self) -> None:
-        _check(self, 1, "max_batch_size", "max_queue", "workers")
-        _check(self, 0, "max_delay_ms")
+        _check(self, 1, "max_batch_size", "max_queue")
+        _check(self, 0, "max_delay_ms", "workers", "preferred_batch_size")
+        if self.preferred_batch_size > self.max_batch_size:
+            raise ValueError(
+                f"preferred_batch_size: {self.preferred_batch_size} is over max_batch_size {self.max_batch_size}"
+            )
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,15 @@ class RuntimeConfig:
     """ONNX Runtime sessions."""
 
     # "auto": CUDA where the build offers it and an NVIDIA driver is loaded, else CPU.
-    # Or an explicit comma-separated ONNX Runtime provider list.
+    # Or an explicit comma-separated ONNX Runtime provider list (TensorrtExecutionProvider first for TensorRT).
     providers: str = "auto"
+    # Per-provider options, e.g. "CUDAExecutionProvider:cudnn_conv_algo_search=HEURISTIC,device_id=1;
+    # TensorrtExecutionProvider:trt_fp16_enable=1" (ONNX Runtime's own option names and values).
+    provider_options: str = ""
+    # CUDA graphs (CUDA provider only): one captured graph per power-of-two batch size up to max_batch_size, each
+    # batch padded to its bucket; every bucket is captured at load. A graph session runs one batch at a time.
+    cuda_graph: bool = False
+    tensorrt_cache: str = ""  # TensorRT provider: directory of its engine and timing caches ("" = no cache)
     intra_op_threads: int = 1  # threads per run; 0 = ONNX Runtime's default, one per physical core
     inter_op_threads: int = 1
     # Spinning threads burn the cores the gRPC threads need on small machines (measured: +15% throughput
@@ -68,6 +83,23 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _check(self, 0, "intra_op_threads", "inter_op_threads")
+        parse_provider_options(self.provider_options)
+
+
+def parse_provider_options(text: str) -> dict[str, dict[str, str]]:
+    """ "Provider:key=value,key=value;Provider:..." → {provider: {key: value}}; errors name provider_options."""
+    options: dict[str, dict[str, str]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        provider, colon, pairs = part.partition(":")
+        provider = provider.strip()
+        if not colon or not provider.endswith("ExecutionProvider"):
+            raise ValueError(f"provider_options: {part[:64]!r} is not 'NameExecutionProvider:key=value,...'")
+        for pair in filter(None, (p.strip() for p in pairs.split(","))):
+            key, equals, value = (x.strip() for x in pair.partition("="))
+            if not (equals and key and value):
+                raise ValueError(f"provider_options: {pair[:64]!r} in {provider} is not key=value")
+            options.setdefault(provider, {})[key] = value
+    return options
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ SPEC_KEYS = (
 # What the exporter records about training. All but `config` (the whole training configuration) are documented,
 # and are what the server shows by default.
 PROVENANCE_KEYS = (
-    "architecture", "loss", "dataset", "preset", "steps", "ema", "torch_version", "onnx_version", "checkpoint_sha256",
-    "created", "config",
+    "architecture", "loss", "dataset", "preset", "steps", "ema", "precision", "parity_atol", "torch_version",
+    "onnx_version", "checkpoint_sha256", "created", "config",
 )  # fmt: skip
 DOCUMENTED_KEYS = (*SPEC_KEYS, *(k for k in PROVENANCE_KEYS if k != "config"))
 MAX_SEED = 2**64 - 1

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batcher import Batcher
+from service.batcher import Batcher, choose_batch_size
 from service.config import BatchingConfig, ModelControl, RuntimeConfig
 from service.contract import ContractError, ModelSpec, read_spec
 from service.domain import VersionStatus
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, short
 from service.metrics import Metrics
 from service.repository import NAME, ModelDir, Stamp, VersionPolicy, scan
-from service.runtime import Session
+from service.runtime import Session, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -328,9 +328,19 @@ class Registry:
     def _open(self, name: str, version: int, path: Path) -> ModelVersion:
         session = Session(path, self.runtime)
         spec = served_spec(session)
-        session.warm_up(self.batching.max_batch_size, spec.latent_dim, spec.num_classes)
+        cfg = self.batching
+        timings = session.warm_up(cfg.max_batch_size, spec.latent_dim, spec.num_classes, not cfg.preferred_batch_size)
+        size = cfg.preferred_batch_size or choose_batch_size(timings)
+        workers = cfg.workers or session.concurrent_runs or (2 if session.on_gpu else usable_cores())
         observer = self.metrics.observer(name, version) if self.metrics is not None else None
-        return ModelVersion(name, version, session, spec, Batcher(session.run, self.batching, observer))
+        batcher = Batcher(session.run, dataclasses.replace(cfg, workers=workers), observer, batch_size=size)
+        how = (
+            "as set"
+            if cfg.preferred_batch_size
+            else "µs per sample by size: " + ", ".join(f"{n}: {t / n * 1e6:.0f}" for n, t in timings.items())
+        )
+        log.info("model %s version %d: batches of %d (%s), %d workers", name, version, size, how, workers)
+        return ModelVersion(name, version, session, spec, batcher)
 
     def _count(self, name: str, result: str, start: float) -> None:
         if self.metrics is not None:

@@ -1,17 +1,38 @@
-"""ONNX Runtime sessions: provider choice, thread settings, warm-up. One session per model version."""
+"""ONNX Runtime sessions: provider choice and options, thread settings, warm-up and batch-size measurement.
+
+One session per model version. On CPU a batch is a plain `run`. On a GPU the batch goes through IO binding (inputs
+copied in once, the output bound on the device and copied back once per batch), and optionally through CUDA graphs:
+one graph per batch-size bucket, each batch padded to its bucket and the padding sliced off.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from service.config import RuntimeConfig
+from service.config import RuntimeConfig, parse_provider_options
+
+log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+GPU = (CUDA, TENSORRT)
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"
+PROFILE_SECONDS = 0.01  # per measured batch size, at least (and at least 3 runs)
+MAX_CPU_WORKERS = 8  # runs side by side per model version; more rarely pays and multiplies memory
+_preloaded = False
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity, not the host's count), capped at MAX_CPU_WORKERS."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_CPU_WORKERS))
 
 
 def providers(config: RuntimeConfig) -> list[str]:
@@ -24,31 +45,160 @@ def providers(config: RuntimeConfig) -> list[str]:
     return [CUDA, CPU] if gpu else [CPU]
 
 
+def provider_list(config: RuntimeConfig) -> list[str | tuple[str, dict[str, str]]]:
+    """providers() with each one's options: --provider-options, plus what --cuda-graph and --tensorrt-cache imply."""
+    options = parse_provider_options(config.provider_options)
+    if config.cuda_graph:
+        options.setdefault(CUDA, {})["enable_cuda_graph"] = "1"
+    if config.tensorrt_cache:
+        options.setdefault(TENSORRT, {}).update(
+            trt_engine_cache_enable="1", trt_engine_cache_path=config.tensorrt_cache,
+            trt_timing_cache_enable="1", trt_timing_cache_path=config.tensorrt_cache,
+        )  # fmt: skip
+    return [(p, options[p]) if p in options else p for p in providers(config)]
+
+
+def preload_gpu_libraries() -> None:
+    """Load CUDA and cuDNN from their pip wheels (onnxruntime-gpu[cuda,cudnn]) once, so no CUDA base image is needed.
+
+    A no-op on the CPU build; where the wheels are missing ORT falls back to the system's libraries.
+    """
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as e:  # missing wheels are not fatal: the system's CUDA may still be there
+        log.warning("could not preload CUDA/cuDNN from pip packages (%s); relying on the system's libraries", e)
+
+
+def buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes a CUDA graph is captured for: powers of two below max_batch, and max_batch itself."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_batch)
+
+
+def bucket_for(n: int, sizes: tuple[int, ...]) -> int:
+    """The smallest bucket that holds n samples."""
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"a batch of {n} is over the largest bucket, {sizes[-1]}")
+
+
+def pad(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` with zero rows appended up to `rows` (the padding's outputs are sliced off after the run)."""
+    if len(array) == rows:
+        return array
+    out = np.zeros((rows, *array.shape[1:]), array.dtype)
+    out[: len(array)] = array
+    return out
+
+
+class _Graphs:
+    """CUDA graphs: per bucket, device buffers at fixed addresses bound once and a graph id; one run at a time."""
+
+    def __init__(self, session: ort.InferenceSession, sizes: tuple[int, ...], device_id: int):
+        self.session, self.sizes = session, sizes
+        self.lock = threading.Lock()  # a graph session must not run from several threads at once
+        self.slots = {}
+        out = session.get_outputs()[0]
+        for graph_id, size in enumerate(sizes):
+            binding = session.io_binding()
+            inputs = {}
+            for i in session.get_inputs():
+                value = ort.OrtValue.ortvalue_from_shape_and_type((size, *i.shape[1:]), np.float32, "cuda", device_id)
+                binding.bind_ortvalue_input(i.name, value)
+                inputs[i.name] = value
+            images = ort.OrtValue.ortvalue_from_shape_and_type((size, *out.shape[1:]), np.float32, "cuda", device_id)
+            binding.bind_ortvalue_output(out.name, images)
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self.slots[size] = (binding, inputs, images, options)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        n = len(next(iter(feeds.values())))
+        size = bucket_for(n, self.sizes)
+        binding, inputs, images, options = self.slots[size]
+        with self.lock:
+            for name, value in inputs.items():
+                value.update_inplace(np.ascontiguousarray(pad(feeds[name], size)))
+            self.session.run_with_iobinding(binding, options)
+            return images.numpy()[:n]
+
+
 class Session:
     """An InferenceSession plus what the service needs to know about it."""
 
     def __init__(self, path: Path, config: RuntimeConfig):
+        self.config = config
+        asked = provider_list(config)
+        names = [p if isinstance(p, str) else p[0] for p in asked]
+        if any(p in GPU for p in names):
+            preload_gpu_libraries()
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.intra_op_threads
         options.inter_op_num_threads = config.inter_op_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
         options.log_severity_level = 3  # a CUDA build on a GPU-less host would warn on every load
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers(config))
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=asked)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)  # served as is by GetModel
+        self.on_gpu = self.provider in GPU
+        wanted = [p for p in names if p in GPU]
+        if wanted and not self.on_gpu:
+            log.warning(
+                "%s: asked for %s, but ONNX Runtime runs this model on %s (no GPU, no driver, or a CPU-only"
+                " onnxruntime build); serving on CPU", path.name, " and ".join(wanted), self.provider,
+            )  # fmt: skip
+        self._graphs: _Graphs | None = None
+        self._output = self.session.get_outputs()[0].name
 
     @property
     def provider(self) -> str:
         """The provider actually in use (a requested CUDA may have fallen back to CPU)."""
         return self.session.get_providers()[0]
 
+    @property
+    def concurrent_runs(self) -> int:
+        """How many runs at once suit this session: 1 with CUDA graphs, 0 when the caller should decide."""
+        return 1 if self._graphs is not None else 0
+
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        (images,) = self.session.run(["images"], feeds)
+        if self._graphs is not None:
+            return self._graphs.run(feeds)
+        if self.on_gpu:
+            # IO binding: the output stays on the device until one copy back per batch.
+            binding = self.session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            binding.bind_output(self._output, "cuda")
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
+        (images,) = self.session.run([self._output], feeds)
         return images
 
-    def warm_up(self, max_batch: int, latent_dim: int, num_classes: int) -> None:
-        """Run the batch sizes the batcher will form at the extremes, so no request pays for first-run setup."""
-        for n in sorted({1, max_batch}):
+    def warm_up(self, max_batch: int, latent_dim: int, num_classes: int, measure: bool = True) -> dict[int, float]:
+        """Run every power-of-two batch size up to max_batch, so that no request pays for first-run setup (cuDNN's
+        algorithm search, graph capture); with `measure`, returns seconds per run by batch size (choose_batch_size)."""
+        sizes = buckets(max_batch)
+        if self.config.cuda_graph and self.provider == CUDA:
+            device = int(parse_provider_options(self.config.provider_options).get(CUDA, {}).get("device_id", 0))
+            self._graphs = _Graphs(self.session, sizes, device)
+        timings = {}
+        for n in sizes:
             feeds = {"z": np.zeros((n, latent_dim), np.float32)}
             if num_classes:
                 feeds["y"] = np.full((n, num_classes), 1.0 / num_classes, np.float32)
-            self.run(feeds)
+            self.run(feeds)  # the first run of a shape sets up (and captures a graph); it is not timed
+            if not measure:
+                continue
+            runs, start = 0, time.perf_counter()
+            while runs < 3 or time.perf_counter() - start < PROFILE_SECONDS:
+                self.run(feeds)
+                runs += 1
+            timings[n] = (time.perf_counter() - start) / runs
+        return timings

@@ -103,7 +103,15 @@ def run(make_batcher: Callable[[], Batcher], body: Callable[[Batcher], object]) 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_batch_size", 0), ("max_delay_ms", -1), ("max_delay_ms", float("inf")), ("max_queue", 0), ("workers", 0)],
+    [
+        ("max_batch_size", 0),
+        ("max_delay_ms", -1),
+        ("max_delay_ms", float("inf")),
+        ("max_queue", 0),
+        ("workers", -1),
+        ("preferred_batch_size", -1),
+        ("preferred_batch_size", 129),
+    ],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -358,3 +366,62 @@ def test_a_failing_observer_hook_costs_no_request_and_no_worker(caplog):
     with caplog.at_level("ERROR"):
         run(lambda: Batcher(FakeModel(), config(max_delay_ms=0), observer=Broken()), body)
     assert caplog.text.count("observer hook batch failed") == 1  # logged once, not once per batch
+
+
+def test_requests_split_at_the_formed_batch_size_and_spread_over_idle_workers():
+    # Two workers meet at a barrier: a 6-sample request formed at 3 runs as two batches at the same time.
+    model = FakeModel(barrier=threading.Barrier(2, timeout=5))
+
+    async def body(b: Batcher) -> None:
+        x = request(1, n=6)
+        np.testing.assert_array_equal(await b.submit(x), expected(x))
+
+    run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=0, workers=2), batch_size=3), body)
+    assert model.sizes == [3, 3] and len(model.threads) == 2
+
+
+def test_batches_fill_to_the_formed_size_not_the_maximum():
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        inputs = [request(tag) for tag in range(8)]
+        results = await asyncio.gather(*(b.submit(x) for x in inputs))
+        for x, out in zip(inputs, results, strict=True):
+            np.testing.assert_array_equal(out, expected(x))
+
+    # A 5 s delay, yet no caller waits for it: every batch fills at 4.
+    run(lambda: Batcher(model, config(max_batch_size=64, max_delay_ms=5000), batch_size=4), body)
+    assert model.sizes == [4, 4]
+    assert model.rows == [float(tag * 1000) for tag in range(8)]  # in arrival order
+
+
+def test_a_small_request_behind_a_big_one_is_not_held_back_by_it():
+    # One worker, batches of 4: the small request's chunk runs right after the big request's chunks ahead of it,
+    # and nothing that arrives later can overtake it (strict FIFO), so it can never starve.
+    model = FakeModel(delay=0.01)
+
+    async def body(b: Batcher) -> None:
+        big = asyncio.create_task(b.submit(request(1, n=12)))
+        small = asyncio.create_task(b.submit(request(2)))
+        later = [asyncio.create_task(b.submit(request(tag))) for tag in range(3, 9)]
+        done_small = await small
+        np.testing.assert_array_equal(done_small, expected(request(2)))
+        np.testing.assert_array_equal(await big, expected(request(1, n=12)))
+        await asyncio.gather(*later)
+
+    run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=0), batch_size=4), body)
+    # The big request's three chunks, then the small one with the first three that came after it.
+    assert model.sizes[:4] == [4, 4, 4, 4] and model.rows[12:14] == [2000.0, 3000.0]
+
+
+def test_answers_come_back_on_the_event_loop_thread():
+    model = FakeModel()
+    seen = []
+
+    async def body(b: Batcher) -> None:
+        future = asyncio.ensure_future(b.submit(request(1)))
+        future.add_done_callback(lambda _f: seen.append(threading.get_ident()))
+        await future
+
+    run(lambda: Batcher(model, config(max_delay_ms=0)), body)
+    assert seen == [threading.get_ident()] and threading.get_ident() not in model.threads

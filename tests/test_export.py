@@ -43,6 +43,7 @@ def test_metadata_is_the_contract_spec_plus_provenance(tiny_run):
     p = spec.provenance
     assert (p["architecture"], p["loss"], p["dataset"], p["preset"]) == ("dcgan", "nonsat", "mnist5k", "tiny")
     assert p["steps"] == "20" and p["ema"] == "true"
+    assert (p["precision"], p["parity_atol"]) == ("fp32", str(export_mod.PARITY_ATOL))
     assert p["checkpoint_sha256"] == sha256_file(tiny_run["checkpoint"])
     assert p["torch_version"] and p["onnx_version"] == onnx.__version__ and p["created"]
     # The training machine's paths are kept to their last part: the file may be served to anyone.
@@ -80,6 +81,24 @@ def test_parity_across_architectures(tmp_path, tiny_run):
         assert export_mod.check(g, spec, path) <= 1e-4, name
         assert spec.prior == cfg.prior and spec.num_classes == 0
         assert (spec.kind, spec.output_range) == (("points", None) if name == "mlp2d" else ("image", g.output_range))
+
+
+def test_fp16_export_keeps_the_contract_halves_the_file_and_says_so(tmp_path, tiny_run):
+    path = export(tiny_run["checkpoint"], tmp_path / "models", "half", fp16=True)  # parity within FP16_ATOL
+    s16, s32 = _session(path), _session(tiny_run["model"])
+    assert read_spec(s16) == read_spec(s32)  # same inputs, output and spec: the service needs no change
+    assert [i.type for i in s16.get_inputs()] == ["tensor(float)"] * 2 and s16.get_outputs()[0].type == "tensor(float)"
+    p = read_spec(s16).provenance
+    assert (p["precision"], p["parity_atol"]) == ("fp16", str(export_mod.FP16_ATOL))
+    weights = [t for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert weights and path.stat().st_size < 0.6 * tiny_run["model"].stat().st_size
+    rng = np.random.default_rng(1)
+    feeds = {
+        "z": rng.standard_normal((9, 16), dtype=np.float32),
+        "y": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 9)],
+    }
+    diff = np.abs(s16.run(None, feeds)[0] - s32.run(None, feeds)[0]).max()
+    assert 0 < diff <= 2 * export_mod.FP16_ATOL  # really fp16 arithmetic, and within what the metadata states
 
 
 def test_versions_increase_and_are_never_overwritten(tmp_path, tiny_run):

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import shutil
+import threading
 import time
 import weakref
 
@@ -279,12 +280,19 @@ def test_a_full_queue_answers_before_any_latent_is_built(tmp_path):
     plain_model(tmp_path / "m" / "1" / "model.onnx")
 
     async def go():
-        flags = dict(max_batch_size=1024, max_queue=1024, batch_workers=1, encoder_threads=1)
+        flags = dict(max_batch_size=1024, preferred_batch_size=1024, max_queue=1024, batch_workers=1, encoder_threads=1)
         async with running(tmp_path, **flags) as (server, stub, _ch):
             batcher = server.registry.get("m").batcher
-            stall = batcher._executor.submit(time.sleep, 3)  # the worker's next run waits behind this
+            taken, gate, run_batch = threading.Event(), threading.Event(), batcher._run_batch
+
+            def stalled(inputs):  # the worker's run waits for the gate
+                taken.set()
+                assert gate.wait(10)
+                return run_batch(inputs)
+
+            batcher._run_batch = stalled
             first = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))
-            await until(lambda: batcher._executor._work_queue.qsize() == 1)  # taken, its run waits behind the stall
+            await until(taken.is_set)  # taken, its run waits behind the gate
             second = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))
             await until(lambda: batcher.queue_depth == 1024)  # the queue is full
             busy = server.encoder.submit(time.sleep, 3)  # PNG work of other callers holds the encoder pool
@@ -293,7 +301,8 @@ def test_a_full_queue_answers_before_any_latent_is_built(tmp_path):
                 await stub.Generate(pb.GenerateRequest(model="m", seeds=pb.SeedList(seeds=range(1024)), output=RAW))
             seconds = time.perf_counter() - start
             still_queued = server.registry.get("m").batcher.queue_depth
-            await asyncio.gather(first, second, asyncio.wrap_future(busy), asyncio.wrap_future(stall))
+            gate.set()
+            await asyncio.gather(first, second, asyncio.wrap_future(busy))
             return full.value, seconds, still_queued
 
     full, seconds, still_queued = run(go())

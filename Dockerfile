@@ -1,26 +1,31 @@
 # syntax=docker/dockerfile:1
 #
 # Two images from one file (README.md, "Deploy"):
-#   docker build --target serve -t REGISTRY/gan-serve:TAG .   gRPC server: CUDA + cuDNN runtime, onnxruntime-gpu
+#   docker build --target serve -t REGISTRY/gan-serve:TAG .   gRPC server: onnxruntime-gpu with CUDA and cuDNN, no torch
 #   docker build --target train -t REGISTRY/gan-train:TAG .   training: torch and its CUDA wheels, for torchrun
-# A CPU-only serving image is the same target on a plain Ubuntu base (the onnxruntime-gpu wheel runs the CPU provider
-# without any CUDA library present):
-#   docker build --target serve --build-arg SERVE_BASE=ubuntu:24.04 -t REGISTRY/gan-serve:TAG-cpu .
+# A CPU-only serving image is the same target with ONNX Runtime's CPU build, and none of the CUDA wheels:
+#   docker build --target serve --build-arg ORT_PACKAGE=onnxruntime -t REGISTRY/gan-serve:TAG-cpu .
+# Offline: `make wheelhouse` downloads every wheel these builds need into wheelhouse/, in the build context. With
+# wheels there, every pip step installs from them alone (--no-index); without, from the package index.
 
-# onnxruntime-gpu 1.31 is built against CUDA 13.0 and cuDNN 9: the base must carry both (the cudnn-runtime
-# variant; no compiler, no headers). ORT_VERSION and SERVE_BASE move together.
-ARG SERVE_BASE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+# Both images start from a plain Debian. CUDA and cuDNN come as pip wheels: torch's Linux wheels depend on them, and
+# onnxruntime-gpu's `cuda` and `cudnn` extras pin the majors it was built against (1.31: CUDA 13, cuDNN 9), which the
+# service loads from the wheels at start (onnxruntime.preload_dlls()). Only the driver (libcuda) comes from the host,
+# through the NVIDIA container toolkit, as for any CUDA image. Debian 12's python3 is 3.11, the oldest ORT 1.31
+# supports; `make wheelhouse` downloads for the same Python (WHEEL_PYTHON), so the two move together.
+ARG SERVE_BASE=debian:bookworm-slim
+ARG TRAIN_BASE=debian:bookworm-slim
+ARG ORT_PACKAGE=onnxruntime-gpu[cuda,cudnn]
 ARG ORT_VERSION=1.31.1
-# torch's Linux wheels on PyPI bring their own CUDA libraries, so training needs no CUDA base image.
-ARG TRAIN_BASE=python:3.12-slim-bookworm
 ARG TORCH_VERSION=2.13.0
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Serving, build stage: a virtual environment built on the runtime's own base, so its interpreter path matches.
 FROM ${SERVE_BASE} AS serve-build
+ARG ORT_PACKAGE
 ARG ORT_VERSION
-# Ubuntu's python3 is whatever the pinned base release ships; pinning apt versions as well would only break the
-# build when the archive moves on (hadolint DL3008, a warning, is kept for that reason, here and in `serve`).
+# python3 is whatever the pinned base release ships; pinning apt versions as well would only break the build when
+# the archive moves on (hadolint DL3008, a warning, is kept for that reason, here and in `serve` and `train`).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
@@ -28,11 +33,18 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# Only the serving package: without training/ in the build, the wheel holds service/ alone. The base dependencies
-# select onnxruntime-gpu on Linux x86_64 through environment markers; the pin keeps it on the base's CUDA major.
+# Only the serving package: without training/ in the build, the wheel holds service/ alone.
 COPY pyproject.toml README.md ./
 COPY service/ service/
-RUN pip install --no-cache-dir . "onnxruntime-gpu==${ORT_VERSION}" \
+# The base dependencies less ONNX Runtime, plus the build ORT_PACKAGE names (the GPU and CPU builds share a package
+# directory, so pyproject's marker must not add the GPU one beside a CPU one); then the project without dependencies.
+# wheelhouse/ is mounted for this step only, so no wheel lands in a layer.
+RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
+    if ls /wheelhouse/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; fi \
+    && python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+        print(*(d for d in deps if not d.startswith("onnxruntime")), sep="\n")' > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt "${ORT_PACKAGE}==${ORT_VERSION}" \
+    && pip install --no-cache-dir --no-deps . \
     && python -c "import onnxruntime, service.server" \
     && ! python -c "import torch" 2>/dev/null
 
@@ -50,12 +62,15 @@ COPY --from=serve-build /opt/venv /opt/venv
 ARG MODELS=models
 COPY ${MODELS}/ /models/
 # Nothing is written outside mounted volumes and /tmp, so the root filesystem can be read-only: no bytecode caches,
-# HOME in /tmp for any library that wants a cache directory.
+# HOME in /tmp for any library that wants a cache directory. NVIDIA_DRIVER_CAPABILITIES: what the NVIDIA container
+# toolkit mounts from the host when a GPU is requested; `compute` is libcuda. The CUDA base images set the same, and
+# older toolkits mount `utility` alone when it is unset.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
-    GAN_MODEL_REPOSITORY=/models
+    GAN_MODEL_REPOSITORY=/models \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
 WORKDIR /tmp
 # gRPC (GAN_PORT), HTTP: Open Inference Protocol REST, PNG endpoints, playground (GAN_HTTP_PORT), and Prometheus
@@ -66,6 +81,7 @@ EXPOSE 50051 8000 9090
 # ignores HEALTHCHECK and probes the same service natively (deploy/base/deployment.yaml). With GAN_HEALTH_PORT set
 # (a plaintext port that serves health only, as the TLS deployment does) it asks there, so it needs no certificate
 # or token; otherwise the probe's default, localhost:$GAN_PORT. A shell, because only a shell expands variables.
+# Podman keeps HEALTHCHECK only in Docker-format images (podman build --format docker).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD ["/bin/sh", "-c", "\
     if [ \"${GAN_HEALTH_PORT:--1}\" -gt 0 ] 2>/dev/null; then exec python -m service.probe --target localhost:$GAN_HEALTH_PORT; \
     else exec python -m service.probe; fi"]
@@ -77,23 +93,31 @@ CMD []
 # Training image: `torchrun --nproc_per_node=N -m training.run --preset NAME --out /runs/NAME` (deploy/train/).
 FROM ${TRAIN_BASE} AS train
 ARG TORCH_VERSION
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_ROOT_USER_ACTION=ignore
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY training/ training/
-# torch first, at the version the project is tested with; the train extra then adds onnx, onnxscript and tqdm.
-# `.[train]` is this project from the build context: its dependency ranges live in pyproject.toml, which is why
-# hadolint's DL3013 (a warning: "pin versions in pip") is kept here.
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
+# One layer: Python, a virtual environment, torch first at the version the project is tested with, then the project
+# with its train extra. `.[train]` is this project from the build context: its dependency ranges live in
+# pyproject.toml, which is why hadolint's DL3013 (a warning: "pin versions in pip") is kept here. wheelhouse/ as in
+# serve-build.
+RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
+    apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && if ls /wheelhouse/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; fi \
+    && pip install --no-cache-dir "torch==${TORCH_VERSION}" \
     && pip install --no-cache-dir ".[train]" \
     && rm -rf /src \
     && groupadd --system --gid 10001 gan \
     && useradd --system --uid 10001 --gid gan --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin gan
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    HOME=/tmp
+    HOME=/tmp \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
 WORKDIR /runs
 CMD ["python", "-m", "training.run", "--help"]

@@ -1,8 +1,10 @@
-# Plain entry points. `make test` on a fresh machine creates .venv, installs everything, runs the suite.
+# Plain entry points. `make test` on a fresh machine creates .venv, installs everything, runs the suite; `make serve`
+# installs the serving dependencies alone.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 TORCH_CPU := torch==2.13.0
 # Where pip finds that CPU build. Empty means the configured index; on a stock Linux machine use
 #   make setup TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
@@ -21,7 +23,27 @@ BUF_STAMP := $(TOOLS)/.buf-$(BUF_VERSION)
 # The API as last released: what `buf breaking` holds proto/ to.
 RELEASED_API := proto/released.txtpb
 
-.PHONY: setup test validate lint proto-release serve train clean
+# Offline image builds (README.md, "Build offline from a wheelhouse"): every wheel the `serve` and `train` images
+# install, for the images' platform rather than this machine's: CPython WHEEL_PYTHON on x86_64 with glibc
+# 2.WHEEL_GLIBC, so wheels built for that glibc or an older one (Debian 12, the Dockerfile's default base). The
+# versions are the Dockerfile's ARG defaults, so they are set in one place; ORT_PACKAGE=onnxruntime gathers the
+# CPU-only serving image's wheels instead.
+WHEELHOUSE := wheelhouse
+WHEEL_PYTHON ?= 3.11
+WHEEL_GLIBC ?= 36
+dockerfile_arg = $(shell sed -n 's/^ARG $(1)=//p' Dockerfile)
+ORT_PACKAGE ?= $(call dockerfile_arg,ORT_PACKAGE)
+ORT_VERSION := $(call dockerfile_arg,ORT_VERSION)
+TORCH_VERSION := $(call dockerfile_arg,TORCH_VERSION)
+# pip expands none of the newer manylinux tags on its own, so each glibc from WHEEL_GLIBC down is named, with the
+# legacy aliases some wheels carry alone.
+WHEEL_TARGET := --only-binary=:all: --python-version $(WHEEL_PYTHON) --implementation cp \
+	$(foreach v,$(shell seq $(WHEEL_GLIBC) -1 5),--platform manylinux_2_$(v)_x86_64) \
+	--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64
+WHEEL_SET := torch==$(TORCH_VERSION) $(ORT_PACKAGE)==$(ORT_VERSION) $(WHEEL_PYTHON) $(WHEEL_GLIBC) $(TORCH_PIP_ARGS)
+WHEEL_STAMP := $(WHEELHOUSE)/.downloaded-$(shell printf '%s' '$(WHEEL_SET)' | cksum | cut -d' ' -f1)
+
+.PHONY: setup test validate lint proto-release serve train clean wheelhouse image-test
 
 setup: $(STAMP)
 
@@ -31,7 +53,13 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(TORCH_PIP_ARGS) $(TORCH_CPU)
 	$(PY) -m pip install -e '.[train,dev]'
-	touch $(STAMP)
+	touch $(SERVE_STAMP) $(STAMP)
+
+# Serving alone needs the base package only: no torch, onnx or dev tools. A full install (above) includes it.
+$(SERVE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e .
+	touch $(SERVE_STAMP)
 
 test: lint validate
 	$(PY) -m pytest
@@ -67,11 +95,28 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-serve: setup
+serve: $(SERVE_STAMP)
 	$(PY) -m service
 
 train: setup
 	$(PY) -m training.run --preset $(PRESET) $(ARGS)
+
+# torch first, from TORCH_PIP_ARGS's index where one is given, so that the second download finds that build (the CPU
+# one, say) in the wheelhouse instead of the index's. Then ONNX Runtime, the project's dependencies with the train
+# extra, and setuptools, which builds the project inside the image. Files already there are not fetched again.
+wheelhouse: $(WHEEL_STAMP)
+
+$(WHEEL_STAMP): pyproject.toml | $(SERVE_STAMP)
+	$(PY) -m pip download --dest $(WHEELHOUSE) $(WHEEL_TARGET) $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
+	$(PY) -m pip download --dest $(WHEELHOUSE) $(WHEEL_TARGET) --find-links $(WHEELHOUSE) \
+		torch==$(TORCH_VERSION) '$(ORT_PACKAGE)==$(ORT_VERSION)' '.[train]' 'setuptools>=68'
+	touch $@
+
+# Builds both images from the wheelhouse (the serving one with ONNX Runtime's CPU build) and runs them as a cluster
+# would: deploy/image_test.py says what it checks, and installs podman and its helpers where they are missing.
+image-test: $(SERVE_STAMP)
+	$(MAKE) wheelhouse ORT_PACKAGE=onnxruntime
+	$(PY) deploy/image_test.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache build *.egg-info

@@ -19,9 +19,11 @@ from service.errors import DeadlineExceeded, QueueFull, Unavailable
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[dict[str, np.ndarray]], np.ndarray]
-# What the batcher itself spends per batch besides run_batch (taking, concatenating, answering), measured on a
-# 2-core CPU machine; choose_batch_size weighs it against the run time saved per sample by a bigger batch.
-PER_BATCH_OVERHEAD = 100e-6
+# What the service spends per batch besides run_batch (taking, concatenating, waking the loop, answering, metrics),
+# measured on a 2-core CPU machine: 64-image requests split into batches of 8 cost 26 µs more per image than whole
+# (bench/README.md, P5), about 210 µs per extra batch, on top of the ~100 µs a batch costs the batcher alone.
+# choose_batch_size weighs it against the run time saved per sample by a bigger batch.
+PER_BATCH_OVERHEAD = 300e-6
 # A larger batch must be this much cheaper per sample to be formed. What the profile does not see makes larger
 # batches dearer: a closed loop of callers then waits in waves (bench/README.md: DCGAN, 16-image requests,
 # 8 callers on 2 cores: batches of 64 gave 0.87x the throughput of 16 and 32, whose profiles were within 5 %).

@@ -25,7 +25,7 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 GPU = (CUDA, TENSORRT)
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"
-PROFILE_SECONDS = 0.01  # per measured batch size, at least (and at least 3 runs)
+PROFILE_SECONDS = 0.05  # per measured batch size, at least (and at least 3 runs)
 MAX_CPU_WORKERS = 8  # runs side by side per model version; more rarely pays and multiplies memory
 _preloaded = False
 

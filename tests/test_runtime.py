@@ -95,8 +95,8 @@ def test_choose_batch_size_takes_the_smallest_size_near_the_best_cost_per_sample
     cpu = {1: 1.0e-3, 2: 1.4e-3, 4: 2.2e-3, 8: 4.0e-3, 16: 7.6e-3, 32: 15.5e-3, 64: 33e-3}
     assert choose_batch_size(cpu, overhead=0) == 8
     assert choose_batch_size(cpu, overhead=0, tolerance=0.02) == 16
-    # A flat CPU profile like a measured DCGAN's (µs per sample 181, 176, 180, 174): with the batcher's overhead, 8
-    # is just over 10% dearer than 64, 16 within it; never the 64 that made 8 closed-loop callers wait in waves.
+    # A flat CPU profile like a measured DCGAN's (µs per sample 181, 176, 180, 174): with the service's overhead per
+    # batch, 8 is over 10% dearer than 64, 16 within it; never the 64 that made 8 closed-loop callers wait in waves.
     flat = {8: 8 * 181e-6, 16: 16 * 176e-6, 32: 32 * 180e-6, 64: 64 * 174e-6}
     assert choose_batch_size(flat) == 16
     # A GPU: the run time barely grows with the batch, so the largest size wins.

@@ -281,6 +281,14 @@ def run_service(
         server.close()
 
 
+def on_off_png(repo: Path, model: str, n: int, concurrency: int, duration: float, png: bool = True):
+    """One workload against three servers: batching on (with its mean formed batch), off, and on with PNG output."""
+    on, batch = run_service(repo, request(model, n, pb.RAW_UINT8), concurrency, duration)
+    off, _ = run_service(repo, request(model, n, pb.RAW_UINT8), concurrency, duration, batching="false")
+    png_stats = run_service(repo, request(model, n, pb.PNG), concurrency, duration)[0] if png else None
+    return on, batch, off, png_stats
+
+
 def request(model: str, n: int, fmt: int) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         model=model, seed_range=pb.SeedRange(start=0, count=n), output=pb.OutputOptions(format=fmt)
@@ -350,9 +358,7 @@ def main() -> None:
         raw_d = max(1.0, d / 2)
 
         # P1 (the W1 shape): DCGAN, 16-image requests, concurrency 8 (compute-bound).
-        p1, p1_batch = run_service(repo, request("dcgan", 16, pb.RAW_UINT8), 8, d)
-        p1_off, _ = run_service(repo, request("dcgan", 16, pb.RAW_UINT8), 8, d, batching="false")
-        p1_png, _ = run_service(repo, request("dcgan", 16, pb.PNG), 8, d)
+        p1, p1_batch, p1_off, p1_png = on_off_png(repo, "dcgan", 16, 8, d)
         best, best_label = raw_best(dcgan, raw_d)
         print(f"P1 service {p1.ips:,.0f} img/s (PNG {p1_png.ips:,.0f}), p50 {p1.pct(50):.1f} ms, p99 {p1.pct(99):.1f} ms;"
               f" mean formed batch {p1_batch:.1f}; batching off {p1_off.ips:,.0f} img/s;"
@@ -368,8 +374,7 @@ def main() -> None:
         rows.append(("P1 on÷off", "batching on ÷ off, img/s", f"{p1.ips / p1_off.ips:.2f}", "≥ 1.00"))
 
         # P5: DCGAN, 64-image requests, concurrency 2: few callers with big requests.
-        p5, p5_batch = run_service(repo, request("dcgan", 64, pb.RAW_UINT8), 2, d)
-        p5_off, _ = run_service(repo, request("dcgan", 64, pb.RAW_UINT8), 2, d, batching="false")
+        p5, p5_batch, p5_off, _ = on_off_png(repo, "dcgan", 64, 2, d, png=False)
         print(f"P5 service {p5.ips:,.0f} img/s, mean formed batch {p5_batch:.1f}; batching off {p5_off.ips:,.0f} img/s",
               flush=True)  # fmt: skip
         rows.append(
@@ -385,9 +390,7 @@ def main() -> None:
             p2_echo = asyncio.run(load(echo.port, request("mlp", 1, pb.RAW_UINT8), 64, d))
         finally:
             echo.close()
-        p2, p2_batch = run_service(repo, request("mlp", 1, pb.RAW_UINT8), 64, d)
-        p2_png, _ = run_service(repo, request("mlp", 1, pb.PNG), 64, d)
-        p3_off, _ = run_service(repo, request("mlp", 1, pb.RAW_UINT8), 64, d, batching="false")
+        p2, p2_batch, p3_off, p2_png = on_off_png(repo, "mlp", 1, 64, d)
         print(f"P2 service {p2.rps:,.0f} req/s (PNG {p2_png.rps:,.0f}), p50 {p2.pct(50):.1f} ms, p99 {p2.pct(99):.1f} ms,"
               f" mean formed batch {p2_batch:.1f}; echo {p2_echo.rps:,.0f} req/s; batching off {p3_off.rps:,.0f} req/s,"
               f" p99 {p3_off.pct(99):.1f} ms", flush=True)  # fmt: skip
@@ -402,9 +405,7 @@ def main() -> None:
         rows.append(("P3", "the P2 workload: batching on ÷ off, req/s", f"{p2.rps / p3_off.rps:.2f}", "≥ 1.00"))
 
         # P4: one client, one image: service p50 vs raw batch-1 p50.
-        p4, _ = run_service(repo, request("dcgan", 1, pb.RAW_UINT8), 1, d)
-        p4_off, _ = run_service(repo, request("dcgan", 1, pb.RAW_UINT8), 1, d, batching="false")
-        p4_png, _ = run_service(repo, request("dcgan", 1, pb.PNG), 1, d)
+        p4, _, p4_off, p4_png = on_off_png(repo, "dcgan", 1, 1, d)
         raw1 = raw_ort(dcgan, 1, raw_d)
         print(f"P4 service p50 {p4.pct(50):.2f} ms (PNG {p4_png.pct(50):.2f}, batching off {p4_off.pct(50):.2f});"
               f" raw batch-1 p50 {raw1.pct(50):.2f} ms", flush=True)  # fmt: skip

@@ -176,16 +176,19 @@ class Batcher:
         The caller must not mutate `inputs` until this returns: chunks are views into them.
         """
         n = _leading_length(inputs)
-        step = self.batch_size
         # Unlike Triton we split oversized requests: one large request neither exceeds what the model was sized
-        # for nor runs on a single worker while the others idle.
-        starts = range(0, n, step)
+        # for nor runs on a single worker while the others idle. Into no more pieces than there are workers (each
+        # extra batch costs the service time, bench/README.md), none smaller than the formed size. Batching off:
+        # every request runs alone, split only at the maximum.
+        cfg = self.config
+        step = max(self.batch_size, -(-n // self.workers)) if cfg.enabled else cfg.max_batch_size
+        starts = range(0, n, min(step, cfg.max_batch_size))
         request = _Request(asyncio.get_running_loop().create_future(), [None] * len(starts), len(starts))
         with self._cv:
             self.check_room(n)
             now = self._clock()
             for index, lo in enumerate(starts):
-                hi = min(lo + step, n)
+                hi = min(lo + starts.step, n)
                 chunk_inputs = {name: array[lo:hi] for name, array in inputs.items()}
                 self._queue.append(_Chunk(request, index, chunk_inputs, hi - lo, now, deadline))
             self._depth += n
@@ -263,8 +266,9 @@ class Batcher:
         batch: list[_Chunk] = []
         expired: list[tuple[_Chunk, float]] = []
         size = 0
-        # Strict FIFO (no smaller chunk overtakes the head): O(batch) per take, and no chunk can starve.
-        while self._queue and size + self._queue[0].size <= self.batch_size:
+        # Strict FIFO (no smaller chunk overtakes the head): O(batch) per take, and no chunk can starve. A chunk
+        # larger than the formed size (a request split among the workers) runs as a batch of its own.
+        while self._queue and (not batch or size + self._queue[0].size <= self.batch_size):
             chunk = self._queue.popleft()
             self._depth -= chunk.size
             if chunk.request.future.done():

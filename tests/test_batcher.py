@@ -189,7 +189,8 @@ def test_disabled_batching_runs_every_chunk_alone():
         for x, out in zip(inputs, results, strict=True):
             np.testing.assert_array_equal(out, expected(x))
 
-    run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=5000, enabled=False)), body)
+    # Off, a request runs whole (split only at the maximum), whatever size batches would have been formed at.
+    run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=5000, enabled=False), batch_size=2), body)
     assert sorted(model.sizes) == [1, 1, 1, 1, 1, 1, 1, 4]
 
 
@@ -378,6 +379,19 @@ def test_requests_split_at_the_formed_batch_size_and_spread_over_idle_workers():
 
     run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=0, workers=2), batch_size=3), body)
     assert model.sizes == [3, 3] and len(model.threads) == 2
+
+
+def test_a_big_request_is_split_once_per_worker_not_at_every_formed_batch():
+    # Each extra batch costs the service time: 12 samples over 2 workers run as two batches of 6, beyond the formed
+    # size of 3 (and within the maximum).
+    model = FakeModel(barrier=threading.Barrier(2, timeout=5))
+
+    async def body(b: Batcher) -> None:
+        x = request(1, n=12)
+        np.testing.assert_array_equal(await b.submit(x), expected(x))
+
+    run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=0, workers=2), batch_size=3), body)
+    assert model.sizes == [6, 6] and len(model.threads) == 2
 
 
 def test_batches_fill_to_the_formed_size_not_the_maximum():

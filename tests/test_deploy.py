@@ -490,7 +490,7 @@ def test_readme_deploy_commands_match_the_files():
         assert (ROOT / path / "kustomization.yaml").exists(), path
     assert re.search(r"torchrun --nproc_per_node=\S+ -m training\.run --preset \S+", section)
     makefile = (ROOT / "Makefile").read_text()
-    for target in re.findall(r"\bmake (\w+)", section):
+    for target in re.findall(r"\bmake ([\w-]+)", section):
         assert re.search(rf"^{target}:", makefile, re.MULTILINE), target
     for name in re.findall(r"\b(GAN_[A-Z_]+)", section):
         assert name in CLIENT_VARIABLES or name[len(ENV_PREFIX) :].lower() in flags(), name

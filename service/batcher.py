@@ -95,7 +95,7 @@ def choose_batch_size(
 ) -> int:
     """The batch size to form, from measured run times: the smallest within `tolerance` of the best cost per sample.
 
-    `seconds` maps batch sizes to one run's time; each run also pays `overhead` (the batcher's own work per batch).
+    `seconds` maps batch sizes to one run's time; each run also pays `overhead` (the service's own work per batch).
     On a CPU the cost per sample stops falling at a small batch and then rises (caches); on a GPU it falls to the
     largest size. Smaller batches keep every worker busy and cost callers less waiting, so ties go to them.
     """
@@ -181,14 +181,15 @@ class Batcher:
         # extra batch costs the service time, bench/README.md), none smaller than the formed size. Batching off:
         # every request runs alone, split only at the maximum.
         cfg = self.config
-        step = max(self.batch_size, -(-n // self.workers)) if cfg.enabled else cfg.max_batch_size
-        starts = range(0, n, min(step, cfg.max_batch_size))
+        piece = max(self.batch_size, -(-n // self.workers)) if cfg.enabled else cfg.max_batch_size
+        piece = min(piece, cfg.max_batch_size)
+        starts = range(0, n, piece)
         request = _Request(asyncio.get_running_loop().create_future(), [None] * len(starts), len(starts))
         with self._cv:
             self.check_room(n)
             now = self._clock()
             for index, lo in enumerate(starts):
-                hi = min(lo + starts.step, n)
+                hi = min(lo + piece, n)
                 chunk_inputs = {name: array[lo:hi] for name, array in inputs.items()}
                 self._queue.append(_Chunk(request, index, chunk_inputs, hi - lo, now, deadline))
             self._depth += n

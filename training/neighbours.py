@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from service import encode
-from training import scores
+from training import scores, viz
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95)
 GRID_COLUMNS = 4  # (sample, nearest in pixels, nearest in features) triplets per row
@@ -73,7 +73,7 @@ def save_grid(fake: np.ndarray, train: np.ndarray, by_pixels: np.ndarray, by_fea
             canvas[y : y + h, x : x + w] = px[3 * i + j] if c == 3 else px[3 * i + j].repeat(3, axis=2)
     im = Image.fromarray(canvas)
     ImageDraw.Draw(im).text((gap, 2), "sample | nearest train image: pixel L2 | classifier features", fill=(0, 0, 0))
-    _write(path, encode.png(np.asarray(im)))
+    viz.write_png(path, encode.png(np.asarray(im)))
 
 
 def save_distance_plot(spaces: dict[str, dict[str, Any]], path: Path, size: tuple[int, int] = (360, 240)):
@@ -97,7 +97,7 @@ def save_distance_plot(spaces: dict[str, dict[str, Any]], path: Path, size: tupl
         draw.text((x0 + 4, y0 + 4), f"samples (n={n['samples']})", fill=(30, 90, 200))
         draw.text((x0 + 4, y0 + 16), f"held-out (n={n['held_out']})", fill=(230, 120, 20))
         draw.text((x0, y1 + 6), f"vs {n['train']} train images", fill=(0, 0, 0))
-    _write(path, encode.png(np.asarray(im)))
+    viz.write_png(path, encode.png(np.asarray(im)))
 
 
 def plot_path(grid: Path) -> Path:
@@ -119,10 +119,3 @@ def check(
     save_distance_plot(spaces, plot_path(grid))
     summary = {k: {f: v for f, v in s.items() if f not in ("distances", "index")} for k, s in spaces.items()}
     return summary | {"grid": str(grid), "plot": str(plot_path(grid))}
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

@@ -15,7 +15,7 @@ def save_grid(images: np.ndarray, output_range: tuple[float, float], ncols: int,
     pixels = encode.to_uint8(images, output_range)
     if pixels.shape[1] < 64:  # upscale small images so a grid is readable at a glance
         pixels = pixels.repeat(2, axis=1).repeat(2, axis=2)
-    _write(path, encode.png(encode.grid(pixels, ncols)))
+    write_png(path, encode.png(encode.grid(pixels, ncols)))
 
 
 def save_scatter(points: np.ndarray, means: np.ndarray, std: float, path: Path, size: int = 512) -> None:
@@ -36,10 +36,11 @@ def save_scatter(points: np.ndarray, means: np.ndarray, std: float, path: Path, 
     r = max(3 * std * scale, 3)
     for x, y in px(means):
         draw.ellipse((x - r, y - r, x + r, y + r), outline=(220, 30, 30), width=2)
-    _write(path, encode.png(np.asarray(im)))
+    write_png(path, encode.png(np.asarray(im)))
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_png(path: Path, data: bytes) -> None:
+    """Encoded image bytes to `path`, through a temporary file beside it, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)

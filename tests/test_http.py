@@ -23,7 +23,7 @@ def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("http")
     echo_model(root / "echo" / "1" / "model.onnx")
     plain_model(root / "plain" / "1" / "model.onnx")
-    plain_model(root / "slow" / "1" / "model.onnx", slow_iterations=400)
+    plain_model(root / "slow" / "1" / "model.onnx", slow_iterations=800)
     return root
 
 

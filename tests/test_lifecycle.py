@@ -233,7 +233,7 @@ def test_poll_mode_picks_up_a_new_version_and_a_policy_change(tmp_path):
 
 
 def test_unloading_a_version_lets_its_requests_finish(tmp_path):
-    plain_model(tmp_path / "m" / "1" / "model.onnx", slow_iterations=600)
+    plain_model(tmp_path / "m" / "1" / "model.onnx", slow_iterations=3000)
     plain_model(tmp_path / "m" / "2" / "model.onnx")
     (tmp_path / "m" / "model.json").write_text('{"version_policy": "all"}')
 

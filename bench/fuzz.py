@@ -2,13 +2,13 @@
 
     python -m bench.fuzz [--cases 20000] [--concurrency 16] [--seed N]
 
-The cases and the verdict on each answer are the ones of tests/test_fuzz.py, which runs a smaller number of them in
-CI. This script builds a repository with the shipped model (models/mnist-cdcgan) and the small test models, starts
-`python -m service` on free ports with the same small request limits as the test, and keeps `--concurrency` calls
-in flight. It reports the status codes by kind of case, every kind of wrong answer with a few examples (messages
-that name no field, traceback text, undocumented codes), the server's resident memory before and after, the time
-taken, and whether it still serves at the end. Exit status 1 on INTERNAL, UNKNOWN, traceback text or a server that
-no longer serves.
+The cases and the verdict on each answer are testkit/fuzzcases.py's; tests/test_fuzz.py runs a smaller number of
+them in CI. This script builds a repository with the shipped model (models/mnist-cdcgan) and the small test models,
+starts `python -m service` on free ports with the same small request limits as the test, and keeps `--concurrency`
+calls in flight. It reports the status codes by kind of case, every kind of wrong answer with a few examples
+(messages that name no field, traceback text, undocumented codes), the server's resident memory before and after,
+the time taken, and whether it still serves at the end. Exit status 1 on INTERNAL, UNKNOWN, traceback text or a
+server that no longer serves.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from tests.test_fuzz import (
+from testkit.fuzzcases import (
     LIMITS,
     Case,
     alive,

@@ -298,7 +298,7 @@ def request(model: str, n: int, fmt: int) -> pb.GenerateRequest:
 def security(repo: Path, tmp: Path, d: float, rounds: int) -> None:
     """The cost of TLS, mutual TLS and token checks on P2 (req/s) and P4 (p50), beside plaintext, in one run."""
     sys.path.insert(0, str(ROOT))  # the tests' throwaway PKI
-    from tests.certs import CA
+    from testkit.certs import CA
 
     ca = CA(tmp / "pki")
     server, client = ca.issue("server"), ca.issue("client", client=True)

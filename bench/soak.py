@@ -3,7 +3,7 @@
     python bench/soak.py [--minutes 10] [--concurrency 16] [--reload-every 60] [--json soak.json]
 
 Builds a temporary repository (the shipped mnist-cdcgan plus a DCGAN and the paper's MLP generator with one
-training step each, as serve_bench.py does), starts `python -m service` on it, and drives bench/load.py's
+training step each, as serve_bench.py does), starts `python -m service` on it, and drives testkit/load.py's
 closed loop (Generate, GenerateStream in 2-image chunks, Interpolate; raw uint8; latest version) against every
 model. Every --reload-every seconds it copies each model's newest version to version N+1 (written under a
 staging name, then renamed into place, so it appears whole) and sends SIGHUP. Reports errors by code,
@@ -32,8 +32,8 @@ if __package__ in (None, ""):  # run as a script: `bench` lives in the repositor
 
 import grpc
 
-from bench.load import Shape, Tally, closed_loop, discover
 from bench.serve_bench import Process
+from testkit.load import Shape, Tally, closed_loop, discover
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "mnist-cdcgan" / "2"

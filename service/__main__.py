@@ -9,7 +9,7 @@ import sys
 
 from service.config import parse
 from service.security import SecurityError
-from service.server import serve
+from service.server import StartupError, serve
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 
@@ -33,8 +33,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(cfg))
-    except SecurityError as e:  # a certificate, key or tokens file that cannot be used: one line, no traceback
-        sys.exit(f"error: {e}")
+    except (SecurityError, StartupError) as e:
+        # A file, directory or port the operator must fix: one line and status 2, as for a bad flag, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import grpc
 
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.frontends import text
 
 DEFAULT_TARGET = "localhost:50051"
 MAX_MESSAGE = 64 << 20
@@ -39,22 +40,20 @@ TOKEN_ENV = "GAN_TOKEN"
 NOT_CONNECTED = ("failed to connect to all addresses", "connections to all backends failing")
 
 
-def parse_ints(text: str) -> list[int]:
-    """'0-3,7' → [0, 1, 2, 3, 7]."""
-    out: list[int] = []
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise argparse.ArgumentTypeError(f"expected numbers and ranges like 0-63,70; got {text!r}")
-        out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-    return out
+def parse_ints(spec: str) -> list[int]:
+    """'0-3,7' → [0, 1, 2, 3, 7] (service/frontends/text.py, as the server reads seeds)."""
+    try:
+        return text.ints(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected numbers and ranges like 0-63,70; {e}") from None
 
 
 def labels_for(spec: list[str] | None, n: int) -> list[pb.Label]:
     """Class indices or names, cycled over n samples; none for unconditional models."""
     if not spec:
         return []
-    labels = [pb.Label(index=int(s)) if s.isdigit() else pb.Label(name=s) for s in spec]
+    labels = [pb.Label(index=lab.index) if lab.index is not None else pb.Label(name=lab.name)
+              for lab in map(text.label, spec)]  # fmt: skip
     return [labels[i % len(labels)] for i in range(n)]
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from service.repository import NAME, VersionPolicy
 
 ENV_PREFIX = "GAN_"
+JSON_BYTES = 8 << 20  # max_json_bytes's default
 
 
 def _flag(name: str):
@@ -40,7 +41,8 @@ class BatchingConfig:
 
     max_batch_size: int = 128  # samples per ONNX Runtime run, at most
     # The size batches are formed at, and requests split at. 0: measured when a version loads (the smallest size
-    # within 5% of the best time per sample), as Triton's preferred_batch_size but measured rather than configured.
+    # within batcher.SIZE_TOLERANCE of the best time per sample), as Triton's preferred_batch_size but measured
+    # rather than configured.
     preferred_batch_size: int = 0
     max_delay_ms: float = 2.0  # how long the oldest queued chunk may wait for company
     max_queue: int = 8192  # queued samples before RESOURCE_EXHAUSTED
@@ -110,10 +112,22 @@ class Limits:
     max_stream_images: int = 65536  # per GenerateStream request
     stream_chunk: int = 64  # images per streamed message (fewer when they would not fit in half a message)
     max_message_bytes: int = 64 << 20
+    # JSON request bodies over HTTP: parsing JSON costs far more per byte than binary tensors, which
+    # max_message_bytes bounds, so JSON gets a limit of its own, well below it.
+    max_json_bytes: int = JSON_BYTES
     encoder_threads: int = 2  # PNG encoding and seed expansion, off the event loop
+    http_deadline_s: float = 60.0  # the deadline of an HTTP request that sets none of its own; 0 = none
 
     def __post_init__(self) -> None:
         _check(self, 1, "max_images", "max_stream_images", "stream_chunk", "max_message_bytes", "encoder_threads")
+        _check(self, 1, "max_json_bytes")
+        _check(self, 0, "http_deadline_s")
+        json_bytes, message_bytes = self.max_json_bytes, self.max_message_bytes
+        if json_bytes > message_bytes:
+            if json_bytes != JSON_BYTES:
+                raise ValueError(f"max_json_bytes: must be <= max_message_bytes ({message_bytes}) (got {json_bytes})")
+            # The default follows a smaller message limit down, so that setting only that one keeps working.
+            object.__setattr__(self, "max_json_bytes", self.max_message_bytes)
 
 
 @dataclass(frozen=True)
@@ -125,9 +139,14 @@ class Lifecycle:
     # a GOAWAY after this many seconds (±10% jitter, added by gRPC) makes clients reconnect and rebalance.
     max_connection_age_s: float = 0.0  # 0 = connections live as long as the client keeps them
     max_connection_age_grace_s: float = 30.0  # then calls still running on the old connection get this long
+    # An HTTP connection must send its request headers within this many seconds, and may stay idle no longer
+    # before its first request: slow or silent clients would otherwise each hold a connection for ever.
+    header_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        _check(self, 0, "grace_seconds", "max_connection_age_s", "max_connection_age_grace_s")
+        _check(self, 0, "grace_seconds", "max_connection_age_s", "max_connection_age_grace_s", "header_timeout_s")
+        if not self.header_timeout_s:  # no limit would be the slow-client exposure this setting exists to close
+            raise ValueError("header_timeout_s: must be > 0 (got 0)")
 
 
 MODEL_CONTROL = ("none", "poll", "explicit")
@@ -198,6 +217,9 @@ class ServerConfig:
     metrics_host: str = ""  # the metrics endpoint's address; empty: the same as host
     # A second, plaintext port serving only grpc.health.v1, for kubelet probes, which cannot do TLS or tokens.
     health_port: int = -1  # 0 picks a free port; -1: none (health is on the main port in any case)
+    # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would start and silently take half
+    # the connections. Off: a taken port stops the start. On: share it on purpose (Triton's --reuse-grpc-port).
+    reuse_grpc_port: bool = False
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: Limits = field(default_factory=Limits)

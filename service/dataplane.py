@@ -2,7 +2,8 @@
 
 A front end turns its wire message into one request object of service/domain.py, in one pass and without
 judging it. Everything that decides anything lives here: limits, ranges and validation (every message names
-the field), labels, latents, batching, encoding and the response size.
+the field in the caller's words, from the request's Names), labels, latents, batching, PNG encoding and the
+response size. Results carry arrays; each front end picks its own form for them.
 """
 
 from __future__ import annotations
@@ -18,11 +19,25 @@ import numpy as np
 
 from service import contract, encode, latents
 from service.config import Limits
-from service.domain import Generate, Interpolate, Keyframe, Label, ModelInfo, Output, Result, Rows, SeedRange, Seeds
+from service.domain import (
+    NO_NAMES,
+    Format,
+    Generate,
+    Infer,
+    Interpolate,
+    Keyframe,
+    Label,
+    ModelInfo,
+    Names,
+    Output,
+    Result,
+    Rows,
+    SeedRange,
+    Seeds,
+)
 from service.errors import InvalidArgument, short
 from service.registry import ModelVersion, Registry
 
-FORMATS = ("png", "uint8", "float32")
 METHODS = ("slerp", "lerp")
 SEEDS_ON_LOOP = 64  # ~12 µs a seed: more would stall every other caller on the event loop
 
@@ -40,11 +55,11 @@ class DataPlane:
     def list_models(self) -> list[ModelInfo]:
         return [self._info(self.registry.get(name)) for name in sorted(self.registry.models)]
 
-    def get_model(self, name: str, version: int = 0, field: str = "name", version_field: str = "version") -> ModelInfo:
-        """One model version's description; errors name the request's `field` and `version_field`."""
+    def get_model(self, name: str, version: int = 0, names: Names = NO_NAMES) -> ModelInfo:
+        """One model version's description; errors name the request's `model` and `version` in its words."""
         if not name:
-            raise InvalidArgument(f"{field}: required")
-        return self._info(self.registry.get(name, version, field, version_field))
+            raise InvalidArgument(f"{names('model')}: required")
+        return self._info(self.registry.get(name, version, names("model"), names("version")))
 
     def is_ready(self, name: str, version: int = 0) -> bool:
         """Whether the model (that version of it; 0: any) serves now."""
@@ -56,55 +71,91 @@ class DataPlane:
         metadata = mv.session.metadata
         if not self.full_metadata:  # the documented keys only: `config` holds paths of the machine that trained it
             metadata = {k: v for k, v in metadata.items() if k in contract.DOCUMENTED_KEYS}
-        return ModelInfo(mv.name, mv.version, versions, mv.ready, mv.spec, mv.session.provider, metadata)
+        return ModelInfo(mv.name, mv.version, versions, mv.spec, mv.session.provider, metadata)
 
-    def _use(self, name: str, version: int) -> contextlib.AbstractContextManager[ModelVersion]:
+    def _use(self, req: Generate | Interpolate | Infer) -> contextlib.AbstractContextManager[ModelVersion]:
         """The version held for the request: if it leaves meanwhile, the request still finishes on it."""
-        if not name:
-            raise InvalidArgument("model: required")
-        return self.registry.use(name, version)
+        if not req.model:
+            raise InvalidArgument(f"{req.names('model')}: required")
+        return self.registry.use(req.model, req.version, req.names("model"), req.names("version"))
 
     # ---- generation --------------------------------------------------------------------------------
 
     async def generate(self, req: Generate, deadline: float | None = None) -> Result:
-        with self._use(req.model, req.version) as mv:
-            output = _check_output(req.output)
-            n = _count(req.latents, mv.spec.latent_dim, self.limits.max_images)
-            size = response_bytes(mv, n, output)
-            if size > self.limits.max_message_bytes:
-                raise InvalidArgument(
-                    f"latents: {n} images of this model make a response of up to {size:,} bytes, over the"
-                    f" {self.limits.max_message_bytes:,}-byte message limit; use GenerateStream"
-                )
-            y = _label_vectors(mv, req.labels, n, self.limits.max_images)
-            psi = _truncation(req.truncation)
+        names = req.names
+        with self._use(req) as mv:
+            output = _check_output(req.output, names)
+            n = _count(req.latents, mv.spec.latent_dim, self.limits.max_images, names)
+            self._check_size(mv, n, output, names("latents"), names)
+            y = _label_vectors(mv, req.labels, n, self.limits.max_images, names)
+            psi = _truncation(req.truncation, names)
             mv.batcher.check_room(n)  # before any latent is built: a full queue answers in microseconds
             spec = req.latents
-            z = self._rows(mv, spec) if isinstance(spec, Rows) else await self._latents(mv, spec, 0, n)
+            z = _rows(spec.values, mv, names("rows.values")) if isinstance(spec, Rows) else None
+            z = z if z is not None else await self._latents(mv, spec, 0, n)
             return await self._run(mv, _truncate(z, psi), y, output, deadline)
+
+    async def run(self, req: Generate | Infer, deadline: float | None = None) -> Result:
+        """A Generate or an Infer, whichever the front end made."""
+        return await (self.infer(req, deadline) if isinstance(req, Infer) else self.generate(req, deadline))
+
+    async def infer(self, req: Infer, deadline: float | None = None) -> Result:
+        """Tensors straight to the model: shapes checked once against the version leased, y passed through."""
+        names = req.names
+        with self._use(req) as mv:
+            output = _check_output(req.output, names)
+            spec = mv.spec
+            z = _matrix(req.z, spec.latent_dim, "z", names)
+            n = len(z)
+            if n > self.limits.max_images:
+                raise InvalidArgument(f"{names('z')}: {n} rows, the limit per request is {self.limits.max_images}")
+            y = req.y
+            if not spec.num_classes and y is not None:
+                raise InvalidArgument(f"{names('y')}: model {mv.name!r} is unconditional and takes no y")
+            if spec.num_classes:
+                if y is None:
+                    raise InvalidArgument(
+                        f"{names('y')}: model {mv.name!r} is conditional: give y [n, {spec.num_classes}]"
+                    )
+                y = _matrix(y, spec.num_classes, "y", names)
+                if len(y) not in (1, n):
+                    raise InvalidArgument(f"{names('y')}: {len(y)} rows for {n} samples; give 1 or {n}")
+                y = np.ascontiguousarray(np.broadcast_to(y, (n, spec.num_classes)), np.float32)
+            self._check_size(mv, n, output, names("z"), names)
+            mv.batcher.check_room(n)
+            return await self._run(mv, np.ascontiguousarray(z, np.float32), y, output, deadline)
+
+    def _check_size(self, mv: ModelVersion, n: int, output: Output, field: str, names: Names) -> None:
+        size = response_bytes(mv, n, output)
+        if size > self.limits.max_message_bytes:
+            raise InvalidArgument(
+                f"{field}: {n} images of this model make a response of up to {size:,} bytes, over the"
+                f" {self.limits.max_message_bytes:,}-byte message limit; ask for fewer{names.hint('stream')}"
+            )
 
     async def stream(self, req: Generate, deadline: float | None = None) -> AsyncIterator[Result]:
         """Chunks of at most `stream_chunk` images, each within half a message; two in flight keep the batcher busy.
 
         Latents are built chunk by chunk, so that a long stream holds two chunks' worth in memory, not all of it.
         """
-        with self._use(req.model, req.version) as mv:
-            output = _check_output(req.output)
+        names = req.names
+        with self._use(req) as mv:
+            output = _check_output(req.output, names)
             if output.grid:
-                raise InvalidArgument("output.grid: not available on GenerateStream; use Generate")
-            n = _count(req.latents, mv.spec.latent_dim, self.limits.max_stream_images)
-            y = _label_vectors(mv, req.labels, n, self.limits.max_stream_images)
-            psi = _truncation(req.truncation)
+                raise InvalidArgument(f"{names('output.grid')}: not available on a stream")
+            n = _count(req.latents, mv.spec.latent_dim, self.limits.max_stream_images, names)
+            y = _label_vectors(mv, req.labels, n, self.limits.max_stream_images, names)
+            psi = _truncation(req.truncation, names)
             one = response_bytes(mv, 1, output)
             per_image = one - response_bytes(mv, 0, output)
             if one > self.limits.max_message_bytes:
                 raise InvalidArgument(
-                    f"output: one image of this model makes a message of up to {one:,} bytes, over the"
+                    f"{names('output')}: one image of this model makes a message of up to {one:,} bytes, over the"
                     f" {self.limits.max_message_bytes:,}-byte message limit"
                 )
             chunk = max(1, min(self.limits.stream_chunk, self.limits.max_message_bytes // (2 * per_image)))
             mv.batcher.check_room(min(n, chunk))
-            rows = self._rows(mv, req.latents) if isinstance(req.latents, Rows) else None  # the request holds them
+            rows = _rows(req.latents.values, mv, names("rows.values")) if isinstance(req.latents, Rows) else None
 
             async def part(start: int) -> Result:
                 stop = min(start + chunk, n)
@@ -128,32 +179,30 @@ class DataPlane:
                 await asyncio.gather(*pending, return_exceptions=True)
 
     async def interpolate(self, req: Interpolate, deadline: float | None = None) -> Result:
-        with self._use(req.model, req.version) as mv:
+        with self._use(req) as mv:
             return await self._interpolate(mv, req, deadline)
 
     async def _interpolate(self, mv: ModelVersion, req: Interpolate, deadline: float | None) -> Result:
-        output = _check_output(req.output)
+        names = req.names
+        output = _check_output(req.output, names)
         if req.method not in METHODS:
-            raise InvalidArgument(f"method: unknown value {short(req.method)} (methods: {', '.join(METHODS)})")
+            raise InvalidArgument(
+                f"{names('method')}: unknown value {short(req.method)} (methods: {', '.join(METHODS)})"
+            )
         keys = len(req.keyframes)
         if not 2 <= keys <= self.limits.max_images:
-            raise InvalidArgument(f"keyframes: {keys} given, between 2 and {self.limits.max_images} needed")
+            raise InvalidArgument(f"{names('keyframes')}: {keys} given, between 2 and {self.limits.max_images} needed")
         if req.steps < 1:
-            raise InvalidArgument("steps: must be >= 1")
+            raise InvalidArgument(f"{names('steps')}: must be >= 1")
         frames = (keys - 1) * req.steps + 1
         if frames > self.limits.max_images:
             limit = self.limits.max_images
-            raise InvalidArgument(f"steps: {frames} frames requested, the limit per request is {limit}")
-        y = _keyframe_labels(mv, req.keyframes, req.steps)
-        z = latents.path(_keyframe_latents(mv, req.keyframes), req.steps, req.method)
+            raise InvalidArgument(f"{names('steps')}: {frames} frames requested, the limit per request is {limit}")
+        y = _keyframe_labels(mv, req.keyframes, req.steps, names)
+        z = latents.path(_keyframe_latents(mv, req.keyframes, names), req.steps, req.method)
         strip = output if output.grid_columns else dataclasses.replace(output, grid_columns=frames)
-        size = response_bytes(mv, frames, strip)
-        if size > self.limits.max_message_bytes:
-            raise InvalidArgument(
-                f"steps: {frames} frames make a response of up to {size:,} bytes, over the"
-                f" {self.limits.max_message_bytes:,}-byte message limit"
-            )
-        return await self._run(mv, _truncate(z, _truncation(req.truncation)), y, strip, deadline)
+        self._check_size(mv, frames, strip, names("steps"), names)
+        return await self._run(mv, _truncate(z, _truncation(req.truncation, names)), y, strip, deadline)
 
     async def _latents(self, mv: ModelVersion, spec: Seeds | SeedRange, start: int, stop: int) -> np.ndarray:
         """Samples start..stop-1 by the seed contract, [n, latent_dim] float32 (the seeds were checked by _count)."""
@@ -163,17 +212,13 @@ class DataPlane:
             return contract.seed_latents(seeds, d, prior)
         return await asyncio.get_running_loop().run_in_executor(self.encoder, contract.seed_latents, seeds, d, prior)
 
-    @staticmethod
-    def _rows(mv: ModelVersion, spec: Rows) -> np.ndarray:
-        return _rows(spec.values, mv.spec.latent_dim, "rows.values")
-
     async def _run(
         self, mv: ModelVersion, z: np.ndarray, y: np.ndarray | None, output: Output, deadline: float | None,
         offset: int = 0,
     ) -> Result:  # fmt: skip
         images = await mv.run(z, y, deadline)
-        # Raw bytes cost microseconds: a thread hand-off would cost more. PNG and grids leave the event loop.
-        if output.format != "png" and not output.grid:
+        # Raw arrays cost microseconds: a thread hand-off would cost more. PNG and grids leave the event loop.
+        if output.format is not Format.PNG and not output.grid:
             result = _encode(mv, images, output, offset)
         else:
             result = await asyncio.get_running_loop().run_in_executor(self.encoder, _encode, mv, images, output, offset)
@@ -200,11 +245,11 @@ def _check_seed(seed: int, field: str) -> None:
 def response_bytes(mv: ModelVersion, n: int, output: Output) -> int:
     """An upper bound of the serialized response for n images: images, grid, latents and protobuf framing."""
     c, h, w = mv.spec.output_shape
-    image = {"png": encode.png_bound(h, w, c), "uint8": c * h * w, "float32": 4 * c * h * w}[output.format]
+    image = {Format.PNG: encode.png_bound(h, w, c), Format.UINT8: c * h * w, Format.FLOAT32: 4 * c * h * w}
     field = 6  # tag + length varint of one bytes or packed field
     size = 128 + len(mv.name)  # model, version, format, image_shape, offset
     if not output.grid_only:
-        size += n * (image + field)
+        size += n * (image[output.format] + field)
     if output.grid and n:
         size += encode.png_bound(*encode.grid_shape(n, h, w, c, output.grid_columns or math.ceil(math.sqrt(n)))) + field
     if output.return_latents:
@@ -212,31 +257,29 @@ def response_bytes(mv: ModelVersion, n: int, output: Output) -> int:
     return size
 
 
-def _check_output(output: Output) -> Output:
-    if output.format not in FORMATS:
-        raise InvalidArgument(f"output.format: unknown value {short(output.format)} (formats: {', '.join(FORMATS)})")
+def _check_output(output: Output, names: Names) -> Output:
     if output.grid_columns < 0:
-        raise InvalidArgument(f"output.grid_columns: must be >= 0 (got {output.grid_columns})")
+        raise InvalidArgument(f"{names('output.grid_columns')}: must be >= 0 (got {output.grid_columns})")
     if output.grid_only and not output.grid:
-        raise InvalidArgument("output.grid_only: needs output.grid")
+        raise InvalidArgument(f"{names('output.grid_only')}: needs {names('output.grid')}")
     return output
 
 
-def _count(spec: Seeds | SeedRange | Rows | None, latent_dim: int, limit: int) -> int:
+def _count(spec: Seeds | SeedRange | Rows | None, latent_dim: int, limit: int, names: Names) -> int:
     """How many samples the request asks for, checked against `limit` before anything is built from it."""
     if spec is None:
-        raise InvalidArgument("latents: give seeds, seed_range or rows")
+        raise InvalidArgument(f"{names('latents')}: give seeds, a seed range or latent rows")
     if isinstance(spec, Rows):
-        field, n = "rows.values", _whole_rows(spec.values, latent_dim, "rows.values")
+        field, n = names("rows.values"), _whole_rows(spec.values, latent_dim, names("rows.values"))
     elif isinstance(spec, SeedRange):
-        field, n = "seed_range.count", spec.count
-        _check_seed(spec.start, "seed_range.start")
+        field, n = names("seed_range.count"), spec.count
+        _check_seed(spec.start, names("seed_range.start"))
         if n < 0:
             raise InvalidArgument(f"{field}: must be >= 0 (got {n})")
         if spec.start + spec.count > contract.MAX_SEED + 1:
-            raise InvalidArgument("seed_range.start: the range runs past the largest seed, 2**64 - 1")
+            raise InvalidArgument(f"{names('seed_range.start')}: the range runs past the largest seed, 2**64 - 1")
     else:
-        field, n = "seeds.seeds", len(spec.values)
+        field, n = names("seeds.seeds"), len(spec.values)
         if n <= limit:
             _check_seeds(spec.values, field)
     if n == 0:
@@ -252,20 +295,34 @@ def _whole_rows(values: Sequence[float], latent_dim: int, field: str) -> int:
     return len(values) // latent_dim
 
 
-def _rows(values: Sequence[float], latent_dim: int, field: str) -> np.ndarray:
+def _rows(values: Sequence[float], mv: ModelVersion, field: str) -> np.ndarray:
     """Explicit latents: a flat sequence of whole rows, all finite → float32 [n, latent_dim]."""
+    latent_dim = mv.spec.latent_dim
     _whole_rows(values, latent_dim, field)
     values = np.asarray(values, dtype=np.float32)
+    _check_finite(values, field)
+    return values.reshape(-1, latent_dim)
+
+
+def _matrix(array: np.ndarray | None, width: int, name: str, names: Names) -> np.ndarray:
+    """A tensor the model takes as is: float32 [n >= 1, width], all finite."""
+    if array is None or array.ndim != 2 or array.shape[1] != width or len(array) < 1:
+        got = "none" if array is None else list(array.shape)
+        raise InvalidArgument(f"{names(name + '.shape')}: input {name!r} is [n, {width}] (got {got})")
+    _check_finite(array, names(name))
+    return array
+
+
+def _check_finite(values: np.ndarray, field: str) -> None:
     if not np.all(np.isfinite(values)):
-        raise InvalidArgument(f"{field}: latents must be finite (found NaN or Inf)")
-    return values.reshape(-1, latent_dim).astype(np.float32, copy=False)
+        raise InvalidArgument(f"{field}: values must be finite (found NaN or Inf)")
 
 
-def _truncation(psi: float) -> float | None:
+def _truncation(psi: float, names: Names) -> float | None:
     if psi == 0:
         return None
     if not (math.isfinite(psi) and 0 < psi <= 1):
-        raise InvalidArgument(f"truncation: must be in (0, 1], or 0 for none (got {psi})")
+        raise InvalidArgument(f"{names('truncation')}: must be in (0, 1], or 0 for none (got {psi})")
     return psi
 
 
@@ -274,97 +331,101 @@ def _truncate(z: np.ndarray, psi: float | None) -> np.ndarray:
 
 
 def _label_vectors(
-    mv: ModelVersion, labels: Sequence[Label], n: int, limit: int, field: str = "labels"
+    mv: ModelVersion, labels: Sequence[Label], n: int, limit: int, names: Names, field: str = "labels"
 ) -> np.ndarray | None:
     """The float32 [n, num_classes] y input; one label for all samples or one per sample."""
     spec = mv.spec
+    name = names(field)
     if len(labels) > limit:
-        raise InvalidArgument(f"{field}: {len(labels)} given, the limit per request is {limit}")
+        raise InvalidArgument(f"{name}: {len(labels)} given, the limit per request is {limit}")
     if not spec.num_classes:
         if labels:
-            raise InvalidArgument(f"{field}: model {mv.name!r} is unconditional and takes no labels")
+            raise InvalidArgument(f"{name}: model {mv.name!r} is unconditional and takes no labels")
         return None
     if not labels:
-        raise InvalidArgument(f"{field}: model {mv.name!r} is conditional: give a class index, a name or soft weights")
+        raise InvalidArgument(f"{name}: model {mv.name!r} is conditional: give a class index, a name or soft weights")
     if len(labels) not in (1, n):
-        raise InvalidArgument(f"{field}: expected 1 or {n} labels for {n} samples, got {len(labels)}")
-    rows = np.stack([_label_row(spec.class_names, lab, f"{field}[{i}]") for i, lab in enumerate(labels)])
+        raise InvalidArgument(f"{name}: expected 1 or {n} labels for {n} samples, got {len(labels)}")
+    rows = np.stack([_label_row(spec.class_names, lab, f"{field}[{i}]", names) for i, lab in enumerate(labels)])
     return np.ascontiguousarray(np.broadcast_to(rows, (n, spec.num_classes)), dtype=np.float32)
 
 
-def _label_row(class_names: tuple[str, ...], label: Label, field: str) -> np.ndarray:
+def _label_row(class_names: tuple[str, ...], label: Label, field: str, names: Names) -> np.ndarray:
     nc = len(class_names)
     row = np.zeros(nc, np.float32)
     if label.soft is not None:
         w = np.asarray(label.soft, np.float64)
         if len(w) != nc:
-            raise InvalidArgument(f"{field}.soft: expected {nc} weights, got {len(w)}")
+            raise InvalidArgument(f"{names(field + '.soft')}: expected {nc} weights, got {len(w)}")
         if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise InvalidArgument(f"{field}.soft: weights must be finite, non-negative and not all zero")
+            raise InvalidArgument(f"{names(field + '.soft')}: weights must be finite, non-negative and not all zero")
         return (w / w.sum()).astype(np.float32)
     if label.name is not None:
         if label.name not in class_names:
             raise InvalidArgument(
-                f"{field}.name: unknown class {short(label.name)} (classes: {', '.join(class_names)})"
+                f"{names(field + '.name')}: unknown class {short(label.name)} (classes: {', '.join(class_names)})"
             )
         row[class_names.index(label.name)] = 1
         return row
     if label.index is None:
-        raise InvalidArgument(f"{field}: give an index, a name or soft weights")
+        raise InvalidArgument(f"{names(field)}: give an index, a name or soft weights")
     if not 0 <= label.index < nc:
-        raise InvalidArgument(f"{field}.index: unknown class {label.index} (the model has {nc} classes)")
+        raise InvalidArgument(f"{names(field + '.index')}: unknown class {label.index} (the model has {nc} classes)")
     row[label.index] = 1
     return row
 
 
-def _keyframe_latents(mv: ModelVersion, keyframes: Sequence[Keyframe]) -> np.ndarray:
+def _keyframe_latents(mv: ModelVersion, keyframes: Sequence[Keyframe], names: Names) -> np.ndarray:
     """[k, latent_dim]: each keyframe's seed by the seed contract, or its one explicit row."""
     d = mv.spec.latent_dim
     keys = []
     for i, key in enumerate(keyframes):
         if (key.seed is None) == (key.row is None):
-            raise InvalidArgument(f"keyframes[{i}]: give a seed or a row")
+            raise InvalidArgument(f"{names(f'keyframes[{i}]')}: give a seed or a row")
         if key.row is None:
-            _check_seed(key.seed, f"keyframes[{i}].seed")
+            _check_seed(key.seed, names(f"keyframes[{i}].seed"))
             keys.append(contract.seed_latent(key.seed, d, mv.spec.prior))
             continue
-        field = f"keyframes[{i}].row.values"
+        field = names(f"keyframes[{i}].row.values")
         if len(key.row) != d:
             raise InvalidArgument(f"{field}: exactly one row of {d} values (got {len(key.row)})")
-        keys.append(_rows(key.row, d, field)[0])
+        keys.append(_rows(key.row, mv, field)[0])
     return np.stack(keys)
 
 
-def _keyframe_labels(mv: ModelVersion, keyframes: Sequence[Keyframe], steps: int) -> np.ndarray | None:
+def _keyframe_labels(mv: ModelVersion, keyframes: Sequence[Keyframe], steps: int, names: Names) -> np.ndarray | None:
     """Labels at the keyframes, blended linearly between them (soft labels between classes)."""
     given = [key.label for key in keyframes if key.label is not None]
     if not given:
         if mv.spec.num_classes:
-            raise InvalidArgument(f"keyframes: every keyframe of conditional model {mv.name!r} needs a label")
+            raise InvalidArgument(
+                f"{names('keyframes')}: every keyframe of conditional model {mv.name!r} needs a label"
+            )
         return None
     if not mv.spec.num_classes:
-        raise InvalidArgument(f"keyframes.label: model {mv.name!r} is unconditional and takes no labels")
+        raise InvalidArgument(f"{names('keyframes.label')}: model {mv.name!r} is unconditional and takes no labels")
     if len(given) != len(keyframes):
-        raise InvalidArgument("keyframes.label: give a label for every keyframe or for none")
-    y_keys = _label_vectors(mv, given, len(given), len(given), field="keyframes.label")
+        raise InvalidArgument(f"{names('keyframes.label')}: give a label for every keyframe or for none")
+    y_keys = _label_vectors(mv, given, len(given), len(given), names, field="keyframes.label")
     return latents.path(y_keys, steps, "lerp")
 
 
 def _encode(mv: ModelVersion, images: np.ndarray, output: Output, offset: int) -> Result:
-    """Vectorised float → uint8 once; then per-image bytes and an optional grid."""
+    """Vectorised float → uint8 once; then PNG files and an optional grid, or the pixels as an array."""
     c, h, w = mv.spec.output_shape
-    shape = (c, h, w) if output.format == "float32" else (h, w, c)
-    pixels = encode.to_uint8(images, mv.spec.output_range) if output.format != "float32" or output.grid else None
+    fmt = output.format
+    pixels = encode.to_uint8(images, mv.spec.output_range) if fmt is not Format.FLOAT32 or output.grid else None
     grid_png = b""
     if output.grid:
-        cols = output.grid_columns or math.ceil(math.sqrt(len(pixels)))
-        grid_png = encode.png(encode.grid(pixels, cols))
+        grid_png = encode.png(encode.grid(pixels, output.grid_columns or math.ceil(math.sqrt(len(pixels)))))
+    array, pngs = None, []
     if output.grid_only:
-        images_out = []
-    elif output.format == "float32":
-        images_out = [img.tobytes() for img in np.ascontiguousarray(images, dtype="<f4")]
-    elif output.format == "uint8":
-        images_out = [p.tobytes() for p in pixels]
+        pass
+    elif fmt is Format.FLOAT32:
+        array = np.ascontiguousarray(images, dtype="<f4")
+    elif fmt is Format.UINT8:
+        array = pixels
     else:
-        images_out = [encode.png(p) for p in pixels]
-    return Result(mv.name, mv.version, output.format, images_out, shape, grid_png, offset=offset)
+        pngs = [encode.png(p) for p in pixels]
+    shape = (c, h, w) if fmt is Format.FLOAT32 else (h, w, c)
+    return Result(mv.name, mv.version, fmt, array, pngs, grid_png, offset=offset, image_shape=shape)

@@ -1,17 +1,50 @@
 """The data plane's domain requests and results: what every front end translates its wire format into and out of.
 
 Front ends fill these in one pass without judging them: counts, ranges and names are checked by the data plane,
-before anything is built from them. Sequences may be lazy views of the wire message.
+before anything is built from them. Sequences may be lazy views of the wire message. Each request carries the
+caller's own names for its fields (`Names`), so that an error names what the caller sent, whatever the wire.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.contract import ModelSpec
+
+
+class Format(enum.Enum):
+    """How images are answered: PNG files, uint8 [n, H, W, C] pixels, or the model's float32 [n, C, H, W]."""
+
+    PNG = "png"
+    UINT8 = "uint8"
+    FLOAT32 = "float32"
+
+
+@dataclass(frozen=True)
+class Names:
+    """The caller's words for the data plane's fields. A field (`seed_range.count`, `labels[3].soft`) is named by
+    the longest entry that is it or leads it (`seed_range`, `labels`); one with no entry keeps its own name."""
+
+    table: Mapping[str, str] = field(default_factory=dict)
+
+    def __call__(self, path: str) -> str:
+        best = ""
+        for prefix in self.table:
+            if len(prefix) > len(best) and (path == prefix or path.startswith((prefix + ".", prefix + "["))):
+                best = prefix
+        return self.table[best] if best else path
+
+    def hint(self, key: str) -> str:
+        """Advice in the caller's words (`stream`: how its wire streams big answers), or ""."""
+        advice = self.table.get(f"hint:{key}", "")
+        return f"; {advice}" if advice else ""
+
+
+NO_NAMES = Names()
 
 
 @dataclass(frozen=True)
@@ -41,7 +74,7 @@ class Rows:
 
 @dataclass(frozen=True)
 class Output:
-    format: str = "png"  # png, uint8 or float32; a front end passes values it does not know on as text
+    format: Format = Format.PNG
     grid: bool = False
     grid_columns: int = 0
     return_latents: bool = False
@@ -56,6 +89,19 @@ class Generate:
     labels: Sequence[Label] = ()
     truncation: float = 0.0  # 0: none
     output: Output = Output()
+    names: Names = NO_NAMES
+
+
+@dataclass(frozen=True)
+class Infer:
+    """Tensors as the model takes them: z [n, latent_dim], and y [n or 1, num_classes] passed through as given."""
+
+    model: str
+    version: int = 0
+    z: np.ndarray | None = None
+    y: np.ndarray | None = None
+    output: Output = Output(Format.FLOAT32)
+    names: Names = NO_NAMES
 
 
 @dataclass(frozen=True)
@@ -74,29 +120,48 @@ class Interpolate:
     method: str = "slerp"  # slerp or lerp
     truncation: float = 0.0
     output: Output = Output()
+    names: Names = NO_NAMES
 
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """One serving model version, described once: every front end renders this and nothing else."""
+
     name: str
     version: int
     versions: list[int]
-    ready: bool
     spec: ModelSpec
     provider: str
-    metadata: dict[str, str]  # the file's metadata_props
+    metadata: dict[str, str]  # the file's metadata_props (the documented keys unless --full-metadata)
+
+    @property
+    def inputs(self) -> list[tuple[str, list[int]]]:
+        """The model's FP32 inputs as (name, shape), -1 for the batch axis."""
+        spec = self.spec
+        return [("z", [-1, spec.latent_dim])] + ([("y", [-1, spec.num_classes])] if spec.num_classes else [])
+
+    @property
+    def output_shape(self) -> list[int]:
+        return [-1, *self.spec.output_shape]
 
 
 @dataclass(frozen=True)
 class Result:
+    """Images as arrays; each front end chooses its own form (per-image bytes, one blob, JSON numbers, PNG)."""
+
     model: str
     version: int
-    format: str
-    images: list[bytes]
-    image_shape: tuple[int, ...]  # [H, W, C]; [C, H, W] for float32
+    format: Format
+    pixels: np.ndarray | None  # uint8 [n, H, W, C] or float32 [n, C, H, W]; None for PNG and grid_only
+    pngs: list[bytes] = field(default_factory=list)  # Format.PNG: one file per image
     grid_png: bytes = b""
     latents: np.ndarray | None = None
     offset: int = 0  # streams: this chunk's first image in the whole request
+    image_shape: tuple[int, ...] = ()  # one image: [H, W, C]; [C, H, W] for float32
+
+    @property
+    def count(self) -> int:
+        return len(self.pngs) if self.pixels is None else len(self.pixels)
 
 
 @dataclass(frozen=True)

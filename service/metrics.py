@@ -58,6 +58,15 @@ class Metrics:
             "gan_auth_failures", "Calls refused for their credentials, by reason (missing, malformed, unknown, role).",
             ["reason"], registry=registry,
         )  # fmt: skip
+        self.cancelled = Counter(
+            "gan_cancelled_requests", "Calls ended before their answer, by front end and why (CANCELLED: the client"
+            " went away; DEADLINE_EXCEEDED: the deadline passed); their queued work is dropped.",
+            ["frontend", "code"], registry=registry,
+        )  # fmt: skip
+        self.protocol_errors = Counter(
+            "gan_http_protocol_errors", "HTTP connections that sent what is not HTTP/1.1 (one log line each).",
+            registry=registry,
+        )  # fmt: skip
         self.credential_reload_failures = Counter(
             "gan_credential_reload_failures", "Changed TLS or tokens files that could not be used (the old stay).",
             ["file"], registry=registry,

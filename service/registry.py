@@ -56,11 +56,6 @@ class ModelVersion:
     users: int = 0  # requests holding it (Registry.use)
     _released: asyncio.Event | None = None
 
-    @property
-    def ready(self) -> bool:
-        """Taking requests: loaded and not draining."""
-        return self.batcher.accepting
-
     async def run(self, z: np.ndarray, y: np.ndarray | None, deadline: float | None) -> np.ndarray:
         feeds = {"z": z} if y is None else {"z": z, "y": y}
         return await self.batcher.submit(feeds, deadline)
@@ -96,8 +91,10 @@ class Registry:
         metrics: Metrics | None = None,
         on_change: Callable[[], None] = lambda: None,
         grace: float = 25.0,
+        session_factory: Callable[[Path, RuntimeConfig], Session] = Session,
     ):
         self.repository, self.control, self.runtime, self.batching = Path(repository), control, runtime, batching
+        self.session_factory = session_factory  # how a version's file becomes a Session (tests inject fakes)
         self.policy = VersionPolicy.parse(control.version_policy, "version_policy")
         self.metrics, self._on_change, self.grace = metrics, on_change, grace  # grace: the longest a drain waits
         self._serving: dict[str, dict[int, ModelVersion]] = {}  # replaced whole, never changed in place
@@ -139,9 +136,11 @@ class Registry:
         return versions[version]
 
     @contextlib.contextmanager
-    def use(self, name: str, version: int = 0) -> Iterator[ModelVersion]:
+    def use(
+        self, name: str, version: int = 0, field: str = "model", version_field: str = "version"
+    ) -> Iterator[ModelVersion]:
         """A version held for one request: if it leaves meanwhile, its session stays until the request is done."""
-        mv = self.get(name, version)
+        mv = self.get(name, version, field, version_field)
         mv.users += 1
         try:
             yield mv
@@ -326,7 +325,7 @@ class Registry:
         return 1
 
     def _open(self, name: str, version: int, path: Path) -> ModelVersion:
-        session = Session(path, self.runtime)
+        session = self.session_factory(path, self.runtime)
         spec = served_spec(session)
         cfg = self.batching
         timings = session.warm_up(cfg.max_batch_size, spec.latent_dim, spec.num_classes, not cfg.preferred_batch_size)

@@ -8,6 +8,7 @@ label, model.json is read with a size limit and validated, and every problem nam
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -81,6 +82,20 @@ class ModelDir:
     policy: VersionPolicy | None = None  # from model.json; None: the server's
     error: str = ""  # why model.json cannot be used, or the folder read ("" when all is well)
     readable: bool = True  # False: the folder could not be listed, so `files` says nothing about what is there
+
+
+def check_root(root: Path) -> None:
+    """RepositoryError naming `root` when it does not exist, is not a directory, or cannot be listed."""
+    try:
+        st = root.stat()
+    except FileNotFoundError:
+        raise RepositoryError(f"{root}: no such directory") from None
+    except OSError as e:
+        raise RepositoryError(f"{root}: cannot be read ({os.strerror(e.errno or 0) or type(e).__name__})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise RepositoryError(f"{root}: not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):  # listing its models needs both
+        raise RepositoryError(f"{root}: cannot be read ({os.strerror(errno.EACCES)})")
 
 
 def scan(root: Path) -> tuple[dict[str, ModelDir], list[str]]:

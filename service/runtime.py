@@ -32,7 +32,11 @@ _preloaded = False
 
 def usable_cores() -> int:
     """Cores this process may run on (its affinity, not the host's count), capped at MAX_CPU_WORKERS."""
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_CPU_WORKERS))
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:  # macOS and Windows have no affinity call: the CPUs Python says this process may use (3.13+), or all
+        cores = (getattr(os, "process_cpu_count", None) or os.cpu_count)() or 1
+    return max(1, min(cores, MAX_CPU_WORKERS))
 
 
 def providers(config: RuntimeConfig) -> list[str]:

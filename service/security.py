@@ -51,7 +51,7 @@ class Refusal:
 
 
 class FileWatch:
-    """Tells whether any of some files changed (mtime, size, inode) since the last look."""
+    """Tells whether any of some files changed (mtime, ctime, size, inode) since the last look."""
 
     def __init__(self, paths: Sequence[str]):
         self.paths = [p for p in paths if p]
@@ -63,7 +63,9 @@ class FileWatch:
                 s = os.stat(path)
             except OSError:
                 return None
-            return s.st_mtime_ns, s.st_size, s.st_ino
+            # ctime too: an edit that keeps the size within the mtime's granularity, or that restores the mtime
+            # (os.utime, `touch -r`, rsync --times), still moves the ctime, which no caller can set.
+            return s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino
 
         return tuple(one(p) for p in self.paths)
 
@@ -106,7 +108,8 @@ def read_tokens(path: str) -> list[Token]:
 
 class Authorizer:
     """Decides each call from its method and metadata. `roles` maps a service's full name to the role it needs
-    (None: open to all); a service it does not name needs admin, so one added later is never open by accident."""
+    (None: open to all); a service it does not name needs admin, so one added later is never open by accident.
+    With `known_methods` (every /package.Service/Method path served), any other path needs admin as well."""
 
     def __init__(
         self,
@@ -114,8 +117,10 @@ class Authorizer:
         roles: dict[str, str | None],
         clock: Callable[[], float] = time.monotonic,
         on_reload_failure: Callable[[], None] = lambda: None,
+        known_methods: frozenset[str] | None = None,
     ):
         self.path, self.roles, self.clock, self.on_reload_failure = path, roles, clock, on_reload_failure
+        self.known_methods = known_methods
         self.tokens = read_tokens(path)
         self._watch = FileWatch([path])
         self._next_look = clock() + RECHECK_SECONDS
@@ -149,6 +154,10 @@ class Authorizer:
         """None when `method` (/package.Service/Method) may run with these credentials, else why not."""
         service = method[1:].split("/", 1)[0]
         needed = self.roles.get(service, "admin")
+        if self.known_methods is not None and method not in self.known_methods:
+            # Unserved methods of a known service too: an infer token then gets PERMISSION_DENIED, not UNIMPLEMENTED,
+            # so that the answers do not tell which methods exist.
+            needed = "admin"
         if needed is None:
             return None
         self._follow_file()

@@ -1,16 +1,19 @@
 """The composition root: Server(cfg) wires registry, batchers, data plane, metrics, health, reflection, servicer.
 
-Every RPC of every registered service passes through one interceptor (service/interceptor.py), which maps domain
+Every call, of every gRPC service and every HTTP route, passes through one gate (service/gate.py), which maps domain
 errors to status codes and records the request metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -28,17 +31,24 @@ from service.api.inference import grpc_predict_v2_pb2 as oip_pb
 from service.api.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from service.config import ServerConfig
 from service.dataplane import DataPlane
+from service.domain import VersionStatus
+from service.frontends.admin import ModelAdminServicer
+from service.frontends.ganserve import GeneratorServicer
+from service.frontends.oip_grpc import InferenceServicer
+from service.frontends.oip_rest import OipRest
+from service.frontends.pages import Pages
+from service.gate import Gate
 from service.interceptor import Interceptor
 from service.metrics import Metrics
-from service.oip import InferenceServicer
-from service.registry import Registry
+from service.registry import READY, Registry
+from service.repository import RepositoryError, check_root, scan
 from service.security import Authorizer, http_ssl_context, server_credentials
-from service.servicer import GeneratorServicer, ModelAdminServicer
 
 log = logging.getLogger(__name__)
 
 MAX_METADATA_BYTES = 16 << 10
 DRAIN_QUIET_S = 0.5  # a drain ends once no call arrived for this long (or at the grace period's end)
+MAX_LISTED = 10  # what the no-model warning names at most
 
 GENERATOR = pb.DESCRIPTOR.services_by_name["Generator"]
 ADMIN = pb.DESCRIPTOR.services_by_name["ModelAdmin"]
@@ -55,14 +65,20 @@ ROLES = {
 }  # fmt: skip
 
 
+class StartupError(Exception):
+    """The server cannot start as configured; the message names the flag and its value."""
+
+
 def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
-    """gRPC channel arguments for the server: message limits, and connection ageing when it is on."""
+    """gRPC channel arguments for the server: message limits, port sharing, and connection ageing when it is on."""
     life = cfg.lifecycle
     options = [
         ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
         ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
         # Headers past this are refused by gRPC itself, before any handler or the audit log sees the call.
         ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        # gRPC's default (1) lets a second server bind a taken port and silently take half its connections.
+        ("grpc.so_reuseport", int(cfg.reuse_grpc_port)),
     ]
     if life.max_connection_age_s > 0:
         options += [
@@ -86,10 +102,68 @@ def metrics_endpoint(port: int, host: str, registry: CollectorRegistry):
     addr = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         return start_http_server(port, addr=addr, registry=registry)[0]
-    except OSError:
-        if addr != "::":
+    except OSError as e:
+        if addr != "::" or e.errno == errno.EADDRINUSE:
             raise
         return start_http_server(port, addr="0.0.0.0", registry=registry)[0]
+
+
+def bind_error(flag: str, port: int, e: OSError) -> StartupError:
+    """`--flag PORT: address already in use`, from the error a bind raised."""
+    why = os.strerror(e.errno) if e.errno and e.errno > 0 else str(e)
+    return StartupError(f"--{flag.replace('_', '-')} {port}: {why.lower()}")
+
+
+def check_free(flag: str, host: str, port: int) -> None:
+    """StartupError when host:port cannot be bound. Asked before gRPC binds it: gRPC logs its own failure at ERROR
+    and raises a RuntimeError that does not say why, where this names the flag and the reason in one line."""
+    if port <= 0:
+        return
+    addr = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        addresses = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # an address that does not resolve: gRPC's own bind reports it
+    for family, kind, proto, _, sockaddr in addresses:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # no IPv6 here: gRPC falls back to IPv4
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a port in TIME_WAIT is free
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise bind_error(flag, port, e) from None
+
+
+def listen(server: grpc.aio.Server, flag: str, cfg: ServerConfig, port: int, credentials=None) -> int:
+    """Bind a gRPC server to cfg.host:port; returns the port bound, or raises StartupError naming `flag`."""
+    if not cfg.reuse_grpc_port:
+        check_free(flag, cfg.host, port)
+    address = f"{cfg.host}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC raises where it cannot bind (older versions returned 0)
+        bound = 0
+    if not bound:
+        raise StartupError(f"--{flag.replace('_', '-')} {port}: cannot listen on {address} (gRPC's log says why)")
+    return bound
+
+
+def nothing_served(root: Path, status: list[VersionStatus]) -> str:
+    """The start-up warning for a repository that exists and serves nothing, naming what was skipped and why."""
+    models, skipped = scan(root)
+    found = [f"{name[:64]!r} (not a model name)" for name in skipped]
+    found += [f"{name} (no <version>/model.onnx)" for name, m in models.items() if m.readable and not m.files]
+    found += [m.error for m in models.values() if not m.readable]
+    found += [f"{s.name}/{s.version} ({s.state.lower()}: {s.reason[:120]})" for s in status if s.state != READY]
+    listed = ", ".join(found[:MAX_LISTED]) + (f" and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else "")
+    return f"model repository {root}: no loadable model ({f'skipped: {listed}' if found else 'it is empty'})"
 
 
 class Server:
@@ -126,10 +200,8 @@ class Server:
         # Health, so that probes read NOT_SERVING, and reflection, whose streams tools hold open, neither count nor
         # are refused during a drain.
         open_streams = frozenset([HEALTH.full_name, REFLECTION.full_name, "grpc.reflection.v1.ServerReflection"])
-        self.interceptor = Interceptor(
-            self.metrics, lambda name: name in self.registry.models, self.authorizer, open_streams
-        )
-        self.grpc = grpc.aio.server(options=server_options(cfg), interceptors=[self.interceptor])
+        self.gate = Gate(self.metrics, lambda name: name in self.registry.models, self.authorizer)
+        self.grpc = grpc.aio.server(options=server_options(cfg), interceptors=[Interceptor(self.gate, open_streams)])
         for _, add, servicer in services:
             add(servicer, self.grpc)
         self.services = [d for d, *_ in services] + ([REFLECTION] if sec.reflection else [])
@@ -141,7 +213,7 @@ class Server:
         self._web = None  # the HTTP front end's runner, when it serves
         self.metrics_port = 0
         self.health_port = 0
-        self._http = None
+        self._metrics_server = None  # Prometheus's own HTTP server, on --metrics-port
         self._stopped = asyncio.Event()
         self._stopping = False
         self._background: set[asyncio.Task] = set()
@@ -166,28 +238,19 @@ class Server:
             await self.health.set(service, status)
 
     async def start(self) -> None:
+        """Open the ports and load the models. StartupError, naming the flag, when the model repository or a port
+        cannot be used; the repository is checked before any port opens, and ports already open are closed again."""
+        cfg = self.cfg
+        try:
+            check_root(Path(cfg.model_repository))
+        except RepositoryError as e:
+            raise StartupError(f"--model-repository {e}") from None
         await self._set_health(False)
-        cfg, sec = self.cfg, self.cfg.security
-        address = f"{cfg.host}:{cfg.port}"
-        if self.credentials is None:
-            self.port = self.grpc.add_insecure_port(address)
-        else:
-            self.port = self.grpc.add_secure_port(address, self.credentials)
-        if cfg.health_port >= 0:
-            self._health_only = grpc.aio.server()
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_only)
-            self.health_port = self._health_only.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
-            await self._health_only.start()
-        if cfg.metrics_port >= 0:
-            self._http = metrics_endpoint(cfg.metrics_port, cfg.metrics_host or cfg.host, self.metrics.registry)
-            self.metrics_port = self._http.server_port
-        await self.grpc.start()
-        if cfg.http_port >= 0:
-            front = http.Front(self.plane, self.interceptor, self.authorizer, cfg.limits.max_message_bytes)
-            tls = None
-            if sec.tls_cert:
-                tls = http_ssl_context(sec.tls_cert, sec.tls_key, sec.tls_client_ca, self._tls_failed)
-            self._web, self.http_port = await http.start(front, cfg.host, cfg.http_port, tls)
+        try:
+            await self._open()
+        except Exception:
+            await self.stop(0)
+            raise
         if self.credentials is None and not is_loopback(cfg.host):
             if self.authorizer is None:
                 log.warning(
@@ -198,6 +261,9 @@ class Server:
             else:
                 log.warning("bearer tokens over plaintext gRPC on %s: anyone on the path can read them", cfg.host)
         loaded = await self.registry.sync()
+        if not self.registry.ready:  # it serves on (NOT_SERVING) for a model to arrive, but should say why
+            root = Path(cfg.model_repository)
+            log.warning("%s", await asyncio.to_thread(nothing_served, root, self.registry.status()))
         await self._set_health(self.registry.ready)
         if cfg.models.mode == "poll":
             self._poller = self.spawn(self._poll(cfg.models.poll_seconds), "repository poll")
@@ -205,6 +271,40 @@ class Server:
             "serving %d model version(s): gRPC on port %d, HTTP on %d, metrics on %d", loaded, self.port,
             self.http_port, self.metrics_port,
         )  # fmt: skip
+
+    async def _open(self) -> None:
+        """Bind and start every port: gRPC, the health-only port, metrics and HTTP."""
+        cfg, sec = self.cfg, self.cfg.security
+        self.port = listen(self.grpc, "port", cfg, cfg.port, self.credentials)
+        await self.grpc.start()  # at once: a gRPC server that never started keeps its port, even after stop()
+        if cfg.health_port >= 0:
+            self._health_only = grpc.aio.server(options=[("grpc.so_reuseport", int(cfg.reuse_grpc_port))])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_only)
+            self.health_port = listen(self._health_only, "health_port", cfg, cfg.health_port)
+            await self._health_only.start()
+        if cfg.metrics_port >= 0:
+            try:
+                self._metrics_server = metrics_endpoint(
+                    cfg.metrics_port, cfg.metrics_host or cfg.host, self.metrics.registry
+                )
+            except OSError as e:
+                raise bind_error("metrics_port", cfg.metrics_port, e) from None
+            self.metrics_port = self._metrics_server.server_port
+        if cfg.http_port >= 0:
+            limits = cfg.limits
+            rest = OipRest(self.plane, limits.max_message_bytes, limits.max_json_bytes, self.encoder,
+                           lambda: self.gate.draining)  # fmt: skip
+            routes = rest.routes() + Pages(self.plane, self.metrics.registry).routes()
+            front = http.Front(self.gate, routes, limits.max_message_bytes, limits.http_deadline_s)
+            tls = None
+            if sec.tls_cert:
+                tls = http_ssl_context(sec.tls_cert, sec.tls_key, sec.tls_client_ca, self._tls_failed)
+            try:
+                self._web, self.http_port = await http.start(
+                    front, cfg.host, cfg.http_port, self.metrics, cfg.lifecycle.header_timeout_s, tls
+                )
+            except OSError as e:
+                raise bind_error("http_port", cfg.http_port, e) from None
 
     async def reload(self) -> int:
         """SIGHUP: re-read the tokens file and rescan the repository; returns how many versions joined."""
@@ -244,7 +344,7 @@ class Server:
             await self.health.enter_graceful_shutdown()  # NOT_SERVING, and later updates are ignored
             # New calls get UNAVAILABLE from here on, while the accepted ones finish; then gRPC itself stops. After a
             # clean drain only health Watch streams are left, and they need not hold the stop for the whole grace.
-            drained = await self.interceptor.drain(grace, quiet=min(DRAIN_QUIET_S, grace / 4))
+            drained = await self.gate.drain(grace, quiet=min(DRAIN_QUIET_S, grace / 4))
             left = max(0.0, deadline - time.monotonic())
             await self.grpc.stop(min(left, DRAIN_QUIET_S) if drained else left)
             if self._web is not None:
@@ -254,9 +354,9 @@ class Server:
             if self._health_only is not None:
                 await self._health_only.stop(None)
             self.encoder.shutdown(wait=False)
-            if self._http is not None:
-                self._http.shutdown()
-                self._http.server_close()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
             self._stopped.set()
 
     async def wait(self) -> None:

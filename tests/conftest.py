@@ -1,16 +1,48 @@
-"""Shared fixtures: one tiny conditional model trained and exported once per session."""
+"""Shared fixtures (one tiny conditional model trained and exported once per session), and each module's tier."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
-from training.config import PRESETS, TrainConfig
+from testkit.training import tiny_config
+
+# Hypothesis: a fuzz test draws its full count of cases under "thorough", 2/5 of it under "quick", the default
+# (test_fuzz.py scales by max_examples); bench/fuzz.py draws tens of thousands against a server process.
+settings.register_profile("thorough", max_examples=100)
+settings.register_profile("quick", max_examples=40)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
+
+# Each test module's tier (markers registered in pyproject.toml): `pytest -m unit` runs the inner loop, `-m "not
+# ddp and not browser"` skips the slow tiers. A module missing here fails collection, so none goes untiered.
+TIERS = {
+    "unit": [
+        "test_augment", "test_batcher", "test_checkpoint", "test_config", "test_contract", "test_encode",
+        "test_latents", "test_layout", "test_losses", "test_nets", "test_repository", "test_scores",
+        "test_server_config", "test_text",
+    ],
+    "component": [
+        "test_data", "test_evaluate", "test_export", "test_faults", "test_fuzz", "test_gate", "test_http",
+        "test_interceptor", "test_lifecycle", "test_loop", "test_protocol", "test_runtime", "test_security",
+        "test_service", "test_shipped_model",
+    ],
+    "process": ["test_client_security", "test_oip", "test_proto", "test_service_process", "test_startup"],
+    "browser": ["test_playground"],
+    "ddp": ["test_ddp"],
+    "image": ["test_deploy"],
+}  # fmt: skip
+TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
 
 
-def tiny_config(out: Path, **changes) -> TrainConfig:
-    return PRESETS["tiny"].config.replace(out=str(out), **changes)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        if module not in TIER_OF:
+            raise pytest.UsageError(f"tests/{module}.py has no tier: add it to TIERS in tests/conftest.py")
+        item.add_marker(TIER_OF[module])
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
+from testkit.training import tiny_config
 from training.augment import CUTOUT, TRANSLATE, diff_augment
 from training.config import ConfigError
-
-from .conftest import tiny_config
 
 
 def _dot(n=64, size=28):

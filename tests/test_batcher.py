@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -13,16 +12,14 @@ import pytest
 from service.batcher import Batcher
 from service.config import BatchingConfig
 from service.errors import DeadlineExceeded, QueueFull, Unavailable
-from tests.waiting import until
+from testkit.waiting import until
 
 
 class FakeModel:
     """run_batch stand-in: out = 2·z + sum(y); records batch sizes, the z rows it saw, and its threads."""
 
-    def __init__(
-        self, delay: float = 0.0, gate: threading.Event | None = None, barrier: threading.Barrier | None = None
-    ):
-        self.delay, self.gate, self.barrier = delay, gate, barrier
+    def __init__(self, gate: threading.Event | None = None, barrier: threading.Barrier | None = None):
+        self.gate, self.barrier = gate, barrier
         self.sizes: list[int] = []
         self.rows: list[float] = []
         self.threads: set[int] = set()
@@ -38,7 +35,6 @@ class FakeModel:
             self.barrier.wait()
         if self.gate is not None:
             assert self.gate.wait(timeout=5), "test never opened the gate"
-        time.sleep(self.delay)
         if (z[:, 0] < 0).any():
             raise ValueError("poisoned row")
         return z * 2 + y.sum(axis=1, keepdims=True)
@@ -119,7 +115,7 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
 
 
 def test_concurrent_requests_form_batches_and_each_gets_its_own_rows():
-    model = FakeModel(delay=0.01)
+    model = FakeModel()
     inputs = [request(tag) for tag in range(16)]
 
     async def body(b: Batcher) -> None:
@@ -151,17 +147,22 @@ def test_zero_delay_takes_what_piled_up_while_the_worker_was_busy():
 
 @pytest.mark.parametrize(("delay_ms", "sizes"), [(300, [3]), (0, [1, 1, 1])])
 def test_delay_lets_a_partial_batch_gather_then_go(delay_ms, sizes):
-    """Requests 20 ms apart: a 300 ms delay gathers them into one batch; with none each runs alone."""
-    model = FakeModel()
+    """Requests one after another: a delay gathers them into one batch once it ends; with none each runs alone."""
+    model, clock = FakeModel(), FakeClock()
 
     async def body(b: Batcher) -> None:
         calls = []
         for tag in range(3):
             calls.append(asyncio.create_task(b.submit(request(tag))))
-            await asyncio.sleep(0.02)
+            if delay_ms:  # held: the clock stands still, so the delay has not ended
+                await until(lambda n=tag + 1: b.queue_depth == n)
+            else:  # ran at once, alone
+                await until(lambda n=tag + 1: len(model.sizes) == n)
+        assert model.sizes == ([] if delay_ms else [1, 1, 1])
+        clock.now += delay_ms / 1000  # the delay ends
         await asyncio.gather(*calls)
 
-    run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=delay_ms)), body)
+    run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=delay_ms), clock=clock), body)
     assert model.sizes == sizes
 
 
@@ -181,7 +182,7 @@ def test_oversized_request_is_split_and_reassembled_in_order():
 
 
 def test_disabled_batching_runs_every_chunk_alone():
-    model = FakeModel(delay=0.005)
+    model = FakeModel()
 
     async def body(b: Batcher) -> None:
         inputs = [request(tag) for tag in range(6)] + [request(9, n=5)]
@@ -335,21 +336,22 @@ def test_wrong_row_count_from_run_batch_fails_the_batch():
 
 
 def test_adaptive_delay_spares_a_lone_caller_and_waits_under_concurrency():
-    model = FakeModel()
+    model, clock = FakeModel(), FakeClock()  # the clock stands still: a delay, once begun, never ends
 
     async def body(b: Batcher) -> None:
-        start = time.monotonic()
-        await b.submit(request(0))  # nothing else in flight: no 500 ms wait
-        assert time.monotonic() - start < 0.25
+        # Nothing else in flight: it runs without waiting for the delay (else it would wait for ever).
+        await asyncio.wait_for(b.submit(request(0)), timeout=10)
         await asyncio.gather(*(b.submit(request(i)) for i in (1, 2)))  # two at once: concurrency seen
-        # Now requests 20 ms apart wait for each other: two batches of two, not four of one.
+        # Now requests one after another wait for each other: two batches of two, not four of one.
         calls = []
         for tag in range(3, 7):
             calls.append(asyncio.create_task(b.submit(request(tag))))
-            await asyncio.sleep(0.02)
+            ran = len(model.sizes)
+            # The first of a pair waits in the queue for company; the second completes the batch, which runs.
+            await until(lambda tag=tag, ran=ran: b.queue_depth == 1 if tag % 2 else len(model.sizes) == ran + 1)
         await asyncio.gather(*calls)
 
-    run(lambda: Batcher(model, config(max_batch_size=2, max_delay_ms=500, adaptive=True)), body)
+    run(lambda: Batcher(model, config(max_batch_size=2, max_delay_ms=500, adaptive=True), clock=clock), body)
     assert model.sizes == [1, 2, 2, 2]
 
 
@@ -402,12 +404,16 @@ def test_batches_fill_to_the_formed_size_not_the_maximum():
 def test_a_small_request_behind_a_big_one_is_not_held_back_by_it():
     # One worker, batches of 4: the small request's chunk runs right after the big request's chunks ahead of it,
     # and nothing that arrives later can overtake it (strict FIFO), so it can never starve.
-    model = FakeModel(delay=0.01)
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
 
     async def body(b: Batcher) -> None:
         big = asyncio.create_task(b.submit(request(1, n=12)))
         small = asyncio.create_task(b.submit(request(2)))
         later = [asyncio.create_task(b.submit(request(tag))) for tag in range(3, 9)]
+        # The big request's first chunk is in the model, held; everything else is queued behind it.
+        await until(lambda: model.sizes == [4] and b.queue_depth == 8 + 1 + 6)
+        gate.set()
         done_small = await small
         np.testing.assert_array_equal(done_small, expected(request(2)))
         np.testing.assert_array_equal(await big, expected(request(1, n=12)))

@@ -21,8 +21,8 @@ from PIL import Image
 from service import client as client_cli
 from service import probe
 from service.client import Client, labels_for
-from tests.certs import CA, Pair
-from tests.test_service_process import ROOT, start_server
+from testkit.certs import CA, Pair
+from testkit.process import ROOT, start_server
 
 INFER = "infer-token-0123456789abcdef"
 ADMIN = "admin-token-fedcba9876543210"

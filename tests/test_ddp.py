@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from tests.conftest import tiny_config
+from testkit.training import tiny_config
 from training import data, run
 from training.checkpoint import latest_checkpoint, load_checkpoint
 from training.config import TrainConfig

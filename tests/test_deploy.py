@@ -27,7 +27,7 @@ from service.config import ENV_PREFIX, ServerConfig, flags, parse
 from service.contract import FORMAT_VERSION, READABLE_FORMATS
 from service.metrics import Metrics
 from service.server import SERVICE_NAME, server_options
-from tests.servefix import plain_model, running
+from testkit.servefix import plain_model, running
 from training.config import PRESETS
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with the dev extra: pip install -e '.[dev]'")

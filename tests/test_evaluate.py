@@ -8,12 +8,11 @@ import onnx
 import pytest
 from PIL import Image
 
+from testkit.training import tiny_config
 from training import classifier, evaluate, neighbours
 from training.data import mnist5k, sha256_file
 from training.export import export
 from training.loop import Trainer
-
-from .conftest import tiny_config
 
 FAST = ["--fid-draws", "2", "--fid-boot", "0"]  # the protocol with fewer FID∞ draws and no bootstrap: quick
 

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from service.contract import FORMAT_VERSION, ModelSpec, read_spec
-from tests.conftest import tiny_config
+from testkit.training import tiny_config
 from training import export as export_mod
 from training import run
 from training.checkpoint import load_checkpoint

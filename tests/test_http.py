@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 
 from service.api.ganserve.v1 import generator_pb2 as pb
-from tests.certs import CA
-from tests.servefix import echo_model, plain_model, running
-from tests.test_security import ADMIN, READER, write_tokens
+from testkit.certs import CA
+from testkit.gated import Gate, sessions
+from testkit.servefix import echo_model, plain_model, running
+from testkit.tokens import ADMIN, READER, write_tokens
+from testkit.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("http")
     echo_model(root / "echo" / "1" / "model.onnx")
     plain_model(root / "plain" / "1" / "model.onnx")
-    plain_model(root / "slow" / "1" / "model.onnx", slow_iterations=800)
+    plain_model(root / "slow" / "1" / "model.onnx")  # slow where a test gates its runs (testkit.gated)
     return root
 
 
@@ -241,15 +243,20 @@ def test_tokens_and_mutual_tls_guard_http_as_they_guard_grpc(repo, tmp_path):
 
 
 def test_a_drain_finishes_http_calls_and_refuses_new_ones(repo):
+    gate = Gate()
+
     async def go():
-        async with running(repo) as (server, _, _), aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as s:
+        async with (
+            running(repo, session_factory=sessions(slow=gate.wait)) as (server, _, _),
+            aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as s,
+        ):
             slow = asyncio.ensure_future(fetch(s, "GET", "/v1/models/slow/images.png?seeds=0-255"))
-            await asyncio.sleep(0.2)
-            assert not slow.done()  # in flight when the drain begins
+            await gate.reached()  # in flight when the drain begins: held inside the model
             stop = asyncio.ensure_future(server.stop(grace=10))
-            await asyncio.sleep(0.05)
+            await until(lambda: server.gate.draining)
             late = await fetch(s, "GET", "/v1/models/plain/images.png?seeds=1")
             ready = await fetch(s, "GET", "/v2/health/ready")
+            gate.open()
             done = await slow
             await stop
             return done, late, ready

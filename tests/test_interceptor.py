@@ -12,12 +12,14 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from service import errors, servicer
+from service import errors
 from service.api.ganserve.v1 import generator_pb2 as pb
+from service.frontends import ganserve
+from service.gate import Gate
 from service.interceptor import CALL, LATE_REPLIES, Interceptor
 from service.metrics import Metrics
-from tests.servefix import call_raw, plain_model, running
-from tests.waiting import until
+from testkit.servefix import call_raw, plain_model, running
+from testkit.waiting import until
 
 
 def calls_by_method(registry: CollectorRegistry) -> collections.Counter:
@@ -44,7 +46,8 @@ def test_every_method_of_every_registered_service_is_covered(tmp_path):
                     path = f"/{service.full_name}/{method.name}"
                     await call_raw(channel, path, method.client_streaming, method.server_streaming)
                     methods.append(method.name)
-            await asyncio.sleep(0.2)  # a cancelled stream's handler records its outcome as it unwinds
+            # A cancelled stream's handler records its outcome as it unwinds: wait for that record.
+            await until(lambda: calls_by_method(server.metrics.registry)["Watch", "DEADLINE_EXCEEDED"] == 1)
             return listed, server.services, methods, calls_by_method(server.metrics.registry)
 
     listed, services, methods, counts = asyncio.run(go())
@@ -84,7 +87,7 @@ def test_a_method_added_later_is_mapped_and_counted_without_being_listed():
 
     async def go():
         metrics = Metrics(CollectorRegistry())
-        server = grpc.aio.server(interceptors=[Interceptor(metrics, lambda name: False)])
+        server = grpc.aio.server(interceptors=[Interceptor(Gate(metrics, lambda name: False))])
         server.add_generic_rpc_handlers((handlers,))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -136,7 +139,7 @@ def test_counts_are_refused_before_any_item_is_converted(tmp_path, monkeypatch):
     """2,000 labels over a limit of 1,024: refused by the length alone, no label is built."""
     plain_model(tmp_path / "plain" / "1" / "model.onnx")
     converted = []
-    monkeypatch.setattr(servicer, "to_label", lambda msg: converted.append(msg))
+    monkeypatch.setattr(ganserve, "to_label", lambda msg: converted.append(msg))
 
     async def go():
         async with running(tmp_path) as (_, stub, _ch):

@@ -11,7 +11,6 @@ import gc
 import logging
 import shutil
 import threading
-import time
 import weakref
 
 import grpc
@@ -21,9 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.config import ServerConfig
+from service.runtime import Session
 from service.server import Server
-from tests.servefix import plain_model, running
-from tests.waiting import until
+from testkit.gated import Gate, sessions
+from testkit.servefix import drained, plain_model, running
+from testkit.waiting import until
 
 RAW = pb.OutputOptions(format=pb.RAW_UINT8)
 
@@ -60,7 +61,7 @@ def test_rapid_triggers_load_each_version_once_and_leave_no_task(tmp_path):
             results = await asyncio.gather(*sighups, admin.LoadModel(pb.LoadModelRequest(name="m", version=2)))
             counts = loads(server, "m")
             old = server.registry.status("m")[0]
-            await until(lambda: not server.registry._retiring)
+            await until(lambda: drained(server))
             answer = await stub.Generate(generate("m"))
         left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         return results, counts, old, answer.version, left
@@ -85,7 +86,7 @@ def test_a_version_deleted_from_disk_stops_serving(tmp_path):
                 await stub.Generate(generate("m", version=1))
             listed = (await stub.GetModel(pb.GetModelRequest(name="m"))).versions
             other = await stub.Generate(generate("m", version=2))
-            await until(lambda: not server.registry._retiring)
+            await until(lambda: drained(server))
             state = index(await pb_grpc.ModelAdminStub(channel).RepositoryIndex(pb.RepositoryIndexRequest()))
             return gone.value, list(listed), other.version, state
 
@@ -142,6 +143,12 @@ def test_unload_and_load_through_the_admin_api_and_health_follows(tmp_path):
                 status = (await health.Check(health_pb2.HealthCheckRequest())).status
                 return status == health_pb2.HealthCheckResponse.SERVING
 
+            async def becomes_serving() -> bool:  # the health update is a task of its own: watch for it
+                async for answer in health.Watch(health_pb2.HealthCheckRequest(), timeout=10):
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return True
+                return False
+
             steps = [await serving()]
             await admin.UnloadModel(pb.UnloadModelRequest(name="m"))
             with pytest.raises(grpc.aio.AioRpcError) as gone:
@@ -151,8 +158,7 @@ def test_unload_and_load_through_the_admin_api_and_health_follows(tmp_path):
             await server.reload()  # a rescan does not bring back what UnloadModel took away
             steps.append(bool(server.registry.models))
             status = await admin.LoadModel(pb.LoadModelRequest(name="m", version=1))  # and pinned beside latest:1
-            await asyncio.sleep(0.05)  # the health update is its own task
-            steps.append(await serving())
+            steps.append(await becomes_serving())
             versions = list((await stub.GetModel(pb.GetModelRequest(name="m"))).versions)
             info = server.metrics.registry.get_sample_value
             gauge = [info("gan_model_info", {"model": "m", "version": v, "provider": "CPUExecutionProvider"})
@@ -233,14 +239,16 @@ def test_poll_mode_picks_up_a_new_version_and_a_policy_change(tmp_path):
 
 
 def test_unloading_a_version_lets_its_requests_finish(tmp_path):
-    plain_model(tmp_path / "m" / "1" / "model.onnx", slow_iterations=3000)
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
     plain_model(tmp_path / "m" / "2" / "model.onnx")
     (tmp_path / "m" / "model.json").write_text('{"version_policy": "all"}')
+    gate = Gate()  # version 1's runs wait here
 
     async def go():
-        async with running(tmp_path, max_batch_size=4) as (server, stub, channel):
+        factory = sessions({"m/1": gate.wait})
+        async with running(tmp_path, session_factory=factory, max_batch_size=4) as (server, stub, channel):
             slow = asyncio.ensure_future(stub.Generate(generate("m", version=1, count=8)))
-            await until(lambda: server.registry.get("m", 1).users == 1)
+            await gate.reached()  # in flight: its batch is inside the model
             session = weakref.ref(server.registry.get("m", 1).session)
             await pb_grpc.ModelAdminStub(channel).UnloadModel(pb.UnloadModelRequest(name="m", version=1))
             with pytest.raises(grpc.aio.AioRpcError) as gone:
@@ -248,8 +256,9 @@ def test_unloading_a_version_lets_its_requests_finish(tmp_path):
             states = [s.state for s in server.registry.status("m")]
             other = await stub.Generate(generate("m", version=2))
             held = session() is not None  # while its request runs
+            gate.open()
             finished = await slow
-            await until(lambda: not server.registry._retiring)
+            await until(lambda: drained(server))
             gc.collect()
             return gone.value, states, other.version, len(finished.images), held, session()
 
@@ -261,54 +270,60 @@ def test_unloading_a_version_lets_its_requests_finish(tmp_path):
 
 def test_a_stop_during_a_load_abandons_it_and_leaves_nothing_running(tmp_path):
     plain_model(tmp_path / "m" / "1" / "model.onnx")
+    gate = Gate()
+
+    def slow_load(path, config):  # version 2's load lasts until the test opens the gate
+        if path.parent.name == "2":
+            gate.wait()
+        return Session(path, config)
 
     async def go():
-        async with running(tmp_path) as (server, _stub, _ch):
-            plain_model(tmp_path / "m" / "2" / "model.onnx", slow_iterations=2000)  # its warm-up takes a while
+        async with running(tmp_path, session_factory=slow_load) as (server, _stub, _ch):
+            plain_model(tmp_path / "m" / "2" / "model.onnx")
             reload = asyncio.ensure_future(server.reload())
-            await until(lambda: server.registry._loading == ("m", 2))
-            await server.stop(grace=1)
+            await gate.reached()
+            states = [(s.version, s.state) for s in server.registry.status("m")]
+            # The registry's part of a server's stop, while the load is under way: the gate opens only once the
+            # stop has begun (it runs up to its wait for the load before the loop reaches the callback).
+            asyncio.get_running_loop().call_soon(gate.open)
+            await server.registry.stop()
             outcome = await asyncio.gather(reload, return_exceptions=True)
-            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            return outcome, server.registry.models, left
+            models = server.registry.models
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return states, outcome, models, left
 
-    outcome, models, left = run(go())
-    assert models == {} and left == [] and outcome in ([0], [1])
+    states, outcome, models, left = run(go())
+    assert states == [(1, "READY"), (2, "LOADING")]
+    assert outcome == [0] and models == {} and left == []  # version 2 finished loading after the stop: never joined
 
 
 def test_a_full_queue_answers_before_any_latent_is_built(tmp_path):
     plain_model(tmp_path / "m" / "1" / "model.onnx")
+    gate, pool_free = Gate(), threading.Event()
 
     async def go():
         flags = dict(max_batch_size=1024, preferred_batch_size=1024, max_queue=1024, batch_workers=1, encoder_threads=1)
-        async with running(tmp_path, **flags) as (server, stub, _ch):
+        async with running(tmp_path, session_factory=sessions(m=gate.wait), **flags) as (server, stub, _ch):
             batcher = server.registry.get("m").batcher
-            taken, gate, run_batch = threading.Event(), threading.Event(), batcher._run_batch
-
-            def stalled(inputs):  # the worker's run waits for the gate
-                taken.set()
-                assert gate.wait(10)
-                return run_batch(inputs)
-
-            batcher._run_batch = stalled
             first = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))
-            await until(taken.is_set)  # taken, its run waits behind the gate
+            await gate.reached()  # taken, its run waits behind the gate
             second = asyncio.ensure_future(stub.Generate(generate("m", count=1024)))
             await until(lambda: batcher.queue_depth == 1024)  # the queue is full
-            busy = server.encoder.submit(time.sleep, 3)  # PNG work of other callers holds the encoder pool
-            start = time.perf_counter()
+            busy = server.encoder.submit(pool_free.wait, 60)  # PNG work of other callers holds the encoder pool
+            request = pb.GenerateRequest(model="m", seeds=pb.SeedList(seeds=range(1024)), output=RAW)
             with pytest.raises(grpc.aio.AioRpcError) as full:
-                await stub.Generate(pb.GenerateRequest(model="m", seeds=pb.SeedList(seeds=range(1024)), output=RAW))
-            seconds = time.perf_counter() - start
-            still_queued = server.registry.get("m").batcher.queue_depth
-            gate.set()
+                await stub.Generate(request, timeout=30)  # had it waited for the pool: DEADLINE_EXCEEDED
+            held = not pool_free.is_set()  # answered while the pool was still held
+            still_queued = batcher.queue_depth
+            pool_free.set()
+            gate.open()
             await asyncio.gather(first, second, asyncio.wrap_future(busy))
-            return full.value, seconds, still_queued
+            return full.value, held, still_queued
 
-    full, seconds, still_queued = run(go())
+    full, held, still_queued = run(go())
+    # Refused before its 1,024 seeds went to the busy encoder pool, which stayed busy until after the answer.
     assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "batch queue is full" in full.details()
-    # Refused before its 1,024 seeds went to the busy encoder pool: not 3 s later, when the pool freed up.
-    assert seconds < 1.5 and still_queued == 1024
+    assert held and still_queued == 1024
 
 
 def test_bodies_that_do_not_parse_get_invalid_argument_and_are_counted(tmp_path, caplog):
@@ -354,17 +369,23 @@ def test_the_response_bound_counts_latents(tmp_path):
 
 
 def test_a_call_after_sigterm_gets_unavailable_while_accepted_ones_finish(tmp_path):
-    plain_model(tmp_path / "m" / "1" / "model.onnx", slow_iterations=600)
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
+    gate = Gate()
 
     async def go():
-        async with running(tmp_path, max_batch_size=4) as (server, stub, channel):
+        async with running(tmp_path, session_factory=sessions(m=gate.wait), max_batch_size=4) as (
+            server,
+            stub,
+            channel,
+        ):
             slow = asyncio.ensure_future(stub.Generate(generate("m", count=8)))
-            await until(lambda: server.registry.get("m").users == 1)
+            await gate.reached()  # accepted, and running: held inside the model until the test opens the gate
             stopping = asyncio.ensure_future(server.stop(grace=20))
-            await until(lambda: server.interceptor.draining)
+            await until(lambda: server.gate.draining)
             with pytest.raises(grpc.aio.AioRpcError) as late:
                 await stub.Generate(generate("m"))
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            gate.open()
             finished = await slow
             await stopping
             return late.value, health.status, len(finished.images)
@@ -394,7 +415,7 @@ def test_a_request_that_never_ends_holds_a_leaving_version_for_the_grace_period_
         async with running(tmp_path, grace_seconds=0.3, version_policy="all") as (server, _stub, channel):
             with server.registry.use("m", 1) as held:  # a stream whose client stopped reading
                 await pb_grpc.ModelAdminStub(channel).UnloadModel(pb.UnloadModelRequest(name="m", version=1))
-                await until(lambda: not server.registry._retiring, timeout=5)
+                await until(lambda: drained(server), timeout=5)
                 return held.batcher.accepting
 
     assert run(go()) is False  # its batcher stopped; the version is gone although a request still holds it

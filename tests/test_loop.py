@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import tiny_config
+from testkit.training import tiny_config
 from training import run
 from training.checkpoint import checkpoint_path, latest_checkpoint
 from training.config import PRESETS, ConfigError

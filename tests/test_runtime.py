@@ -4,14 +4,16 @@ the fallback to CPU when a GPU provider is asked for where none runs."""
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
 
+from service import runtime
 from service.batcher import choose_batch_size
 from service.config import RuntimeConfig, parse_provider_options
 from service.runtime import CPU, CUDA, TENSORRT, Session, bucket_for, buckets, pad, provider_list
-from tests.servefix import echo_model, plain_model
+from testkit.servefix import echo_model, plain_model
 
 
 def test_buckets_are_powers_of_two_capped_by_the_maximum():
@@ -108,3 +110,14 @@ def test_choose_batch_size_takes_the_smallest_size_near_the_best_cost_per_sample
     assert choose_batch_size(tiny, overhead=100e-6) == 8
     with pytest.raises(ValueError, match="timings"):
         choose_batch_size({})
+
+
+def test_usable_cores_without_cpu_affinity_as_on_macos_and_windows(monkeypatch):
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "process_cpu_count", lambda: 3, raising=False)
+    assert runtime.usable_cores() == 3
+    monkeypatch.delattr(os, "process_cpu_count")  # before Python 3.13
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert runtime.usable_cores() == runtime.MAX_CPU_WORKERS
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # undeterminable
+    assert runtime.usable_cores() == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,19 +18,14 @@ from prometheus_client import CollectorRegistry
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.config import ServerConfig
+from service.gate import Gate
 from service.interceptor import Interceptor
 from service.metrics import Metrics
-from service.security import Authorizer, SecurityError, read_tokens
+from service.security import RECHECK_SECONDS, Authorizer, SecurityError, read_tokens
 from service.server import Server, is_loopback
-from tests.certs import CA, Pair
-from tests.servefix import call_raw, echo_model, plain_model
-
-READER, ADMIN, WRONG = "r3ader-token-0123456789", "adm1n-token-0123456789ab", "not-a-token-0123456789"
-
-
-def write_tokens(path: Path, entries: dict[str, tuple[str, str]]) -> Path:
-    path.write_text("# name role token\n" + "".join(f"{n} {role} {tok}\n" for n, (role, tok) in entries.items()))
-    return path
+from testkit.certs import CA, Pair
+from testkit.servefix import STOP_GRACE_S, call_raw, echo_model, plain_model, server_config
+from testkit.tokens import ADMIN, READER, WRONG, write_tokens
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +44,12 @@ def pki(tmp_path_factory):
 
 @contextlib.asynccontextmanager
 async def serving(repo: Path, **flags) -> AsyncIterator[Server]:
-    cfg = ServerConfig.from_flags(
-        model_repository=str(repo), host="127.0.0.1", port=0, http_port=0, metrics_port=0, **flags
-    )
-    server = Server(cfg)
+    server = Server(server_config(repo, **flags))
     await server.start()
     try:
         yield server
     finally:
-        await server.stop(grace=1)
+        await server.stop(grace=STOP_GRACE_S)
 
 
 def channel(port: int, ca: Path | bytes | None = None, pair: Pair | None = None) -> grpc.aio.Channel:
@@ -200,7 +193,7 @@ def test_a_service_with_no_role_needs_admin():
         tokens = write_tokens(tmp / "tokens", {"reader": ("infer", READER), "ops": ("admin", ADMIN)})
         metrics = Metrics(CollectorRegistry())
         authorizer = Authorizer(str(tokens), {"test.Open": None})
-        server = grpc.aio.server(interceptors=[Interceptor(metrics, lambda name: False, authorizer)])
+        server = grpc.aio.server(interceptors=[Interceptor(Gate(metrics, lambda name: False, authorizer))])
         handler = {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("test.Admin", handler),
@@ -472,8 +465,8 @@ def test_plaintext_without_tokens_warns_once_off_loopback_and_metrics_bind_their
     assert not is_loopback("[::]") and not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
 
     async def go():
-        async with serving(pki["repo"], metrics_host="127.0.0.2") as server:
-            bound = server._http.server_address[0]
+        async with serving(pki["repo"], metrics_host="127.0.0.2", metrics_port=0) as server:
+            bound = server._metrics_server.server_address[0]
         with caplog.at_level(logging.WARNING):
             async with serving(pki["repo"]):
                 quiet = "plaintext" in caplog.text
@@ -517,3 +510,35 @@ def test_the_admin_api_needs_an_admin_token(pki):
                 READER: grpc.StatusCode.PERMISSION_DENIED, ADMIN: grpc.StatusCode.OK}  # fmt: skip
     assert table == {(t, n): expected[t] for t, n in table}
     assert left == ["plain"]  # only the admin's UnloadModel took effect
+
+
+def test_a_tokens_edit_that_keeps_size_mtime_and_inode_is_still_followed(tmp_path):
+    """A same-length token swapped in place, the mtime then restored (as `touch -r` or rsync --times leave it)."""
+    path = write_tokens(tmp_path / "tokens", {"reader": ("infer", READER)})
+    now = [0.0]
+    authorizer = Authorizer(str(path), {"test.Svc": "infer"}, clock=lambda: now[0])
+    before = path.stat()
+    replacement = READER[::-1]
+    path.write_text(path.read_text().replace(READER, replacement))  # same file, same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    while path.stat().st_ctime_ns == before.st_ctime_ns:  # all within one tick of the file system's clock: again
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    now[0] += RECHECK_SECONDS
+    assert authorizer.check("/test.Svc/Do", bearer(READER)).reason == "unknown"
+    assert authorizer.check("/test.Svc/Do", bearer(replacement)) is None
+
+
+def test_an_unserved_method_of_a_known_service_needs_admin(tmp_path):
+    """With an infer token, an unknown method is PERMISSION_DENIED, as an admin method is: not UNIMPLEMENTED."""
+    tokens = write_tokens(tmp_path / "tokens", {"reader": ("infer", READER), "ops": ("admin", ADMIN)})
+    roles = {"test.Svc": "infer", "test.Open": None}
+    authorizer = Authorizer(str(tokens), roles, known_methods=frozenset({"/test.Svc/Do", "/test.Open/Ping"}))
+    assert authorizer.check("/test.Svc/Do", bearer(READER)) is None
+    assert authorizer.check("/test.Open/Ping", ()) is None
+    refusal = authorizer.check("/test.Svc/Nope", bearer(READER))
+    assert (refusal.code, refusal.reason) == (grpc.StatusCode.PERMISSION_DENIED, "role")
+    assert refusal.message == "authorization: token 'reader' has role infer; /test.Svc/Nope needs admin"
+    assert authorizer.check("/test.Svc/Nope", bearer(ADMIN)) is None  # gRPC then answers UNIMPLEMENTED
+    assert authorizer.check("/test.Open/Nope", ()).code == grpc.StatusCode.UNAUTHENTICATED

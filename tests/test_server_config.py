@@ -71,7 +71,8 @@ DEFAULTS = {
     "grace_seconds": 25.0, "max_connection_age_s": 0.0, "max_connection_age_grace_s": 30.0, "metrics_host": "",
     "health_port": -1, "tls_cert": "", "tls_key": "", "tls_client_ca": "", "auth_tokens_file": "", "reflection": True,
     "full_metadata": False, "model_control": "none", "poll_seconds": 10.0, "load_model": (), "version_policy": "latest:1",
-    "admin_api": "auto",
+    "admin_api": "auto", "reuse_grpc_port": False, "max_json_bytes": 8 << 20, "http_deadline_s": 60.0,
+    "header_timeout_s": 10.0,
 }  # fmt: skip
 
 
@@ -80,7 +81,8 @@ def test_every_default_is_the_documented_one():
     assert set(flags()) == set(DEFAULTS)
     values = {
         **{f: getattr(cfg, f) for f in (
-            "model_repository", "host", "port", "http_port", "metrics_port", "metrics_host", "health_port")},
+            "model_repository", "host", "port", "http_port", "metrics_port", "metrics_host", "health_port",
+            "reuse_grpc_port")},
         "max_batch_size": cfg.batching.max_batch_size, "max_delay_ms": cfg.batching.max_delay_ms,
         "max_queue": cfg.batching.max_queue, "batch_workers": cfg.batching.workers, "batching": cfg.batching.enabled,
         "adaptive_delay": cfg.batching.adaptive, "preferred_batch_size": cfg.batching.preferred_batch_size,
@@ -88,8 +90,10 @@ def test_every_default_is_the_documented_one():
             "providers", "provider_options", "cuda_graph", "tensorrt_cache", "intra_op_threads", "inter_op_threads",
             "allow_spinning")},
         **{f: getattr(cfg.limits, f) for f in (
-            "max_images", "max_stream_images", "stream_chunk", "max_message_bytes", "encoder_threads")},
-        **{f: getattr(cfg.lifecycle, f) for f in ("grace_seconds", "max_connection_age_s", "max_connection_age_grace_s")},
+            "max_images", "max_stream_images", "stream_chunk", "max_message_bytes", "encoder_threads", "max_json_bytes",
+            "http_deadline_s")},
+        **{f: getattr(cfg.lifecycle, f) for f in (
+            "grace_seconds", "max_connection_age_s", "max_connection_age_grace_s", "header_timeout_s")},
         **{f: getattr(cfg.security, f) for f in (
             "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file", "reflection", "full_metadata", "admin_api")},
         "model_control": cfg.models.mode, "poll_seconds": cfg.models.poll_seconds, "load_model": cfg.models.load_model,
@@ -125,9 +129,32 @@ def test_every_default_is_the_documented_one():
         (["--load-model", "a"], "load_model"),  # not in explicit mode
         (["--model-control", "explicit", "--load-model", "../etc"], "load_model"),
         (["--tls-client-ca", "ca.pem"], "tls_client_ca"),  # mutual TLS without a server certificate
+        (["--max-json-bytes", "0"], "max_json_bytes"),
+        (["--max-message-bytes", "1000", "--max-json-bytes", "1001"], "max_json_bytes"),  # over the binary limit
+        (["--http-deadline-s", "-1"], "http_deadline_s"),
+        (["--header-timeout-s", "0"], "header_timeout_s"),  # no limit would let slow clients hold connections
     ],
 )
 def test_bad_values_are_refused_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
         parse(argv, environ={})
     assert f"error: {flag}:" in capsys.readouterr().err
+
+
+def test_the_http_and_port_settings_come_from_flags_and_variables():
+    env = {
+        "GAN_MAX_JSON_BYTES": "1000",
+        "GAN_HTTP_DEADLINE_S": "2.5",
+        "GAN_HEADER_TIMEOUT_S": "3",
+        "GAN_REUSE_GRPC_PORT": "1",
+    }
+    cfg = parse([], environ=env)
+    assert (cfg.limits.max_json_bytes, cfg.limits.http_deadline_s, cfg.lifecycle.header_timeout_s) == (1000, 2.5, 3)
+    assert cfg.reuse_grpc_port
+    flags_ = ["--max-json-bytes", "2000", "--http-deadline-s", "0", "--header-timeout-s", "4", "--no-reuse-grpc-port"]
+    cfg = parse(flags_, environ=env)
+    assert (cfg.limits.max_json_bytes, cfg.limits.http_deadline_s, cfg.lifecycle.header_timeout_s) == (2000, 0, 4)
+    assert not cfg.reuse_grpc_port
+    assert parse(["--reuse-grpc-port"], environ={}).reuse_grpc_port
+    # Left at its default, the JSON limit follows a smaller message limit rather than refuse it.
+    assert parse(["--max-message-bytes", "4096"], environ={}).limits.max_json_bytes == 4096

@@ -17,8 +17,9 @@ from service import contract
 from service import domain as dp
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.errors import InvalidArgument
-from tests.servefix import ECHO_CLASSES, echo_model, plain_model, running
-from tests.waiting import until
+from testkit.gated import Gate, sessions
+from testkit.servefix import ECHO_CLASSES, echo_model, plain_model, running
+from testkit.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -232,47 +233,39 @@ def test_interpolate_errors(repo):
 
 
 def test_full_queue_deadline_and_cancellation(tmp_path):
-    plain_model(tmp_path / "slow" / "1" / "model.onnx", slow_iterations=4000, width=2048)  # ~1 s per run here
+    plain_model(tmp_path / "slow" / "1" / "model.onnx")
+    gate = Gate()  # the model's runs wait here: the only worker stays busy until the test says
 
     async def go():
-        async with running(tmp_path, max_queue=4, max_images=4, max_batch_size=4, max_delay_ms=0, batch_workers=1) as (
-            server,
-            stub,
-            _ch,
-        ):
+        flags = dict(max_queue=4, max_images=4, max_batch_size=4, max_delay_ms=0, batch_workers=1)
+        async with running(tmp_path, session_factory=sessions(slow=gate.wait), **flags) as (server, stub, _ch):
             mv = server.registry.get("slow")
-            labels = {"model": "slow", "version": "1"}
-
-            def taken() -> float:  # chunks a worker has taken off the queue
-                return server.metrics.registry.get_sample_value("gan_queue_wait_seconds_count", labels) or 0
-
             slow = pb.GenerateRequest(model="slow", seed_range=pb.SeedRange(start=0, count=4))
             busy = asyncio.ensure_future(stub.Generate(slow))  # occupies the only worker
-            await until(lambda: taken() == 1)
+            await gate.reached()
             queued = asyncio.ensure_future(stub.Generate(slow))
             await until(lambda: mv.batcher.queue_depth == 4)
             with pytest.raises(grpc.aio.AioRpcError) as full:
                 await stub.Generate(slow)  # the queue holds 4 samples: no room for 4 more
-            queued.cancel()  # a cancelled call leaves the queue at once, long before the worker is free
+            queued.cancel()  # a cancelled call leaves the queue at once, while the worker is still held
             await until(lambda: mv.batcher.queue_depth == 0)
-            assert not busy.done()
             with pytest.raises(grpc.aio.AioRpcError) as late:
-                await stub.Generate(slow, timeout=0.05)  # expires while queued behind the busy worker
+                await stub.Generate(slow, timeout=0.05)  # expires while queued behind the held worker
             await until(lambda: mv.batcher.queue_depth == 0)
             still_busy = not busy.done()
+            gate.open()
             await busy
-            assert taken() == 1  # neither the cancelled nor the expired request ever ran
-            return full.value, late.value, still_busy
+            return full.value, late.value, still_busy, gate.arrived
 
-    full, late, still_busy = run(go())
+    full, late, still_busy, runs = run(go())
     assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in full.details()
     assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert still_busy
+    assert still_busy and runs == 1  # neither the cancelled nor the expired request ever ran
 
 
 def test_metrics_are_scraped_over_http_after_traffic(repo):
     async def go():
-        async with running(repo) as (server, stub, _ch):
+        async with running(repo, metrics_port=0) as (server, stub, _ch):
             await stub.Generate(pb.GenerateRequest(model="plain", seed_range=pb.SeedRange(count=3)))
             with pytest.raises(grpc.aio.AioRpcError):
                 await stub.Generate(pb.GenerateRequest(model="nope", seeds=pb.SeedList(seeds=[1])))
@@ -455,10 +448,10 @@ def test_a_failed_stream_leaves_no_task_behind(repo):
             release.wait(5)
         raise RuntimeError("device lost")
 
+    flags = dict(stream_chunk=2, max_batch_size=2, max_delay_ms=0)
+
     async def go():
-        async with running(repo, stream_chunk=2, max_batch_size=2, max_delay_ms=0) as (server, _stub, _ch):
-            mv = server.registry.get("plain")
-            mv.batcher._run_batch = model
+        async with running(repo, session_factory=sessions(plain=model), **flags) as (server, _stub, _ch):
             request = dp.Generate("plain", latents=dp.Rows(np.arange(32, dtype=np.float32) / 64))
             with pytest.raises(RuntimeError, match="device lost"):
                 async for _ in server.plane.stream(request):
@@ -489,26 +482,15 @@ def test_a_failed_reload_is_logged_not_lost(repo, caplog):
 
 def test_metrics_endpoint_binds_the_host_and_carries_process_series(repo):
     async def go():
-        async with running(repo) as (server, _stub, _ch):
+        async with running(repo, metrics_port=0) as (server, _stub, _ch):
             url = f"http://127.0.0.1:{server.metrics_port}/metrics"
             text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
-            return server._http.server_address[0], text
+            return server._metrics_server.server_address[0], text
 
     address, text = run(go())
     assert address == "127.0.0.1"  # the configured host, not every interface
     for series in ("process_resident_memory_bytes", "process_cpu_seconds_total", "python_gc_objects_collected_total"):
         assert series in text
-
-
-def test_model_info_ready_follows_the_batcher(repo):
-    async def go():
-        async with running(repo) as (server, stub, _ch):
-            before = (await stub.GetModel(pb.GetModelRequest(name="plain", version=1))).ready
-            await server.registry.get("plain", 1).batcher.stop()  # draining
-            after = (await stub.GetModel(pb.GetModelRequest(name="plain", version=1))).ready
-            return before, after
-
-    assert run(go()) == (True, False)
 
 
 def test_unknown_format_versions_and_point_generators_are_skipped_with_a_reason(tmp_path, caplog):

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import filecmp
-import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,8 +15,7 @@ from PIL import Image
 from service import client as client_cli
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
-
-ROOT = Path(__file__).resolve().parent.parent
+from testkit.process import ROOT, start_server
 
 
 @pytest.mark.parametrize("proto", ["ganserve/v1/generator", "inference/grpc_predict_v2"])
@@ -39,20 +32,6 @@ def test_checked_in_stubs_match_the_proto(tmp_path, proto):
         tmp_path / "service" / "api" / folder, ROOT / "service" / "api" / folder, names, shallow=False
     )
     assert (mismatch, errors) == ([], []), "regenerate: see README, 'Changing the API'"
-
-
-def start_server(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, dict]:
-    """`python -m service ARGS`; returns the process and its ready line (ports, models) once it serves."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=os.environ | env, cwd=cwd,
-    )  # fmt: skip
-    log: list[str] = []
-    # Keep reading its log, so a chatty server can never block on a full pipe.
-    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
-    line = proc.stdout.readline()  # the one JSON line, printed once it serves
-    assert line, "".join(log)
-    return proc, json.loads(line)
 
 
 @pytest.fixture

@@ -1,28 +1,26 @@
-"""The ganserve.v1 front ends: protobuf → one domain request → the data plane (or, for ModelAdmin, the registry)
-→ protobuf. They judge nothing.
+"""The ganserve.v1 Generator front end: protobuf → one domain request → the data plane → protobuf. It judges
+nothing: validation lives in the data plane, and errors become status codes in the call gate (service/gate.py).
 
-Validation lives in the data plane; errors become status codes in the interceptor (service/interceptor.py).
+The data plane's field names are this API's own, so its requests need no renaming, only the advice for big answers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-import grpc
-
 from service import domain as dm
+from service import gate
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.dataplane import DataPlane
-from service.registry import Registry
+from service.errors import InvalidArgument
 
-FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "png", pb.PNG: "png", pb.RAW_UINT8: "uint8", pb.RAW_FLOAT32: "float32"}
-FORMAT_ENUMS = {"png": pb.PNG, "uint8": pb.RAW_UINT8, "float32": pb.RAW_FLOAT32}
+F = dm.Format
+FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: F.PNG, pb.PNG: F.PNG, pb.RAW_UINT8: F.UINT8, pb.RAW_FLOAT32: F.FLOAT32}
+FORMAT_ENUMS = {F.PNG: pb.PNG, F.UINT8: pb.RAW_UINT8, F.FLOAT32: pb.RAW_FLOAT32}
 METHODS = {pb.INTERPOLATION_METHOD_UNSPECIFIED: "slerp", pb.SLERP: "slerp", pb.LERP: "lerp"}
-STATES = {name: pb.VersionState.Value(f"VERSION_STATE_{name}") for name in
-          ("AVAILABLE", "LOADING", "READY", "UNLOADING", "FAILED")}  # fmt: skip
+NAMES = dm.Names({"hint:stream": "use GenerateStream"})
 
 
 class Converted(Sequence):
@@ -51,9 +49,10 @@ def to_label(msg: pb.Label) -> dm.Label:
 
 
 def to_output(msg: pb.OutputOptions) -> dm.Output:
-    # An enum value this build does not know is passed on as its number, for the data plane to refuse.
-    fmt = FORMATS.get(msg.format, str(msg.format))
-    return dm.Output(fmt, msg.grid, msg.grid_columns, msg.return_latents, msg.grid_only)
+    if msg.format not in FORMATS:  # an enum value this build does not know
+        known = ", ".join(pb.OutputFormat.Name(k) for k in FORMAT_ENUMS.values())
+        raise InvalidArgument(f"output.format: unknown value {msg.format} (formats: {known})")
+    return dm.Output(FORMATS[msg.format], msg.grid, msg.grid_columns, msg.return_latents, msg.grid_only)
 
 
 def to_generate(msg: pb.GenerateRequest) -> dm.Generate:
@@ -66,7 +65,7 @@ def to_generate(msg: pb.GenerateRequest) -> dm.Generate:
     elif kind == "rows":
         latents = dm.Rows(msg.rows.values)
     labels = Converted(msg.labels, to_label)
-    return dm.Generate(msg.model, msg.version, latents, labels, msg.truncation, to_output(msg.output))
+    return dm.Generate(msg.model, msg.version, latents, labels, msg.truncation, to_output(msg.output), NAMES)
 
 
 def to_keyframe(msg: pb.Keyframe) -> dm.Keyframe:
@@ -81,7 +80,7 @@ def to_keyframe(msg: pb.Keyframe) -> dm.Keyframe:
 def to_interpolate(msg: pb.InterpolateRequest) -> dm.Interpolate:
     return dm.Interpolate(
         msg.model, msg.version, Converted(msg.keyframes, to_keyframe), msg.steps,
-        METHODS.get(msg.method, str(msg.method)), msg.truncation, to_output(msg.output),
+        METHODS.get(msg.method, str(msg.method)), msg.truncation, to_output(msg.output), NAMES,
     )  # fmt: skip
 
 
@@ -91,7 +90,7 @@ def from_info(info: dm.ModelInfo) -> pb.ModelInfo:
         name=info.name,
         versions=info.versions,
         version=info.version,
-        ready=info.ready,
+        ready=True,  # a version that is described serves
         latent_dim=spec.latent_dim,
         prior=spec.prior,
         class_names=spec.class_names,
@@ -104,22 +103,23 @@ def from_info(info: dm.ModelInfo) -> pb.ModelInfo:
 
 
 def from_result(result: dm.Result) -> pb.GenerateResponse:
+    images = result.pngs if result.pixels is None else [image.tobytes() for image in result.pixels]
     return pb.GenerateResponse(
         model=result.model,
         version=result.version,
         format=FORMAT_ENUMS[result.format],
         image_shape=result.image_shape,
-        images=result.images,
+        images=images,
         grid_png=result.grid_png,
         latents=[] if result.latents is None else result.latents.ravel(),
         offset=result.offset,
     )
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline on the batcher's clock (time.monotonic), or None."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+def deadline() -> float | None:
+    """The call's deadline on the batcher's clock (time.monotonic), as the gate holds it."""
+    call = gate.current()
+    return None if call is None else call.deadline
 
 
 class GeneratorServicer(pb_grpc.GeneratorServicer):
@@ -130,37 +130,16 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         return pb.ListModelsResponse(models=[from_info(info) for info in self.plane.list_models()])
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
-        return from_info(self.plane.get_model(request.name, request.version))
+        return from_info(self.plane.get_model(request.name, request.version, dm.Names({"model": "name"})))
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        return from_result(await self.plane.generate(to_generate(request), deadline_of(context)))
+        return from_result(await self.plane.generate(to_generate(request), deadline()))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         # aclosing: a call that ends early releases the model version now, not when the generator is collected.
-        async with contextlib.aclosing(self.plane.stream(to_generate(request), deadline_of(context))) as results:
+        async with contextlib.aclosing(self.plane.stream(to_generate(request), deadline())) as results:
             async for result in results:
                 yield from_result(result)
 
     async def Interpolate(self, request: pb.InterpolateRequest, context) -> pb.GenerateResponse:
-        return from_result(await self.plane.interpolate(to_interpolate(request), deadline_of(context)))
-
-
-def from_statuses(statuses: Sequence[dm.VersionStatus]) -> list[pb.VersionStatus]:
-    return [pb.VersionStatus(name=s.name, version=s.version, state=STATES[s.state], reason=s.reason) for s in statuses]
-
-
-class ModelAdminServicer(pb_grpc.ModelAdminServicer):
-    def __init__(self, registry: Registry):
-        self.registry = registry
-
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
-        statuses = [s for s in self.registry.status() if s.state == "READY" or not request.ready_only]
-        return pb.RepositoryIndexResponse(versions=from_statuses(statuses))
-
-    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.ModelStatus:
-        statuses = await self.registry.load_model(request.name, request.version)
-        return pb.ModelStatus(name=request.name, versions=from_statuses(statuses))
-
-    async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.ModelStatus:
-        statuses = await self.registry.unload_model(request.name, request.version)
-        return pb.ModelStatus(name=request.name, versions=from_statuses(statuses))
+        return from_result(await self.plane.interpolate(to_interpolate(request), deadline()))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import dataclasses
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -12,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
-from service.config import ServerConfig
+from service.config import RuntimeConfig, ServerConfig
 from service.contract import ModelSpec
 from service.server import Server
 
@@ -109,20 +110,45 @@ def plain_model(
     return _save(graph, path, _spec(d, (), shape, prior))
 
 
-@contextlib.asynccontextmanager
-async def running(repository: Path, **changes) -> AsyncIterator[tuple[Server, pb_grpc.GeneratorStub, grpc.aio.Channel]]:
-    """A real server on free ports over `repository`, and a stub connected to it."""
+# What `running` sets unless a test says otherwise: what every server test would otherwise pay for and few use.
+# - No metrics endpoint: its HTTP server takes up to half a second to shut down (its poll interval). Metrics are
+#   read from server.metrics.registry; a test of the endpoint itself asks for metrics_port=0.
+# - Batch size as set, not measured: the registry times every batch size for 0.05 s at each load, and a tiny test
+#   model always picks max_batch_size (its per-batch overhead dwarfs the work); `measure=True` keeps the timing.
+QUICK = {"metrics_port": -1}
+STOP_GRACE_S = 0.4  # the drain's quiet spell is a quarter of it; tests await their calls before they leave
+
+
+def server_config(repository: Path, measure: bool = False, **changes) -> ServerConfig:
+    """Flags as a test server runs with: loopback, free ports, and QUICK unless `changes` or `measure` say so."""
     cfg = ServerConfig.from_flags(
-        model_repository=str(repository), host="127.0.0.1", port=0, http_port=0, metrics_port=0, **changes
+        model_repository=str(repository), host="127.0.0.1", port=0, http_port=0, **(QUICK | changes)
     )
-    server = Server(cfg)
+    if measure or cfg.batching.preferred_batch_size:
+        return cfg
+    batching = dataclasses.replace(cfg.batching, preferred_batch_size=cfg.batching.max_batch_size)
+    return dataclasses.replace(cfg, batching=batching)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    repository: Path,
+    session_factory: Callable[[Path, RuntimeConfig], object] | None = None,
+    measure: bool = False,
+    **changes,
+) -> AsyncIterator[tuple[Server, pb_grpc.GeneratorStub, grpc.aio.Channel]]:
+    """A real server on free ports over `repository`, and a stub connected to it; `session_factory` (testkit.gated)
+    replaces the registry's way of opening model files, before any is opened."""
+    server = Server(server_config(repository, measure, **changes))
+    if session_factory is not None:
+        server.registry.session_factory = session_factory
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         yield server, pb_grpc.GeneratorStub(channel), channel
     finally:
         await channel.close()
-        await server.stop(grace=1)
+        await server.stop(grace=STOP_GRACE_S)
 
 
 async def call_raw(
@@ -143,3 +169,8 @@ async def call_raw(
     except grpc.aio.AioRpcError as e:
         return e.code()
     return grpc.StatusCode.OK
+
+
+def drained(server: Server) -> bool:
+    """No version is leaving: every one that left has finished its requests and freed its session."""
+    return all(s.state != "UNLOADING" for s in server.registry.status())

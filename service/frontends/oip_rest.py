@@ -1,0 +1,223 @@
+"""The Open Inference Protocol over REST (KServe v2): JSON, or JSON and raw tensor bytes (the binary extension)
+→ service/frontends/oip.py's meaning → the data plane → JSON or binary.
+
+A body is bounded before it is read: JSON by its own limit (`--max-json-bytes`, well below the binary one, for
+numbers as text cost ~20x their binary size to parse), a body with binary tensors by the message limit. A body
+past a few kilobytes is parsed and turned into arrays off the event loop, and so is a big JSON answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+
+import numpy as np
+from aiohttp import web
+
+from service import gate
+from service.dataplane import DataPlane
+from service.errors import InvalidArgument, short
+from service.frontends import oip, text
+from service.http import Route, read_body
+
+JSON_HEADER = "Inference-Header-Content-Length"  # the binary tensor extension's split between JSON and bytes
+SERVICE = "inference.GRPCInferenceService"  # the role its routes need: the same as OIP over gRPC
+ON_LOOP = 16 << 10  # body or answer bytes handled on the event loop; more go to the executor
+DATATYPES = {"FP32": "<f4", "UINT8": "u1"}
+REST_FIELDS = ("model", "version")
+
+
+class OipRest:
+    """The routes of the Open Inference Protocol's REST binding."""
+
+    def __init__(
+        self, plane: DataPlane, max_body_bytes: int, max_json_bytes: int, executor: Executor | None,
+        draining: Callable[[], bool],
+    ):  # fmt: skip
+        self.plane, self.max_body_bytes, self.max_json_bytes = plane, max_body_bytes, max_json_bytes
+        self.executor, self.draining = executor, draining
+
+    def routes(self) -> list[Route]:
+        m, v = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
+        return [
+            Route("live", "GET", "/v2/health/live", self.live, None, "live"),
+            Route("ready", "GET", "/v2/health/ready", self.ready, None, "ready"),
+            Route("server_metadata", "GET", "/v2", self.server_metadata, SERVICE),
+            Route("model_metadata", "GET", m, self.model_metadata, SERVICE),
+            Route("model_metadata_version", "GET", v, self.model_metadata, SERVICE, "model_metadata"),
+            Route("model_ready", "GET", f"{m}/ready", self.model_ready, SERVICE),
+            Route("model_ready_version", "GET", f"{v}/ready", self.model_ready, SERVICE, "model_ready"),
+            Route("infer", "POST", f"{m}/infer", self.infer, SERVICE),
+            Route("infer_version", "POST", f"{v}/infer", self.infer, SERVICE, "infer"),
+        ]
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = self.plane.registry.ready and not self.draining()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        meta = {"name": oip.SERVER_NAME, "version": oip.server_version(), "extensions": oip.EXTENSIONS}
+        return web.json_response(meta)
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        version = text.version(request.match_info.get("version", ""), "version")
+        return web.json_response(oip.model_metadata(self.plane.get_model(request.match_info["model"], version)))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        ready = self.plane.is_ready(model, text.version(request.match_info.get("version", ""), "version"))
+        return web.json_response({"name": model, "ready": ready}, status=200 if ready else 503)
+
+    async def infer(self, request: web.Request) -> web.Response:
+        header = request.headers.get(JSON_HEADER)
+        if header is None:
+            body = await read_body(request, self.max_json_bytes, " for JSON bodies (send tensors as binary data)")
+        else:
+            body = await read_body(request, self.max_body_bytes)
+        if len(body) <= ON_LOOP:
+            doc, inputs, parameters, outputs, binary = parse(body, header, self.max_json_bytes)
+        else:
+            loop = asyncio.get_running_loop()
+            doc, inputs, parameters, outputs, binary = await loop.run_in_executor(
+                self.executor, parse, body, header, self.max_json_bytes
+            )  # fmt: skip
+        model, version = request.match_info["model"], request.match_info.get("version", "")
+        req = oip.request(model, version, parameters, inputs, outputs, REST_FIELDS)
+        call = gate.current()
+        if req.timeout is not None:
+            call.limit(req.timeout, f"parameters.timeout ({req.timeout:g} s)")
+        result = await self.plane.run(req.domain, call.deadline)
+        datatype, shape, values = oip.outcome(result, req.want)
+        tensor = {"name": req.want.name, "datatype": datatype, "shape": shape}
+        answer = {"model_name": result.model, "model_version": str(result.version), "outputs": [tensor]}
+        if isinstance(doc.get("id"), str):
+            answer["id"] = doc["id"]
+        if not binary:
+            # Numbers as JSON text cost ~0.1 µs each: a big answer is written off the event loop, a small one here.
+            if values.nbytes <= ON_LOOP:
+                body = _json_answer(answer, values)
+            else:
+                body = await asyncio.get_running_loop().run_in_executor(self.executor, _json_answer, answer, values)
+            return web.Response(body=body, content_type="application/json")
+        tensor["parameters"] = {"binary_data_size": values.nbytes}
+        head = json.dumps(answer).encode()
+        response = web.StreamResponse(headers={JSON_HEADER: str(len(head))})
+        response.content_type = "application/octet-stream"
+        response.content_length = len(head) + values.nbytes
+        await response.prepare(request)
+        await response.write(head)
+        await response.write(memoryview(np.ascontiguousarray(values)).cast("B"))  # the array's own bytes: no copy
+        await response.write_eof()
+        return response
+
+
+def parse(
+    body: bytes, header: str | None, max_json_bytes: int
+) -> tuple[dict, list[oip.Tensor], Mapping[str, oip.Parameter], list[oip.Requested], bool]:
+    """A REST infer body → its JSON document, input tensors, parameters, outputs and whether to answer in binary.
+    Pure: it runs off the event loop for big bodies."""
+    head, rest = _split(body, header)
+    if len(head) > max_json_bytes:
+        raise InvalidArgument(f"{JSON_HEADER}: the JSON part is over the {max_json_bytes:,}-byte limit")
+    doc = _json_object(head)
+    inputs = _json_inputs(doc.get("inputs", []), rest)
+    parameters = _parameters(doc.get("parameters", {}), "parameters")
+    outputs, binary = _json_outputs(doc.get("outputs", []), parameters.get("binary_data_output") is True)
+    return doc, inputs, parameters, outputs, binary
+
+
+def _json_answer(answer: dict, values: np.ndarray) -> bytes:
+    answer["outputs"][0]["data"] = values.ravel().tolist()
+    return json.dumps(answer).encode()
+
+
+def _split(body: bytes, header: str | None) -> tuple[bytes, bytes]:
+    """The binary tensor extension: the first `header` bytes are JSON, the rest tensor bytes."""
+    if header is None:
+        return body, b""
+    if not header.isascii() or not header.isdigit() or len(header) > 20 or int(header) > len(body):
+        raise InvalidArgument(f"{JSON_HEADER}: {short(header)} is not a length within the {len(body)}-byte body")
+    return body[: int(header)], body[int(header) :]
+
+
+def _json_object(data: bytes) -> dict:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise InvalidArgument(f"request: the body is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("request: the body must be a JSON object")
+    return doc
+
+
+def _json_inputs(items: object, rest: bytes) -> list[oip.Tensor]:
+    if not isinstance(items, list):
+        raise InvalidArgument("inputs: must be a list of tensors")
+    tensors, offset = [], 0
+    for i, item in enumerate(items):
+        field = f"inputs[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidArgument(f"{field}: must be an object with name, datatype, shape and data")
+        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise InvalidArgument(f"{field}: name and datatype must be strings")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise InvalidArgument(f"{field}.shape: must be a list of integers")
+        parameters = _parameters(item.get("parameters", {}), f"{field}.parameters")
+        size = parameters.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(rest) - offset:
+                raise InvalidArgument(f"{field}.parameters.binary_data_size: past the end of the body's tensor bytes")
+            if size % 4:
+                raise InvalidArgument(f"{field}.parameters.binary_data_size: {size} bytes is not whole FP32 values")
+            data = np.frombuffer(rest, "<f4", size // 4, offset)
+            offset += size
+        else:
+            data = _json_values(item.get("data"), datatype, f"{field}.data")
+        tensors.append(oip.Tensor(name, datatype, tuple(shape), data, field))
+    if offset != len(rest):
+        raise InvalidArgument(f"{JSON_HEADER}: {len(rest) - offset} bytes after the JSON belong to no input")
+    return tensors
+
+
+def _json_values(data: object, datatype: str, field: str) -> np.ndarray | None:
+    if datatype != "FP32":
+        return None  # refused by name in oip, before the values matter
+    if not isinstance(data, list):
+        raise InvalidArgument(f"{field}: must be a list of numbers (flat or nested, row-major)")
+    try:
+        values = np.asarray(data, dtype=np.float32).ravel()
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"{field}: must hold numbers only, in lists of equal length") from None
+    if not np.all(np.isfinite(values)):
+        raise InvalidArgument(f"{field}: values must be finite")
+    return values
+
+
+def _json_outputs(items: object, binary_default: bool) -> tuple[list[oip.Requested], bool]:
+    """The outputs asked for, and whether to answer in binary (Triton's extension) rather than JSON."""
+    if not isinstance(items, list):
+        raise InvalidArgument("outputs: must be a list")
+    outputs, binary = [], binary_default
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidArgument(f"outputs[{i}]: must be an object with a name")
+        parameters = _parameters(item.get("parameters", {}), f"outputs[{i}].parameters")
+        binary = parameters.get("binary_data", binary) is True
+        datatype = parameters.get("datatype")
+        outputs.append(oip.Requested(item["name"], None if datatype is None else str(datatype)))
+    return outputs, binary
+
+
+def _parameters(value: object, field: str) -> Mapping[str, oip.Parameter]:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field}: must be an object")
+    for key, v in value.items():
+        if not isinstance(v, (bool, int, float, str)):
+            raise InvalidArgument(f"{field}: parameter {short(key, 32)} is not a boolean, number or string")
+    return value

@@ -1,0 +1,132 @@
+"""For people and `<img>` tags: PNG grids and interpolation strips from query strings, the model list the
+playground's pickers read, the playground itself, and /metrics. Each route turns its query into one domain
+request whose Names are the query's own parameters, so that errors name what the caller wrote."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib import resources
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from service import domain as dm
+from service import gate
+from service.dataplane import DataPlane
+from service.errors import InvalidArgument, short
+from service.frontends import text
+from service.http import Route
+
+SERVICE = "ganserve.v1.Generator"  # the role its routes need: the same as ganserve.v1 over gRPC
+PLAYGROUND = {"/": ("index.html", "text/html"), "/playground.js": ("playground.js", "text/javascript"),
+              "/playground.css": ("playground.css", "text/css")}  # fmt: skip
+# The page loads its own script and style only, and images from this origin or blobs it made from them.
+CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'"
+IMAGE_QUERY = ("seeds", "label", "soft", "psi", "columns", "version")
+STRIP_QUERY = ("from", "to", "steps", "from_label", "to_label", "from_soft", "to_soft", "psi", "method", "version")
+GRID = dm.Output(dm.Format.PNG, grid=True, grid_only=True)
+
+
+class Pages:
+    def __init__(self, plane: DataPlane, metrics: CollectorRegistry):
+        self.plane, self.metrics = plane, metrics
+        self.files = {path: _asset(*asset) for path, asset in PLAYGROUND.items()}
+
+    def routes(self) -> list[Route]:
+        pages = [Route(f"page:{name}", "GET", path, self.playground, None) for path, (name, _) in PLAYGROUND.items()]
+        return [
+            Route("models", "GET", "/v1/models", self.models, SERVICE),
+            Route("images", "GET", "/v1/models/{model}/images.png", self.images, SERVICE),
+            Route("interpolation", "GET", "/v1/models/{model}/interpolation.png", self.interpolation, SERVICE),
+            Route("metrics", "GET", "/metrics", self.prometheus, SERVICE),
+            *pages,
+        ]
+
+    async def models(self, request: web.Request) -> web.Response:
+        """Every model as ganserve.v1's ListModels describes it, for the playground's pickers."""
+        return web.json_response({"models": [_model_json(info) for info in self.plane.list_models()]})
+
+    async def images(self, request: web.Request) -> web.Response:
+        """A PNG grid: ?seeds=0-15&label=7&psi=0.7&columns=4 (or soft=w0,w1,... for blended classes)."""
+        q = _query(request, IMAGE_QUERY)
+        seeds = text.seeds(q.get("seeds", "0"), "seeds")
+        label = _label(q, "label", "soft")
+        output = dm.Output(dm.Format.PNG, grid=True, grid_columns=text.integer(q.get("columns", "0"), "columns"),
+                           grid_only=True)  # fmt: skip
+        names = {"model": "model", "version": "version", "latents": "seeds", "seeds": "seeds", "seed_range": "seeds",
+                 "truncation": "psi", "output.grid_columns": "columns",
+                 "labels": "soft" if "soft" in q else "label"}  # fmt: skip
+        generate = dm.Generate(
+            request.match_info["model"], text.version(q.get("version", ""), "version"), seeds,
+            [label] if label else [], text.number(q.get("psi", "0"), "psi"), output, dm.Names(names),
+        )  # fmt: skip
+        return _png(await self.plane.generate(generate, gate.current().deadline))
+
+    async def interpolation(self, request: web.Request) -> web.Response:
+        """A PNG strip of frames from seed to seed: ?from=0&to=1&steps=8&from_label=3&to_label=5&psi=0.7."""
+        q = _query(request, STRIP_QUERY)
+        ends = ("from", "to")
+        keys = [
+            dm.Keyframe(seed=text.integer(q.get(end, str(i)), end), label=_label(q, f"{end}_label", f"{end}_soft"))
+            for i, end in enumerate(ends)
+        ]
+        given = {end: f"{end}_soft" if f"{end}_soft" in q else f"{end}_label" for end in ends}
+        # A label at one end only: the message names the end that lacks one.
+        lacking = given["to"] if given["from"] in q else given["from"]
+        names = {"model": "model", "version": "version", "keyframes[0]": "from", "keyframes[1]": "to",
+                 "keyframes": "from", "truncation": "psi", "keyframes.label[0]": given["from"],
+                 "keyframes.label[1]": given["to"], "keyframes.label": lacking}  # fmt: skip
+        interpolate = dm.Interpolate(
+            request.match_info["model"], text.version(q.get("version", ""), "version"), keys,
+            text.integer(q.get("steps", "8"), "steps"), q.get("method", "slerp"), text.number(q.get("psi", "0"), "psi"),
+            GRID, dm.Names(names),
+        )  # fmt: skip
+        return _png(await self.plane.interpolate(interpolate, gate.current().deadline))
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def playground(self, request: web.Request) -> web.Response:
+        body, content_type = self.files[request.path]
+        return web.Response(
+            body=body, content_type=content_type, charset="utf-8",
+            headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"},
+        )  # fmt: skip
+
+
+def _asset(name: str, content_type: str) -> tuple[bytes, str]:
+    return resources.files("service").joinpath("playground", name).read_bytes(), content_type
+
+
+def _png(result: dm.Result) -> web.Response:
+    return web.Response(
+        body=result.grid_png, content_type="image/png",
+        headers={"X-Model": result.model, "X-Model-Version": str(result.version)},
+    )  # fmt: skip
+
+
+def _model_json(info: dm.ModelInfo) -> dict:
+    spec = info.spec
+    return {
+        "name": info.name, "version": info.version, "versions": info.versions, "ready": True,
+        "kind": spec.kind, "latent_dim": spec.latent_dim, "prior": spec.prior, "class_names": list(spec.class_names),
+        "image_shape": list(spec.output_shape), "provider": info.provider,
+    }  # fmt: skip
+
+
+def _query(request: web.Request, known: tuple[str, ...]) -> Mapping[str, str]:
+    for key in request.query:
+        if key not in known:
+            raise InvalidArgument(f"query: unknown parameter {short(key, 32)} (parameters: {', '.join(known)})")
+        if len(request.query.getall(key)) > 1:
+            raise InvalidArgument(f"{key}: given more than once")
+    return request.query
+
+
+def _label(q: Mapping[str, str], name: str, soft: str) -> dm.Label | None:
+    """`name` (a class index or name) or `soft` (comma-separated weights over the classes), or neither."""
+    if name in q and soft in q:
+        raise InvalidArgument(f"{name}: give a class or soft weights, not both")
+    if soft in q:
+        return text.soft(q[soft], soft)
+    return text.label(q[name]) if name in q else None

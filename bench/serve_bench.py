@@ -175,6 +175,41 @@ def protocols(repo: Path, d: float, rounds: int) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+# (label, model, images per request, callers, server flags, front end): what --against compares, tree by tree.
+AGAINST = [
+    ("P1", "dcgan", 16, 8, {}, PROTOCOLS[0]), ("P2", "mlp", 1, 64, {}, PROTOCOLS[0]),
+    ("P3 (P2, batching off)", "mlp", 1, 64, {"batching": "false"}, PROTOCOLS[0]), ("P4", "dcgan", 1, 1, {}, PROTOCOLS[0]),
+    *((f"P1 {kind}", "dcgan", 16, 8, {}, kind) for kind in PROTOCOLS[1:]),
+    *((f"P2 {kind}", "mlp", 1, 64, {}, kind) for kind in PROTOCOLS[1:]),
+]  # fmt: skip
+
+
+def against(repo: Path, tree: Path, d: float, rounds: int) -> None:
+    """Every workload of AGAINST on servers of `tree` (an older checkout) and of this tree, rounds interleaved so
+    that drift on a shared machine hits both alike; medians, and this tree ÷ that one."""
+    trees = [("before", tree.resolve()), ("after", ROOT)]
+    got: dict[tuple[str, str], list[Stats]] = {}
+    for r in range(rounds):
+        for which, where in trees if r % 2 == 0 else trees[::-1]:
+            servers = {"": service(repo, where), "false": service(repo, where, batching="false")}
+            try:
+                for label, model, n, concurrency, flags, kind in AGAINST:
+                    server = servers[flags.get("batching", "")]
+                    stats = asyncio.run(protocol_load(kind, server.port, server.http_port, model, n, concurrency, d))
+                    got.setdefault((label, which), []).append(stats)
+                    print(f"round {r + 1} {which} {label}: {stats.ips:,.0f} img/s, p50 {stats.pct(50):.2f} ms",
+                          flush=True)  # fmt: skip
+            finally:
+                for server in servers.values():
+                    server.close()
+    print(f"\n| workload | before img/s | after img/s | after ÷ before | p50 ms before → after | (median of {rounds})")
+    print("|---|---|---|---|---|")
+    for label, *_ in AGAINST:
+        ips = [float(np.median([s.ips for s in got[label, which]])) for which, _ in trees]
+        p50 = [float(np.median([s.pct(50) for s in got[label, which]])) for which, _ in trees]
+        print(f"| {label} | {ips[0]:,.0f} | {ips[1]:,.0f} | {ips[1] / ips[0]:.2f} | {p50[0]:.2f} → {p50[1]:.2f} |")
+
+
 def raw_ort(path: Path, batch: int, duration: float, streams: int = 1) -> Stats:
     """ONNX Runtime alone, one batch after another: one stream on all cores (its default threading), or `streams`
     single-threaded runs side by side on one session. The strict baseline: no RPC, no queue, no encoding."""
@@ -226,12 +261,13 @@ class Process:
     memory, or written to `log` when given."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, timeout: float = 120, log: Path | None = None
-    ):
+        self, args: list[str], env: dict[str, str] | None = None, timeout: float = 120, log: Path | None = None,
+        cwd: Path = ROOT,
+    ):  # fmt: skip
         self.log = log
         with open(log, "w") if log else contextlib.nullcontext(subprocess.PIPE) as err:
             self.proc = subprocess.Popen(
-                args, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ | (env or {}), cwd=ROOT
+                args, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ | (env or {}), cwd=cwd
             )
         lines: list[str] = []
         if log is None:  # keep draining it, so a chatty server can never block on a full pipe
@@ -257,7 +293,7 @@ class Process:
         return self.proc.wait(timeout=60)
 
 
-def service(repo: Path, **flags) -> Process:
+def service(repo: Path, tree: Path = ROOT, **flags) -> Process:
     env = {
         "GAN_PORT": "0",
         "GAN_METRICS_PORT": "0",
@@ -266,7 +302,7 @@ def service(repo: Path, **flags) -> Process:
         "GAN_GRACE_SECONDS": "1",
     }
     env |= {f"GAN_{k.upper()}": str(v) for k, v in flags.items()}
-    return Process([sys.executable, "-m", "service", "--model-repository", str(repo)], env)
+    return Process([sys.executable, "-m", "service", "--model-repository", str(repo)], env, cwd=tree)
 
 
 def run_service(
@@ -339,7 +375,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     p.add_argument("--security", action="store_true", help="only the cost of TLS, mTLS and tokens on P2 and P4")
     p.add_argument("--protocols", action="store_true", help="only P1 and P2 through ganserve.v1, OIP gRPC and REST")
-    p.add_argument("--rounds", type=int, default=3, help="--security, --protocols: interleaved rounds (medians)")
+    p.add_argument("--rounds", type=int, default=3, help="--security, --protocols, --against: interleaved rounds")
+    p.add_argument("--against", type=Path, help="only P1-P4 and the protocols, this tree against an older checkout")
     args = p.parse_args()
     d = args.duration
     rows: list[tuple[str, str, str, str]] = []
@@ -353,6 +390,9 @@ def main() -> None:
             return
         if args.protocols:
             protocols(repo, d, args.rounds)
+            return
+        if args.against:
+            against(repo, args.against, d, args.rounds)
             return
         dcgan = repo / "dcgan" / "1" / "model.onnx"
         raw_d = max(1.0, d / 2)

@@ -122,8 +122,9 @@ class DataPlane:
                     raise InvalidArgument(f"{names('y')}: {len(y)} rows for {n} samples; give 1 or {n}")
                 y = np.ascontiguousarray(np.broadcast_to(y, (n, spec.num_classes)), np.float32)
             self._check_size(mv, n, output, names("z"), names)
+            psi = _truncation(req.truncation, names)
             mv.batcher.check_room(n)
-            return await self._run(mv, np.ascontiguousarray(z, np.float32), y, output, deadline)
+            return await self._run(mv, _truncate(np.ascontiguousarray(z, np.float32), psi), y, output, deadline)
 
     def _check_size(self, mv: ModelVersion, n: int, output: Output, field: str, names: Names) -> None:
         size = response_bytes(mv, n, output)

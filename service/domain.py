@@ -100,6 +100,7 @@ class Infer:
     version: int = 0
     z: np.ndarray | None = None
     y: np.ndarray | None = None
+    truncation: float = 0.0  # 0: none
     output: Output = Output(Format.FLOAT32)
     names: Names = NO_NAMES
 
@@ -158,10 +159,6 @@ class Result:
     latents: np.ndarray | None = None
     offset: int = 0  # streams: this chunk's first image in the whole request
     image_shape: tuple[int, ...] = ()  # one image: [H, W, C]; [C, H, W] for float32
-
-    @property
-    def count(self) -> int:
-        return len(self.pngs) if self.pixels is None else len(self.pixels)
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,8 @@ class InvalidArgument(ServiceError):
     """A bad request; the message names the offending field."""
 
 
-class TooLarge(InvalidArgument):
-    """A request body over a size limit (HTTP 413); the message names the limit."""
+class TooLarge(ServiceError):
+    """A request over a size limit (HTTP 413, as gRPC answers an oversized message); the message names the limit."""
 
     http = 413
 
@@ -79,6 +79,7 @@ CODES: dict[type[BaseException], Code] = {
     InvalidArgument: Code.INVALID_ARGUMENT,
     NotFound: Code.NOT_FOUND,
     QueueFull: Code.RESOURCE_EXHAUSTED,
+    TooLarge: Code.RESOURCE_EXHAUSTED,
     Unavailable: Code.UNAVAILABLE,
     DeadlineExceeded: Code.DEADLINE_EXCEEDED,
     FailedPrecondition: Code.FAILED_PRECONDITION,

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from service.errors import Code, Status, status_of
+from service.errors import Code, Status, short, status_of
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.security import Authorizer, Refusal
 
@@ -31,6 +31,12 @@ def current() -> Call | None:
     return CURRENT.get()
 
 
+def deadline() -> float | None:
+    """The running call's deadline on the batcher's clock (time.monotonic), for the data plane; None: none."""
+    call = CURRENT.get()
+    return None if call is None else call.deadline
+
+
 @dataclass(eq=False)
 class Call:
     """One call in flight: what the metrics record, its deadline, and how it ended."""
@@ -42,18 +48,20 @@ class Call:
     task: asyncio.Task | None = None
     deadline: float | None = None  # time.monotonic(); the data plane drops queued work past it
     source: str = ""  # what set the deadline, named in the DEADLINE_EXCEEDED message
+    fallback: bool = False  # the deadline is a default that the request's own deadline replaces
     code: Code | None = None  # set by an adapter whose wire answered the call itself
     status: Status | None = None  # set when the call failed; the adapter answers with it
     expired: bool = False
     _timer: asyncio.TimerHandle | None = None
 
-    def limit(self, seconds: float, source: str, enforce: bool = True) -> None:
-        """Tighten the deadline to `seconds` from now (a later one changes nothing). With `enforce`, the call is
+    def limit(self, seconds: float, source: str, enforce: bool = True, fallback: bool = False) -> None:
+        """Tighten the deadline to `seconds` from now: a later one changes nothing, unless what holds now is a
+        `fallback` (a server default, a header) and this one is the request's own. With `enforce`, the call is
         cancelled when it passes and answers DEADLINE_EXCEEDED naming `source`; without, the wire enforces it."""
         deadline = time.monotonic() + max(0.0, seconds)
-        if self.deadline is not None and self.deadline <= deadline:
+        if self.deadline is not None and self.deadline <= deadline and (fallback or not self.fallback):
             return
-        self.deadline, self.source = deadline, source
+        self.deadline, self.source, self.fallback = deadline, source, fallback
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -97,8 +105,9 @@ class Gate:
         code = refusal.code if isinstance(refusal.code, Code) else Code[refusal.code.name]
         if refusal.reason != DRAINING:
             self.metrics.auth_failures.labels(refusal.reason).inc()
-            # The audit line: never the token itself.
-            log.warning("refused %s from %s: %s (token %s)", path, peer, refusal.reason, refusal.token or "-")
+            # The audit line: never the token itself; the path quoted, so that a %0A in a URL cannot forge a line.
+            token = refusal.token or "-"
+            log.warning("refused %s from %s: %s (token %s)", short(path, 200), peer, refusal.reason, token)
         self.record(method, UNKNOWN_MODEL, code, time.perf_counter())
         return Status(code, refusal.message)
 
@@ -119,10 +128,14 @@ class Gate:
         try:
             yield call
             call.code = call.code or Code.OK
-        except (asyncio.CancelledError, GeneratorExit):
+        except GeneratorExit:  # a stream closed by its consumer: nothing to answer
+            call.code = call.code or Code.CANCELLED
+            raise
+        except asyncio.CancelledError:
             if not call.expired:
                 call.code = call.code or Code.CANCELLED
-                self.metrics.cancelled.labels(frontend, call.code.name).inc()
+                if counted:  # not health watches and reflection streams, which end this way by design
+                    self.metrics.cancelled.labels(frontend, call.code.name).inc()
                 raise
             if hasattr(call.task, "uncancel"):  # Python 3.11+: this cancellation was ours, and it is handled
                 call.task.uncancel()

@@ -104,9 +104,15 @@ class Front:
             seconds, source = self.default_deadline_s, "the server's default deadline"
             if TIMEOUT_HEADER in request.headers:
                 seconds, source = text.number(request.headers[TIMEOUT_HEADER], TIMEOUT_HEADER), TIMEOUT_HEADER
-            if seconds > 0:
-                call.limit(seconds, f"{source} ({seconds:g} s)")
-            response = await handler(request)
+                if seconds <= 0:
+                    raise InvalidArgument(f"{TIMEOUT_HEADER}: seconds, a number > 0 (got {seconds:g})")
+            if seconds > 0:  # a request's own deadline (OIP's timeout parameter) replaces this one
+                call.limit(seconds, f"{source} ({seconds:g} s)", fallback=True)
+            try:
+                response = await handler(request)
+            except web.HTTPException as e:  # aiohttp's own refusals keep their status
+                code = Code.INTERNAL if e.status >= 500 else Code.INVALID_ARGUMENT
+                response, call.code = error(Status(code, e.reason, e.status)), code
         if call.status is not None:
             response = error(call.status)
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - call.start) * 1e3:.2f}"

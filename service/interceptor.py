@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # The gate's codes as gRPC's, and back: the same names.
 GRPC = {code: grpc.StatusCode[code.name] for code in Code}
-CODES = {code.value[0]: Code[code.name] for code in grpc.StatusCode}
+BY_NUMBER = {code.value[0]: Code[code.name] for code in grpc.StatusCode}
 CALL: contextvars.ContextVar[grpc.aio.ServicerContext | None] = contextvars.ContextVar("call", default=None)
 
 
@@ -63,7 +63,7 @@ def code_set(context: grpc.aio.ServicerContext) -> Code:
         return Code.OK
     if isinstance(code, grpc.StatusCode):
         return Code[code.name]
-    return CODES.get(code, Code.UNKNOWN)
+    return BY_NUMBER.get(code, Code.UNKNOWN)
 
 
 class Malformed:

@@ -63,8 +63,9 @@ class FileWatch:
                 s = os.stat(path)
             except OSError:
                 return None
-            # ctime too: an edit that keeps the size within the mtime's granularity, or that restores the mtime
-            # (os.utime, `touch -r`, rsync --times), still moves the ctime, which no caller can set.
+            # ctime too: an edit that keeps the size and then restores the mtime (os.utime, `touch -r`, rsync
+            # --times) still moves the ctime, which no caller can set. Two same-size writes within one tick of the
+            # file system's clock (a few ms) can still look alike: SIGHUP re-reads regardless.
             return s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino
 
         return tuple(one(p) for p in self.paths)

@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.api.inference import grpc_predict_v2_pb2 as oip_pb
 from service.api.inference import grpc_predict_v2_pb2_grpc as oip_grpc
-from service.config import ServerConfig
+from service.config import RuntimeConfig, ServerConfig
 from service.dataplane import DataPlane
 from service.domain import VersionStatus
 from service.frontends.admin import ModelAdminServicer
@@ -42,6 +42,7 @@ from service.interceptor import Interceptor
 from service.metrics import Metrics
 from service.registry import READY, Registry
 from service.repository import RepositoryError, check_root, scan
+from service.runtime import Session
 from service.security import Authorizer, http_ssl_context, server_credentials
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,11 @@ def nothing_served(root: Path, status: list[VersionStatus]) -> str:
 
 
 class Server:
-    def __init__(self, cfg: ServerConfig, metrics_registry: CollectorRegistry | None = None):
+    def __init__(
+        self, cfg: ServerConfig, metrics_registry: CollectorRegistry | None = None,
+        session_factory: Callable[[Path, RuntimeConfig], Session] = Session,
+    ):  # fmt: skip
+        """`session_factory` opens a model file (tests inject gated fakes; see the registry)."""
         self.cfg = cfg
         sec = cfg.security
         self.metrics = Metrics(metrics_registry or CollectorRegistry())
@@ -181,7 +186,7 @@ class Server:
             self.authorizer = Authorizer(sec.auth_tokens_file, ROLES, on_reload_failure=failed("tokens").inc)
         self.registry = Registry(
             Path(cfg.model_repository), cfg.models, cfg.runtime, cfg.batching, self.metrics, self._registry_changed,
-            cfg.lifecycle.grace_seconds,
+            cfg.lifecycle.grace_seconds, session_factory,
         )  # fmt: skip
         self.encoder = ThreadPoolExecutor(cfg.limits.encoder_threads, thread_name_prefix="encode")
         self.plane = DataPlane(self.registry, cfg.limits, self.encoder, cfg.security.full_metadata)
@@ -205,6 +210,10 @@ class Server:
         for _, add, servicer in services:
             add(servicer, self.grpc)
         self.services = [d for d, *_ in services] + ([REFLECTION] if sec.reflection else [])
+        if self.authorizer is not None:  # a method not served needs admin: an infer token learns nothing from it
+            self.authorizer.known_methods = frozenset(
+                f"/{d.full_name}/{m.name}" for d in self.services for m in d.methods
+            )
         if sec.reflection:
             reflection.enable_server_reflection([d.full_name for d in self.services], self.grpc)
         self._health_only = None  # the plaintext health port's server, when there is one
@@ -295,6 +304,9 @@ class Server:
             rest = OipRest(self.plane, limits.max_message_bytes, limits.max_json_bytes, self.encoder,
                            lambda: self.gate.draining)  # fmt: skip
             routes = rest.routes() + Pages(self.plane, self.metrics.registry).routes()
+            if self.authorizer is not None:  # the gate checks an HTTP route as /<its service>/<its method>
+                paths = {f"/{r.service}/{r.method or r.name}" for r in routes if r.service}
+                self.authorizer.known_methods |= paths
             front = http.Front(self.gate, routes, limits.max_message_bytes, limits.http_deadline_s)
             tls = None
             if sec.tls_cert:

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.config import RuntimeConfig, ServerConfig
 from service.contract import ModelSpec
+from service.runtime import Session
 from service.server import Server
 
 ECHO_LATENT, ECHO_CLASSES = 5, ("cat", "dog", "eel")
@@ -55,19 +56,11 @@ def echo_model(path: Path) -> Path:
     return _save(graph, path, _spec(ECHO_LATENT, ECHO_CLASSES, (1, 2, 4)))
 
 
-def plain_model(
-    path: Path,
-    slow_iterations: int = 0,
-    width: int = 512,
-    shape: tuple[int, int, int] = (1, 2, 4),
-    prior: str = "normal",
-    gain: float = 1.0,
-) -> Path:
+def plain_model(path: Path, shape: tuple[int, int, int] = (1, 2, 4), prior: str = "normal", gain: float = 1.0) -> Path:
     """Unconditional: images [n, *shape] = clip(z [n, C·H·W]) — each image shows its latent.
 
-    With `slow_iterations`, a Loop first multiplies a [n, width] state by a [width, width] matrix that many
-    times: a real model that takes a predictable while, for queue and deadline tests. With a uniform prior and
-    gain 1/√3 (z ← gain·z before the clip), the images are uniform noise: the worst case for PNG sizes.
+    With a uniform prior and gain 1/√3 (z ← gain·z before the clip), the images are uniform noise: the worst case
+    for PNG sizes. A test that needs a model to take a while gates its runs instead (testkit.gated).
     """
     d = int(np.prod(shape))
     lo, hi = (
@@ -76,26 +69,6 @@ def plain_model(
     )
     reshape = helper.make_tensor("shape", TensorProto.INT64, [4], [-1, *shape])
     inits, nodes, x = [lo, hi, reshape], [], "z"
-    if slow_iterations:
-        up, down = np.eye(d, width, dtype=np.float32), np.eye(width, d, dtype=np.float32)
-        sq = np.eye(width, dtype=np.float32)  # the state stays as it was: outputs equal the fast model's
-        trips = helper.make_tensor("trips", TensorProto.INT64, [], [slow_iterations])
-        cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
-        inits += [onnx.numpy_helper.from_array(a, n) for a, n in ((up, "up"), (sq, "sq"), (down, "down"))]
-        inits += [trips, cond]
-        body = helper.make_graph(
-            [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("MatMul", ["h_in", "sq"], ["h_out"])],
-            "body",
-            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-             helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("h_in", TensorProto.FLOAT, None)],
-            [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("h_out", TensorProto.FLOAT, None)],
-        )  # fmt: skip
-        nodes.append(helper.make_node("MatMul", ["z", "up"], ["h0"]))
-        nodes.append(helper.make_node("Loop", ["trips", "cond", "h0"], ["h"], body=body))
-        nodes.append(helper.make_node("MatMul", ["h", "down"], ["x"]))
-        x = "x"
     if gain != 1.0:
         inits.append(helper.make_tensor("gain", TensorProto.FLOAT, [], [gain]))
         nodes.append(helper.make_node("Mul", [x, "gain"], ["scaled"]))
@@ -121,9 +94,8 @@ STOP_GRACE_S = 0.4  # the drain's quiet spell is a quarter of it; tests await th
 
 def server_config(repository: Path, measure: bool = False, **changes) -> ServerConfig:
     """Flags as a test server runs with: loopback, free ports, and QUICK unless `changes` or `measure` say so."""
-    cfg = ServerConfig.from_flags(
-        model_repository=str(repository), host="127.0.0.1", port=0, http_port=0, **(QUICK | changes)
-    )
+    flags = {"host": "127.0.0.1", "port": 0, "http_port": 0} | QUICK | changes
+    cfg = ServerConfig.from_flags(model_repository=str(repository), **flags)
     if measure or cfg.batching.preferred_batch_size:
         return cfg
     batching = dataclasses.replace(cfg.batching, preferred_batch_size=cfg.batching.max_batch_size)
@@ -139,9 +111,7 @@ async def running(
 ) -> AsyncIterator[tuple[Server, pb_grpc.GeneratorStub, grpc.aio.Channel]]:
     """A real server on free ports over `repository`, and a stub connected to it; `session_factory` (testkit.gated)
     replaces the registry's way of opening model files, before any is opened."""
-    server = Server(server_config(repository, measure, **changes))
-    if session_factory is not None:
-        server.registry.session_factory = session_factory
+    server = Server(server_config(repository, measure, **changes), session_factory=session_factory or Session)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

@@ -17,7 +17,8 @@ from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.inference import grpc_predict_v2_pb2 as ipb
 from service.api.inference import grpc_predict_v2_pb2_grpc as ipb_grpc
 from service.runtime import Session
-from testkit.gated import Gate, sessions
+from testkit.gated import Gate as Hold
+from testkit.gated import sessions
 from testkit.servefix import echo_model, plain_model, running, server_config
 from testkit.waiting import until
 
@@ -39,7 +40,7 @@ def cancelled(server, frontend: str, code: str) -> float:
     )
 
 
-async def hold(stub, gate: Gate) -> asyncio.Future:
+async def hold(stub, gate: Hold) -> asyncio.Future:
     """A gRPC call whose batch is inside the model's run, held there: the one worker is busy until gate.open()."""
     call = asyncio.ensure_future(stub.Generate(pb.GenerateRequest(model="slow", seeds=pb.SeedList(seeds=[1]))))
     await gate.reached()
@@ -52,7 +53,7 @@ async def hold(stub, gate: Gate) -> asyncio.Future:
      ("default", "the server's default deadline (0.05 s)")],
 )  # fmt: skip
 def test_an_http_deadline_answers_504_naming_it_and_drops_the_queued_work(repo, how, source):
-    gate = Gate()
+    gate = Hold()
     body = {"parameters": {"seeds": "0-3"}} | (
         {"parameters": {"seeds": "0-3", "timeout": 50_000}} if how == "parameter" else {}
     )
@@ -77,7 +78,7 @@ def test_an_http_deadline_answers_504_naming_it_and_drops_the_queued_work(repo, 
 
 
 def test_an_oip_grpc_timeout_parameter_is_the_call_s_deadline(repo):
-    gate = Gate()
+    gate = Hold()
 
     async def go():
         async with running(repo, session_factory=sessions(slow=gate.wait), **ONE_WORKER) as (_server, stub, channel):
@@ -96,7 +97,7 @@ def test_an_oip_grpc_timeout_parameter_is_the_call_s_deadline(repo):
 
 
 def test_an_http_client_that_leaves_cancels_its_queued_work_and_is_counted(repo):
-    gate = Gate()
+    gate = Hold()
 
     async def go():
         async with running(repo, session_factory=sessions(slow=gate.wait), **ONE_WORKER) as (server, stub, _):
@@ -180,6 +181,14 @@ def test_hostile_http_input_gets_a_4xx_naming_the_field_and_the_server_keeps_ser
                     {"headers": {"X-Request-Timeout": "soon"}},
                 ),
             }
+            cases |= {
+                "no_timeout_header": ("GET", "/v1/models/echo/images.png?seeds=1&label=0", {"headers": {"X-Request-Timeout": "0"}}),
+                "two_signs": ("GET", "/v1/models/echo/images.png?seeds=1&label=0&columns=-%2B5", {}),
+                "huge_timeout": ("POST", url, {"json": {"parameters": {"seeds": "1", "labels": "0", "timeout": 10**400}}}),
+                "huge_truncation": ("POST", url, {"json": {"parameters": {"seeds": "1", "labels": "0", "truncation": 10**400}}}),
+                "huge_shape": ("POST", url, {"json": {"inputs": [{"name": "z", "datatype": "FP32", "shape": [10**3000, 10**3000], "data": []}]}}),
+                "huge_value": ("POST", url, {"json": {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 5], "data": [10**400, 0, 0, 0, 0]}]}}),
+            }  # fmt: skip
             answers = {}
             for name, (method, path, kwargs) in cases.items():
                 async with s.request(method, path, **kwargs) as r:
@@ -201,6 +210,12 @@ def test_hostile_http_input_gets_a_4xx_naming_the_field_and_the_server_keeps_ser
         "huge_steps": (400, "steps: an integer of at most 20 digits"),
         "seeds_text": (400, "parameters.seeds: 139,999 characters, more than 65,536"),
         "bad_timeout_header": (400, "X-Request-Timeout: a number"),
+        "no_timeout_header": (400, "X-Request-Timeout: seconds, a number > 0"),
+        "two_signs": (400, "columns: an integer"),
+        "huge_timeout": (400, "parameters.timeout: microseconds"),
+        "huge_truncation": (400, "parameters.truncation: a number"),
+        "huge_shape": (400, "inputs[0].shape: input 'z' is [n, width]"),
+        "huge_value": (400, "inputs[0].data: must hold numbers only"),
     }
     for name, (status, start) in expected.items():
         assert answers[name][0] == status and answers[name][1].startswith(start), (name, answers[name])
@@ -262,3 +277,39 @@ def test_the_drain_closes_a_half_sent_http_body_within_the_grace_period(repo):
     took, rest = asyncio.run(go())
     assert took < 0.5 + 1.0 + 0.5  # the grace period, the HTTP shutdown's second, and slack; not aiohttp's 60 s
     assert rest == b"" or rest.startswith(b"HTTP/1.1 ")
+
+
+def test_a_request_s_own_timeout_replaces_the_server_default_and_truncation_applies_to_tensors(repo):
+    """The README's order: OIP's `timeout`, else the header, else the default; a longer own timeout is honoured."""
+    gate = Hold()
+    z = [[0.9, -0.9, 0.5, 0.0, 0.2]]
+    tensors = {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 5], "data": z},
+                          {"name": "y", "datatype": "FP32", "shape": [1, 3], "data": [[1, 0, 0]]}]}  # fmt: skip
+    depth = {"model": "slow", "version": "1"}
+
+    async def go():
+        changes = ONE_WORKER | {"http_deadline_s": 0.05}
+        async with (
+            running(repo, session_factory=sessions(slow=gate.wait), **changes) as (server, stub, _),
+            aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as s,
+        ):
+            held = await hold(stub, gate)
+            body = {"parameters": {"seeds": "0-3", "timeout": 30_000_000}}
+            answer = asyncio.ensure_future(s.post("/v2/models/slow/infer", json=body))
+            await until(lambda: server.metrics.registry.get_sample_value("gan_queue_depth", depth) > 0)
+            # The thing under test is a timer: held 4x past the default's 0.05 s, the call's own 30 s must count.
+            await asyncio.sleep(0.2)
+            gate.open()
+            await held
+            async with await answer as r:
+                status = r.status
+            outputs = {}
+            for psi in (0, 0.5):
+                doc = tensors | {"parameters": {"truncation": psi}}
+                async with s.post("/v2/models/echo/infer", json=doc) as r:
+                    outputs[psi] = (await r.json())["outputs"][0]["data"][:5]
+            return status, outputs
+
+    status, outputs = asyncio.run(go())
+    assert status == 200
+    assert outputs[0] == pytest.approx(z[0]) and outputs[0.5] == pytest.approx([v * 0.5 for v in z[0]])

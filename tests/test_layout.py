@@ -38,3 +38,27 @@ def test_the_check_sees_what_it_must_refuse():
     refused = "from tests.certs import CA\nfrom .conftest import x\nimport test_fuzz\nfrom . import test_oip\n"
     assert all(forbidden(n) for n in imported(ast.parse(refused)))
     assert not any(forbidden(n) for n in imported(ast.parse("from testkit.load import Tally\nimport pytest\n")))
+
+
+SERVICE = ROOT / "service"
+FRONT_ENDS = ("ganserve", "admin", "oip_grpc", "oip_rest", "pages")
+# What each layer of the service may not import: the data plane speaks no wire, the gate knows no transport, the
+# two transport adapters know neither each other nor a front end, and no front end imports another.
+LAYERS = {
+    "service/dataplane.py": ("grpc", "aiohttp", "service.frontends", "service.api", "service.gate"),
+    "service/domain.py": ("grpc", "aiohttp", "service.frontends", "service.api"),
+    "service/gate.py": ("aiohttp", "service.frontends", "service.http", "service.interceptor", "service.api"),
+    "service/interceptor.py": ("aiohttp", "service.http", "service.frontends"),
+    "service/http.py": ("grpc", "service.interceptor", *(f"service.frontends.{f}" for f in FRONT_ENDS)),
+    **{
+        f"service/frontends/{f}.py": tuple(f"service.frontends.{other}" for other in FRONT_ENDS if other != f)
+        for f in FRONT_ENDS
+    },
+}
+
+
+@pytest.mark.parametrize(("module", "refused"), LAYERS.items(), ids=list(LAYERS))
+def test_each_layer_imports_only_what_is_below_it(module, refused):
+    names = imported(ast.parse((ROOT / module).read_text(), module))
+    bad = [n for n in names if any(n == r or n.startswith(r + ".") for r in refused)]
+    assert not bad, f"{module} imports {bad}"

@@ -19,11 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
-from service.config import ServerConfig
 from service.runtime import Session
 from service.server import Server
 from testkit.gated import Gate, sessions
-from testkit.servefix import drained, plain_model, running
+from testkit.servefix import drained, plain_model, running, server_config
 from testkit.waiting import until
 
 RAW = pb.OutputOptions(format=pb.RAW_UINT8)
@@ -425,10 +424,7 @@ def test_the_admin_api_is_off_on_an_open_port_without_tokens_unless_asked(tmp_pa
     plain_model(tmp_path / "m" / "1" / "model.onnx")
 
     async def index_code(**flags) -> grpc.StatusCode:
-        cfg = ServerConfig.from_flags(
-            model_repository=str(tmp_path), host="0.0.0.0", port=0, http_port=-1, metrics_port=-1, **flags
-        )
-        server = Server(cfg)
+        server = Server(server_config(tmp_path, host="0.0.0.0", http_port=-1, **flags))
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -24,7 +24,7 @@ from service.metrics import Metrics
 from service.security import RECHECK_SECONDS, Authorizer, SecurityError, read_tokens
 from service.server import Server, is_loopback
 from testkit.certs import CA, Pair
-from testkit.servefix import STOP_GRACE_S, call_raw, echo_model, plain_model, server_config
+from testkit.servefix import STOP_GRACE_S, call_raw, echo_model, plain_model, running, server_config
 from testkit.tokens import ADMIN, READER, WRONG, write_tokens
 
 
@@ -304,7 +304,7 @@ def test_garbage_credentials_get_unauthenticated_and_the_server_keeps_serving(pk
         err, served, failures = asyncio.run(go())
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED and err.details().startswith("authorization:")
     assert served == 1 and failures == 1
-    assert "refused /ganserve.v1.Generator/Generate from ipv4:127.0.0.1:" in caplog.text
+    assert "refused '/ganserve.v1.Generator/Generate' from ipv4:127.0.0.1:" in caplog.text
     for _, value in metadata:  # neither the reply nor the log repeats what the caller sent
         secret = value.partition(" ")[2] or value
         if len(secret) > 4 and secret != "Bearer":
@@ -542,3 +542,24 @@ def test_an_unserved_method_of_a_known_service_needs_admin(tmp_path):
     assert refusal.message == "authorization: token 'reader' has role infer; /test.Svc/Nope needs admin"
     assert authorizer.check("/test.Svc/Nope", bearer(ADMIN)) is None  # gRPC then answers UNIMPLEMENTED
     assert authorizer.check("/test.Open/Nope", ()).code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_an_infer_token_gets_permission_denied_for_an_unknown_method_of_a_known_service(tmp_path):
+    """The README's promise: what is not served needs admin, so an infer token cannot map the API by its answers."""
+    plain_model(tmp_path / "plain" / "1" / "model.onnx")
+    tokens = write_tokens(tmp_path / "tokens", {"reader": ("infer", READER)})
+
+    async def go():
+        async with running(tmp_path, auth_tokens_file=str(tokens)) as (_server, _stub, channel):
+            metadata = (("authorization", f"Bearer {READER}"),)
+            codes = {}
+            for path in ("/ganserve.v1.Generator/NoSuchMethod", "/inference.GRPCInferenceService/NoSuch"):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await channel.unary_unary(path)(b"", metadata=metadata, timeout=5)
+                codes[path] = err.value.code()
+            served = await channel.unary_unary("/ganserve.v1.Generator/ListModels")(b"", metadata=metadata, timeout=5)
+            return codes, served
+
+    codes, served = asyncio.run(go())
+    assert set(codes.values()) == {grpc.StatusCode.PERMISSION_DENIED}
+    assert served is not None

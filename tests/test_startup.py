@@ -51,7 +51,7 @@ def service(args: list[str], cwd) -> subprocess.CompletedProcess:
     """`python -m service ARGS` run to its end, with no GAN_* variable from the environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GAN_")}
     args = [sys.executable, "-m", "service", "--host", "127.0.0.1", *args]
-    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
 
 
 async def refusal(cfg: ServerConfig) -> tuple[str, Server]:

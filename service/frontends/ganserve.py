@@ -116,12 +116,6 @@ def from_result(result: dm.Result) -> pb.GenerateResponse:
     )
 
 
-def deadline() -> float | None:
-    """The call's deadline on the batcher's clock (time.monotonic), as the gate holds it."""
-    call = gate.current()
-    return None if call is None else call.deadline
-
-
 class GeneratorServicer(pb_grpc.GeneratorServicer):
     def __init__(self, plane: DataPlane):
         self.plane = plane
@@ -133,13 +127,13 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         return from_info(self.plane.get_model(request.name, request.version, dm.Names({"model": "name"})))
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        return from_result(await self.plane.generate(to_generate(request), deadline()))
+        return from_result(await self.plane.generate(to_generate(request), gate.deadline()))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         # aclosing: a call that ends early releases the model version now, not when the generator is collected.
-        async with contextlib.aclosing(self.plane.stream(to_generate(request), deadline())) as results:
+        async with contextlib.aclosing(self.plane.stream(to_generate(request), gate.deadline())) as results:
             async for result in results:
                 yield from_result(result)
 
     async def Interpolate(self, request: pb.InterpolateRequest, context) -> pb.GenerateResponse:
-        return from_result(await self.plane.interpolate(to_interpolate(request), deadline()))
+        return from_result(await self.plane.interpolate(to_interpolate(request), gate.deadline()))

@@ -20,6 +20,7 @@ from importlib import metadata as package_metadata
 import numpy as np
 
 from service import domain as dm
+from service import gate
 from service.errors import InvalidArgument, short
 from service.frontends import text
 
@@ -118,7 +119,7 @@ def request(
         if "labels" not in parameters:
             y = _array(by_name["y"]) if "y" in by_name else None
             names.setdefault("y", "inputs")
-            return Request(dm.Infer(model, number, z, y, output, dm.Names(names)), want, timeout)
+            return Request(dm.Infer(model, number, z, y, psi, output, dm.Names(names)), want, timeout)
         if "y" in by_name:
             raise InvalidArgument("parameters.labels: give labels or a y tensor, not both")
         latents: dm.Seeds | dm.SeedRange | dm.Rows = dm.Rows(z.ravel())
@@ -128,13 +129,21 @@ def request(
         latents = _seeds(parameters)
         given = "parameters.seeds" if "seeds" in parameters else None  # a range a-b in `seeds` is a SeedRange
         names |= {
-            "latents": "inputs", "seeds.seeds": "parameters.seeds",
+            "latents": given or "parameters.count", "seeds.seeds": "parameters.seeds",
             "seed_range.start": given or "parameters.seed_start", "seed_range.count": given or "parameters.count",
         }  # fmt: skip
     labels = text.labels(parameters["labels"], "parameters.labels") if "labels" in parameters else ()
     names["labels"] = "parameters.labels"
     generate = dm.Generate(model, number, latents, labels, psi, output, dm.Names(names))
     return Request(generate, want, timeout)
+
+
+def deadline(req: Request) -> float | None:
+    """The call's deadline, its own `timeout` (if any) applied first: both wires enforce it alike."""
+    call = gate.current()
+    if req.timeout is not None:
+        call.limit(req.timeout, f"parameters.timeout ({req.timeout:g} s)")
+    return call.deadline
 
 
 def outcome(result: dm.Result, want: Requested) -> tuple[str, list[int], np.ndarray]:
@@ -157,7 +166,7 @@ def _inputs_by_name(inputs: Sequence[Tensor]) -> dict[str, Tensor]:
 
 def _array(t: Tensor) -> np.ndarray:
     """The tensor's values in its own shape: the shape it declares must hold exactly the values it carries."""
-    if len(t.shape) != 2 or any(d < 0 for d in t.shape):
+    if len(t.shape) != 2 or not all(0 <= d < 2**31 for d in t.shape):
         raise InvalidArgument(f"{t.field}.shape: input {t.name!r} is [n, width] (got {list(t.shape)})")
     n = math.prod(t.shape)
     got = 0 if t.data is None else t.data.size
@@ -181,7 +190,7 @@ def _timeout(value: Parameter | None) -> float | None:
     """The `timeout` parameter, in microseconds as Triton reads it; 0 or absent: none of its own."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise InvalidArgument(f"parameters.timeout: microseconds, an integer >= 0 (got {short(str(value))})")
     return value / 1e6 if value else None
 
@@ -193,9 +202,13 @@ def _integer(value: Parameter, field: str) -> int:
 
 
 def _number(value: Parameter, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer past float's range
+        number = math.nan
+    if not math.isfinite(number):
         raise InvalidArgument(f"{field}: a number (got {short(str(value))})")
-    return float(value)
+    return number
 
 
 def _requested(outputs: Sequence[Requested], datatype: str) -> Requested:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from service import domain as dm
-from service import gate
 from service.api.inference import grpc_predict_v2_pb2 as pb
 from service.api.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.dataplane import DataPlane
@@ -92,10 +91,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         req = oip.request(
             request.model_name, request.model_version, parameters, _inputs(request), _outputs(request)
         )  # fmt: skip
-        call = gate.current()
-        if req.timeout is not None:
-            call.limit(req.timeout, "parameters.timeout")
-        result = await self.plane.run(req.domain, call.deadline)
+        result = await self.plane.run(req.domain, oip.deadline(req))
         datatype, shape, values = oip.outcome(result, req.want)
         tensor = pb.ModelInferResponse.InferOutputTensor(name=req.want.name, datatype=datatype, shape=shape)
         return pb.ModelInferResponse(

@@ -16,7 +16,6 @@ from concurrent.futures import Executor
 import numpy as np
 from aiohttp import web
 
-from service import gate
 from service.dataplane import DataPlane
 from service.errors import InvalidArgument, short
 from service.frontends import oip, text
@@ -88,10 +87,7 @@ class OipRest:
             )  # fmt: skip
         model, version = request.match_info["model"], request.match_info.get("version", "")
         req = oip.request(model, version, parameters, inputs, outputs, REST_FIELDS)
-        call = gate.current()
-        if req.timeout is not None:
-            call.limit(req.timeout, f"parameters.timeout ({req.timeout:g} s)")
-        result = await self.plane.run(req.domain, call.deadline)
+        result = await self.plane.run(req.domain, oip.deadline(req))
         datatype, shape, values = oip.outcome(result, req.want)
         tensor = {"name": req.want.name, "datatype": datatype, "shape": shape}
         answer = {"model_name": result.model, "model_version": str(result.version), "outputs": [tensor]}
@@ -100,20 +96,14 @@ class OipRest:
         if not binary:
             # Numbers as JSON text cost ~0.1 µs each: a big answer is written off the event loop, a small one here.
             if values.nbytes <= ON_LOOP:
-                body = _json_answer(answer, values)
+                text = _json_answer(answer, values)
             else:
-                body = await asyncio.get_running_loop().run_in_executor(self.executor, _json_answer, answer, values)
-            return web.Response(body=body, content_type="application/json")
+                text = await asyncio.get_running_loop().run_in_executor(self.executor, _json_answer, answer, values)
+            return web.Response(text=text, content_type="application/json")
         tensor["parameters"] = {"binary_data_size": values.nbytes}
         head = json.dumps(answer).encode()
-        response = web.StreamResponse(headers={JSON_HEADER: str(len(head))})
-        response.content_type = "application/octet-stream"
-        response.content_length = len(head) + values.nbytes
-        await response.prepare(request)
-        await response.write(head)
-        await response.write(memoryview(np.ascontiguousarray(values)).cast("B"))  # the array's own bytes: no copy
-        await response.write_eof()
-        return response
+        body = head + memoryview(np.ascontiguousarray(values)).cast("B")  # the answer's one copy of the images
+        return web.Response(body=body, content_type="application/octet-stream", headers={JSON_HEADER: str(len(head))})
 
 
 def parse(
@@ -131,9 +121,9 @@ def parse(
     return doc, inputs, parameters, outputs, binary
 
 
-def _json_answer(answer: dict, values: np.ndarray) -> bytes:
+def _json_answer(answer: dict, values: np.ndarray) -> str:
     answer["outputs"][0]["data"] = values.ravel().tolist()
-    return json.dumps(answer).encode()
+    return json.dumps(answer)
 
 
 def _split(body: bytes, header: str | None) -> tuple[bytes, bytes]:
@@ -192,7 +182,7 @@ def _json_values(data: object, datatype: str, field: str) -> np.ndarray | None:
         raise InvalidArgument(f"{field}: must be a list of numbers (flat or nested, row-major)")
     try:
         values = np.asarray(data, dtype=np.float32).ravel()
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise InvalidArgument(f"{field}: must hold numbers only, in lists of equal length") from None
     if not np.all(np.isfinite(values)):
         raise InvalidArgument(f"{field}: values must be finite")

@@ -60,7 +60,7 @@ class Pages:
             request.match_info["model"], text.version(q.get("version", ""), "version"), seeds,
             [label] if label else [], text.number(q.get("psi", "0"), "psi"), output, dm.Names(names),
         )  # fmt: skip
-        return _png(await self.plane.generate(generate, gate.current().deadline))
+        return _png(await self.plane.generate(generate, gate.deadline()))
 
     async def interpolation(self, request: web.Request) -> web.Response:
         """A PNG strip of frames from seed to seed: ?from=0&to=1&steps=8&from_label=3&to_label=5&psi=0.7."""
@@ -74,14 +74,14 @@ class Pages:
         # A label at one end only: the message names the end that lacks one.
         lacking = given["to"] if given["from"] in q else given["from"]
         names = {"model": "model", "version": "version", "keyframes[0]": "from", "keyframes[1]": "to",
-                 "keyframes": "from", "truncation": "psi", "keyframes.label[0]": given["from"],
+                 "keyframes": given["from"], "truncation": "psi", "keyframes.label[0]": given["from"],
                  "keyframes.label[1]": given["to"], "keyframes.label": lacking}  # fmt: skip
         interpolate = dm.Interpolate(
             request.match_info["model"], text.version(q.get("version", ""), "version"), keys,
             text.integer(q.get("steps", "8"), "steps"), q.get("method", "slerp"), text.number(q.get("psi", "0"), "psi"),
             GRID, dm.Names(names),
         )  # fmt: skip
-        return _png(await self.plane.interpolate(interpolate, gate.current().deadline))
+        return _png(await self.plane.interpolate(interpolate, gate.deadline()))
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -17,13 +17,13 @@ MAX_DIGITS = 20  # 2**64 - 1, the largest seed, has 20 digits
 MAX_TEXT = 64 << 10  # characters of one seeds or labels text
 MAX_SEEDS = 1 << 16  # seeds one text may list; a single range a-b is never expanded
 SEED_ITEM = re.compile(r"\s*(\d{1,20})\s*(?:-\s*(\d{1,20})\s*)?")
+INTEGER = re.compile(rf"\s*[+-]?\d{{1,{MAX_DIGITS}}}\s*")
 
 
-def integer(text: str, field: str, max_digits: int = MAX_DIGITS) -> int:
+def integer(text: str, field: str) -> int:
     """A decimal integer (a sign allowed), refused by its length before it is converted."""
-    body = text.strip().removeprefix("-").removeprefix("+")
-    if not (body.isascii() and body.isdigit()) or len(body) > max_digits:
-        raise InvalidArgument(f"{field}: an integer of at most {max_digits} digits (got {short(text)})")
+    if not INTEGER.fullmatch(text):
+        raise InvalidArgument(f"{field}: an integer of at most {MAX_DIGITS} digits (got {short(text)})")
     return int(text)
 
 

@@ -184,7 +184,7 @@ AGAINST = [
 ]  # fmt: skip
 
 
-def against(repo: Path, tree: Path, d: float, rounds: int) -> None:
+def against(repo: Path, tree: Path, d: float, rounds: int, only: str = "") -> None:
     """Every workload of AGAINST on servers of `tree` (an older checkout) and of this tree, rounds interleaved so
     that drift on a shared machine hits both alike; medians, and this tree ÷ that one."""
     trees = [("before", tree.resolve()), ("after", ROOT)]
@@ -194,6 +194,8 @@ def against(repo: Path, tree: Path, d: float, rounds: int) -> None:
             servers = {"": service(repo, where), "false": service(repo, where, batching="false")}
             try:
                 for label, model, n, concurrency, flags, kind in AGAINST:
+                    if only and label != only:
+                        continue
                     server = servers[flags.get("batching", "")]
                     stats = asyncio.run(protocol_load(kind, server.port, server.http_port, model, n, concurrency, d))
                     got.setdefault((label, which), []).append(stats)
@@ -205,6 +207,8 @@ def against(repo: Path, tree: Path, d: float, rounds: int) -> None:
     print(f"\n| workload | before img/s | after img/s | after ÷ before | p50 ms before → after | (median of {rounds})")
     print("|---|---|---|---|---|")
     for label, *_ in AGAINST:
+        if only and label != only:
+            continue
         ips = [float(np.median([s.ips for s in got[label, which]])) for which, _ in trees]
         p50 = [float(np.median([s.pct(50) for s in got[label, which]])) for which, _ in trees]
         print(f"| {label} | {ips[0]:,.0f} | {ips[1]:,.0f} | {ips[1] / ips[0]:.2f} | {p50[0]:.2f} → {p50[1]:.2f} |")
@@ -377,6 +381,7 @@ def main() -> None:
     p.add_argument("--protocols", action="store_true", help="only P1 and P2 through ganserve.v1, OIP gRPC and REST")
     p.add_argument("--rounds", type=int, default=3, help="--security, --protocols, --against: interleaved rounds")
     p.add_argument("--against", type=Path, help="only P1-P4 and the protocols, this tree against an older checkout")
+    p.add_argument("--only", default="", help="--against: one workload by its label (P2, 'P1 OIP gRPC ModelInfer')")
     args = p.parse_args()
     d = args.duration
     rows: list[tuple[str, str, str, str]] = []
@@ -392,7 +397,7 @@ def main() -> None:
             protocols(repo, d, args.rounds)
             return
         if args.against:
-            against(repo, args.against, d, args.rounds)
+            against(repo, args.against, d, args.rounds, args.only)
             return
         dcgan = repo / "dcgan" / "1" / "model.onnx"
         raw_d = max(1.0, d / 2)

@@ -24,12 +24,13 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from service.errors import Code, InvalidArgument, Status, TooLarge, short
 from service.frontends import text
-from service.gate import Gate
+from service.gate import SWEEP, TIMER, Gate
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "X-Request-Timeout"  # seconds, a decimal number: the call's deadline
+DEFAULT = "the server's default deadline"
 SHUTDOWN_S = 1.0  # after the drain: what is left (idle or half-sent connections) gets this long, then is closed
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,7 +55,7 @@ def error(status: Status) -> web.Response:
     return response
 
 
-async def read_body(request: web.Request, limit: int, what: str = "") -> bytes:
+async def read_body(request: web.Request, limit: int, what: str = "") -> bytearray:
     """The request body, refused with 413 past `limit` bytes: by its Content-Length before any of it is read, else
     as it arrives (and as it inflates, for a compressed body). `what` says which limit, in the message."""
     over = f"over the {limit:,}-byte limit{what}"
@@ -70,7 +71,7 @@ async def read_body(request: web.Request, limit: int, what: str = "") -> bytes:
         encoding = request.headers.get("Content-Encoding")
         how = f"as Content-Encoding {short(encoding, 16)}" if encoding else "as sent"
         raise InvalidArgument(f"request: the body does not decode {how} ({type(e).__name__})") from None
-    return bytes(body)
+    return body  # the body's one copy: views of it (tensor bytes) are taken from here on
 
 
 class Front:
@@ -99,15 +100,15 @@ class Front:
             refusal = self.gate.admit(path, headers, counted)
             if refusal is not None:
                 return error(self.gate.refuse(refusal, method, f"HTTP {request.method} {request.path}", request.remote))
-        response = None
         async with self.gate.run("http", method, request.match_info.get("model", ""), counted) as call:
-            seconds, source = self.default_deadline_s, "the server's default deadline"
+            seconds, source = self.default_deadline_s, DEFAULT
             if TIMEOUT_HEADER in request.headers:
                 seconds, source = text.number(request.headers[TIMEOUT_HEADER], TIMEOUT_HEADER), TIMEOUT_HEADER
                 if seconds <= 0:
                     raise InvalidArgument(f"{TIMEOUT_HEADER}: seconds, a number > 0 (got {seconds:g})")
             if seconds > 0:  # a request's own deadline (OIP's timeout parameter) replaces this one
-                call.limit(seconds, f"{source} ({seconds:g} s)", fallback=True)
+                how = SWEEP if source is DEFAULT else TIMER  # a default, long and on every call: swept, not timed
+                call.limit(seconds, f"{source} ({seconds:g} s)", how, fallback=True)
             try:
                 response = await handler(request)
             except web.HTTPException as e:  # aiohttp's own refusals keep their status

@@ -20,7 +20,7 @@ import grpc
 
 from service import errors
 from service.errors import Code
-from service.gate import Gate
+from service.gate import WIRE, Gate
 from service.security import Refusal
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class Interceptor(grpc.aio.ServerInterceptor):
         async with self.gate.run("grpc", method, name if isinstance(name, str) else "", counted) as call:
             remaining = context.time_remaining()
             if remaining is not None:  # gRPC itself cancels the call at its deadline
-                call.limit(remaining, "the call's deadline", enforce=False)
+                call.limit(remaining, "the call's deadline", WIRE)
             if isinstance(request, Malformed):
                 raise errors.InvalidArgument(request.message)
             try:

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
+import service.gate
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.inference import grpc_predict_v2_pb2 as ipb
 from service.api.inference import grpc_predict_v2_pb2_grpc as ipb_grpc
@@ -52,7 +53,8 @@ async def hold(stub, gate: Hold) -> asyncio.Future:
     [("parameter", "parameters.timeout (0.05 s)"), ("header", "X-Request-Timeout (0.05 s)"),
      ("default", "the server's default deadline (0.05 s)")],
 )  # fmt: skip
-def test_an_http_deadline_answers_504_naming_it_and_drops_the_queued_work(repo, how, source):
+def test_an_http_deadline_answers_504_naming_it_and_drops_the_queued_work(repo, how, source, monkeypatch):
+    monkeypatch.setattr(service.gate, "SWEEP_S", 0.01)  # the default's sweep, every 10 ms rather than every second
     gate = Hold()
     body = {"parameters": {"seeds": "0-3"}} | (
         {"parameters": {"seeds": "0-3", "timeout": 50_000}} if how == "parameter" else {}
@@ -279,8 +281,9 @@ def test_the_drain_closes_a_half_sent_http_body_within_the_grace_period(repo):
     assert rest == b"" or rest.startswith(b"HTTP/1.1 ")
 
 
-def test_a_request_s_own_timeout_replaces_the_server_default_and_truncation_applies_to_tensors(repo):
+def test_a_request_s_own_timeout_replaces_the_server_default_and_truncation_applies_to_tensors(repo, monkeypatch):
     """The README's order: OIP's `timeout`, else the header, else the default; a longer own timeout is honoured."""
+    monkeypatch.setattr(service.gate, "SWEEP_S", 0.01)
     gate = Hold()
     z = [[0.9, -0.9, 0.5, 0.0, 0.2]]
     tensors = {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 5], "data": z},

@@ -107,7 +107,7 @@ class OipRest:
 
 
 def parse(
-    body: bytes, header: str | None, max_json_bytes: int
+    body: bytearray, header: str | None, max_json_bytes: int
 ) -> tuple[dict, list[oip.Tensor], Mapping[str, oip.Parameter], list[oip.Requested], bool]:
     """A REST infer body → its JSON document, input tensors, parameters, outputs and whether to answer in binary.
     Pure: it runs off the event loop for big bodies."""
@@ -126,16 +126,16 @@ def _json_answer(answer: dict, values: np.ndarray) -> str:
     return json.dumps(answer)
 
 
-def _split(body: bytes, header: str | None) -> tuple[bytes, bytes]:
-    """The binary tensor extension: the first `header` bytes are JSON, the rest tensor bytes."""
+def _split(body: bytearray, header: str | None) -> tuple[bytearray, memoryview]:
+    """The binary tensor extension: the first `header` bytes are JSON, the rest tensor bytes (a view, not a copy)."""
     if header is None:
-        return body, b""
+        return body, memoryview(b"")
     if not header.isascii() or not header.isdigit() or len(header) > 20 or int(header) > len(body):
         raise InvalidArgument(f"{JSON_HEADER}: {short(header)} is not a length within the {len(body)}-byte body")
-    return body[: int(header)], body[int(header) :]
+    return body[: int(header)], memoryview(body)[int(header) :]
 
 
-def _json_object(data: bytes) -> dict:
+def _json_object(data: bytes | bytearray) -> dict:
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -145,7 +145,7 @@ def _json_object(data: bytes) -> dict:
     return doc
 
 
-def _json_inputs(items: object, rest: bytes) -> list[oip.Tensor]:
+def _json_inputs(items: object, rest: memoryview) -> list[oip.Tensor]:
     if not isinstance(items, list):
         raise InvalidArgument("inputs: must be a list of tensors")
     tensors, offset = [], 0

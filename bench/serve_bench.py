@@ -184,6 +184,9 @@ AGAINST = [
 ]  # fmt: skip
 
 
+AGAINST_BATCH = 16
+
+
 def against(repo: Path, tree: Path, d: float, rounds: int, only: str = "") -> None:
     """Every workload of AGAINST on servers of `tree` (an older checkout) and of this tree, rounds interleaved so
     that drift on a shared machine hits both alike; medians, and this tree ÷ that one."""
@@ -191,7 +194,10 @@ def against(repo: Path, tree: Path, d: float, rounds: int, only: str = "") -> No
     got: dict[tuple[str, str], list[Stats]] = {}
     for r in range(rounds):
         for which, where in trees if r % 2 == 0 else trees[::-1]:
-            servers = {"": service(repo, where), "false": service(repo, where, batching="false")}
+            # One batch size for both trees: the size measured at start varies from start to start (16 or 64 for
+            # the same profile), which would swamp what this compares, the cost of the front ends.
+            fixed = {"preferred_batch_size": AGAINST_BATCH}
+            servers = {"": service(repo, where, **fixed), "false": service(repo, where, batching="false", **fixed)}
             try:
                 for label, model, n, concurrency, flags, kind in AGAINST:
                     if only and label != only:

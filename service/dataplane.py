@@ -59,7 +59,7 @@ class DataPlane:
         """One model version's description; errors name the request's `model` and `version` in its words."""
         if not name:
             raise InvalidArgument(f"{names('model')}: required")
-        return self._info(self.registry.get(name, version, names("model"), names("version")))
+        return self._info(self.registry.get(name, version, names))
 
     def is_ready(self, name: str, version: int = 0) -> bool:
         """Whether the model (that version of it; 0: any) serves now."""
@@ -77,7 +77,7 @@ class DataPlane:
         """The version held for the request: if it leaves meanwhile, the request still finishes on it."""
         if not req.model:
             raise InvalidArgument(f"{req.names('model')}: required")
-        return self.registry.use(req.model, req.version, req.names("model"), req.names("version"))
+        return self.registry.use(req.model, req.version, req.names)
 
     # ---- generation --------------------------------------------------------------------------------
 
@@ -86,12 +86,12 @@ class DataPlane:
         with self._use(req) as mv:
             output = _check_output(req.output, names)
             n = _count(req.latents, mv.spec.latent_dim, self.limits.max_images, names)
-            self._check_size(mv, n, output, names("latents"), names)
+            self._check_size(mv, n, output, "latents", names)
             y = _label_vectors(mv, req.labels, n, self.limits.max_images, names)
             psi = _truncation(req.truncation, names)
             mv.batcher.check_room(n)  # before any latent is built: a full queue answers in microseconds
             spec = req.latents
-            z = _rows(spec.values, mv, names("rows.values")) if isinstance(spec, Rows) else None
+            z = _rows(spec.values, mv, "rows.values", names) if isinstance(spec, Rows) else None
             z = z if z is not None else await self._latents(mv, spec, 0, n)
             return await self._run(mv, _truncate(z, psi), y, output, deadline)
 
@@ -121,16 +121,16 @@ class DataPlane:
                 if len(y) not in (1, n):
                     raise InvalidArgument(f"{names('y')}: {len(y)} rows for {n} samples; give 1 or {n}")
                 y = np.ascontiguousarray(np.broadcast_to(y, (n, spec.num_classes)), np.float32)
-            self._check_size(mv, n, output, names("z"), names)
+            self._check_size(mv, n, output, "z", names)
             psi = _truncation(req.truncation, names)
             mv.batcher.check_room(n)
             return await self._run(mv, _truncate(np.ascontiguousarray(z, np.float32), psi), y, output, deadline)
 
-    def _check_size(self, mv: ModelVersion, n: int, output: Output, field: str, names: Names) -> None:
+    def _check_size(self, mv: ModelVersion, n: int, output: Output, path: str, names: Names) -> None:
         size = response_bytes(mv, n, output)
         if size > self.limits.max_message_bytes:
             raise InvalidArgument(
-                f"{field}: {n} images of this model make a response of up to {size:,} bytes, over the"
+                f"{names(path)}: {n} images of this model make a response of up to {size:,} bytes, over the"
                 f" {self.limits.max_message_bytes:,}-byte message limit; ask for fewer{names.hint('stream')}"
             )
 
@@ -156,7 +156,7 @@ class DataPlane:
                 )
             chunk = max(1, min(self.limits.stream_chunk, self.limits.max_message_bytes // (2 * per_image)))
             mv.batcher.check_room(min(n, chunk))
-            rows = _rows(req.latents.values, mv, names("rows.values")) if isinstance(req.latents, Rows) else None
+            rows = _rows(req.latents.values, mv, "rows.values", names) if isinstance(req.latents, Rows) else None
 
             async def part(start: int) -> Result:
                 stop = min(start + chunk, n)
@@ -202,7 +202,7 @@ class DataPlane:
         y = _keyframe_labels(mv, req.keyframes, req.steps, names)
         z = latents.path(_keyframe_latents(mv, req.keyframes, names), req.steps, req.method)
         strip = output if output.grid_columns else dataclasses.replace(output, grid_columns=frames)
-        self._check_size(mv, frames, strip, names("steps"), names)
+        self._check_size(mv, frames, strip, "steps", names)
         return await self._run(mv, _truncate(z, _truncation(req.truncation, names)), y, strip, deadline)
 
     async def _latents(self, mv: ModelVersion, spec: Seeds | SeedRange, start: int, stop: int) -> np.ndarray:
@@ -226,7 +226,7 @@ class DataPlane:
         return dataclasses.replace(result, latents=z) if output.return_latents else result
 
 
-def _check_seeds(seeds: Sequence[int], field: str) -> None:
+def _check_seeds(seeds: Sequence[int], path: str, names: Names) -> None:
     """Every seed in 0..2**64 - 1: at numpy speed when they are, item by item to name the first that is not."""
     try:
         values = np.asarray(seeds)
@@ -235,12 +235,13 @@ def _check_seeds(seeds: Sequence[int], field: str) -> None:
         valid = False
     if not valid:
         for i, seed in enumerate(seeds):
-            _check_seed(seed, f"{field}[{i}]")
+            _check_seed(seed, f"{path}[{i}]", names)
 
 
-def _check_seed(seed: int, field: str) -> None:
+def _check_seed(seed: int, path: str, names: Names) -> None:
+    """Names resolve only on the way to an error, here and below: a request that is fine never pays for them."""
     if not (isinstance(seed, (int, np.integer)) and 0 <= seed <= contract.MAX_SEED):
-        raise InvalidArgument(f"{field}: a seed is an integer in 0..2**64 - 1 (got {short(str(seed))})")
+        raise InvalidArgument(f"{names(path)}: a seed is an integer in 0..2**64 - 1 (got {short(str(seed))})")
 
 
 def response_bytes(mv: ModelVersion, n: int, output: Output) -> int:
@@ -271,37 +272,39 @@ def _count(spec: Seeds | SeedRange | Rows | None, latent_dim: int, limit: int, n
     if spec is None:
         raise InvalidArgument(f"{names('latents')}: give seeds, a seed range or latent rows")
     if isinstance(spec, Rows):
-        field, n = names("rows.values"), _whole_rows(spec.values, latent_dim, names("rows.values"))
+        path, n = "rows.values", _whole_rows(spec.values, latent_dim, "rows.values", names)
     elif isinstance(spec, SeedRange):
-        field, n = names("seed_range.count"), spec.count
-        _check_seed(spec.start, names("seed_range.start"))
+        path, n = "seed_range.count", spec.count
+        _check_seed(spec.start, "seed_range.start", names)
         if n < 0:
-            raise InvalidArgument(f"{field}: must be >= 0 (got {n})")
+            raise InvalidArgument(f"{names(path)}: must be >= 0 (got {n})")
         if spec.start + spec.count > contract.MAX_SEED + 1:
             raise InvalidArgument(f"{names('seed_range.start')}: the range runs past the largest seed, 2**64 - 1")
     else:
-        field, n = names("seeds.seeds"), len(spec.values)
+        path, n = "seeds.seeds", len(spec.values)
         if n <= limit:
-            _check_seeds(spec.values, field)
+            _check_seeds(spec.values, path, names)
     if n == 0:
-        raise InvalidArgument(f"{field}: empty")
+        raise InvalidArgument(f"{names(path)}: empty")
     if n > limit:
-        raise InvalidArgument(f"{field}: {n} requested, the limit per request is {limit}")
+        raise InvalidArgument(f"{names(path)}: {n} requested, the limit per request is {limit}")
     return n
 
 
-def _whole_rows(values: Sequence[float], latent_dim: int, field: str) -> int:
+def _whole_rows(values: Sequence[float], latent_dim: int, path: str, names: Names) -> int:
     if len(values) == 0 or len(values) % latent_dim:
-        raise InvalidArgument(f"{field}: {len(values)} values is not a positive multiple of latent_dim {latent_dim}")
+        raise InvalidArgument(
+            f"{names(path)}: {len(values)} values is not a positive multiple of latent_dim {latent_dim}"
+        )
     return len(values) // latent_dim
 
 
-def _rows(values: Sequence[float], mv: ModelVersion, field: str) -> np.ndarray:
+def _rows(values: Sequence[float], mv: ModelVersion, path: str, names: Names) -> np.ndarray:
     """Explicit latents: a flat sequence of whole rows, all finite → float32 [n, latent_dim]."""
     latent_dim = mv.spec.latent_dim
-    _whole_rows(values, latent_dim, field)
+    _whole_rows(values, latent_dim, path, names)
     values = np.asarray(values, dtype=np.float32)
-    _check_finite(values, field)
+    _check_finite(values, path, names)
     return values.reshape(-1, latent_dim)
 
 
@@ -310,13 +313,13 @@ def _matrix(array: np.ndarray | None, width: int, name: str, names: Names) -> np
     if array is None or array.ndim != 2 or array.shape[1] != width or len(array) < 1:
         got = "none" if array is None else list(array.shape)
         raise InvalidArgument(f"{names(name + '.shape')}: input {name!r} is [n, {width}] (got {got})")
-    _check_finite(array, names(name))
+    _check_finite(array, name, names)
     return array
 
 
-def _check_finite(values: np.ndarray, field: str) -> None:
+def _check_finite(values: np.ndarray, path: str, names: Names) -> None:
     if not np.all(np.isfinite(values)):
-        raise InvalidArgument(f"{field}: values must be finite (found NaN or Inf)")
+        raise InvalidArgument(f"{names(path)}: values must be finite (found NaN or Inf)")
 
 
 def _truncation(psi: float, names: Names) -> float | None:
@@ -336,17 +339,18 @@ def _label_vectors(
 ) -> np.ndarray | None:
     """The float32 [n, num_classes] y input; one label for all samples or one per sample."""
     spec = mv.spec
-    name = names(field)
     if len(labels) > limit:
-        raise InvalidArgument(f"{name}: {len(labels)} given, the limit per request is {limit}")
+        raise InvalidArgument(f"{names(field)}: {len(labels)} given, the limit per request is {limit}")
     if not spec.num_classes:
         if labels:
-            raise InvalidArgument(f"{name}: model {mv.name!r} is unconditional and takes no labels")
+            raise InvalidArgument(f"{names(field)}: model {mv.name!r} is unconditional and takes no labels")
         return None
     if not labels:
-        raise InvalidArgument(f"{name}: model {mv.name!r} is conditional: give a class index, a name or soft weights")
+        raise InvalidArgument(
+            f"{names(field)}: model {mv.name!r} is conditional: give a class index, a name or soft weights"
+        )
     if len(labels) not in (1, n):
-        raise InvalidArgument(f"{name}: expected 1 or {n} labels for {n} samples, got {len(labels)}")
+        raise InvalidArgument(f"{names(field)}: expected 1 or {n} labels for {n} samples, got {len(labels)}")
     rows = np.stack([_label_row(spec.class_names, lab, f"{field}[{i}]", names) for i, lab in enumerate(labels)])
     return np.ascontiguousarray(np.broadcast_to(rows, (n, spec.num_classes)), dtype=np.float32)
 
@@ -384,13 +388,13 @@ def _keyframe_latents(mv: ModelVersion, keyframes: Sequence[Keyframe], names: Na
         if (key.seed is None) == (key.row is None):
             raise InvalidArgument(f"{names(f'keyframes[{i}]')}: give a seed or a row")
         if key.row is None:
-            _check_seed(key.seed, names(f"keyframes[{i}].seed"))
+            _check_seed(key.seed, f"keyframes[{i}].seed", names)
             keys.append(contract.seed_latent(key.seed, d, mv.spec.prior))
             continue
-        field = names(f"keyframes[{i}].row.values")
+        path = f"keyframes[{i}].row.values"
         if len(key.row) != d:
-            raise InvalidArgument(f"{field}: exactly one row of {d} values (got {len(key.row)})")
-        keys.append(_rows(key.row, mv, field)[0])
+            raise InvalidArgument(f"{names(path)}: exactly one row of {d} values (got {len(key.row)})")
+        keys.append(_rows(key.row, mv, path, names)[0])
     return np.stack(keys)
 
 

@@ -32,6 +32,9 @@ class Names:
     table: Mapping[str, str] = field(default_factory=dict)
 
     def __call__(self, path: str) -> str:
+        exact = self.table.get(path)
+        if exact is not None:
+            return exact
         best = ""
         for prefix in self.table:
             if len(prefix) > len(best) and (path == prefix or path.startswith((prefix + ".", prefix + "["))):

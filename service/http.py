@@ -55,7 +55,7 @@ def error(status: Status) -> web.Response:
     return response
 
 
-async def read_body(request: web.Request, limit: int, what: str = "") -> bytearray:
+async def read_body(request: web.Request, limit: int, what: str = "") -> bytes | bytearray:
     """The request body, refused with 413 past `limit` bytes: by its Content-Length before any of it is read, else
     as it arrives (and as it inflates, for a compressed body). `what` says which limit, in the message."""
     over = f"over the {limit:,}-byte limit{what}"
@@ -63,6 +63,8 @@ async def read_body(request: web.Request, limit: int, what: str = "") -> bytearr
         raise TooLarge(f"request: the body is {request.content_length:,} bytes, {over}")
     body = bytearray()
     try:
+        if request.content_length is not None and "Content-Encoding" not in request.headers:
+            return await request.read()  # its length known and within the limit: one read, no loop
         async for chunk in request.content.iter_chunked(1 << 16):
             body += chunk
             if len(body) > limit:

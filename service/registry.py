@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 AVAILABLE, LOADING, READY, UNLOADING, FAILED = "AVAILABLE", "LOADING", "READY", "UNLOADING", "FAILED"
 
 
+def _as_is(path: str) -> str:
+    return path
+
+
 def served_spec(session: Session) -> ModelSpec:
     """The file's spec, checked against its graph and against what this server serves."""
     spec = read_spec(session.session)
@@ -123,24 +127,25 @@ class Registry:
         """Serving versions of `name`, ascending (empty when none)."""
         return sorted(self._serving.get(name, ()))
 
-    def get(self, name: str, version: int = 0, field: str = "model", version_field: str = "version") -> ModelVersion:
-        """A version (0 = the latest serving); NotFound names what is there instead, and the request's fields."""
+    def get(self, name: str, version: int = 0, names: Callable[[str], str] = _as_is) -> ModelVersion:
+        """A version (0 = the latest serving); NotFound names what is there instead, and the request's fields in the
+        caller's words (`names`: the data plane's field → the caller's)."""
         versions = self._serving.get(name)
         if not versions:
             known = ", ".join(sorted(self._serving)) or "none loaded"
-            raise NotFound(f"{field}: no model named {short(name)} (models: {known})")
+            raise NotFound(f"{names('model')}: no model named {short(name)} (models: {known})")
         if version == 0:
             return versions[max(versions)]
         if version not in versions:
-            raise NotFound(f"{version_field}: model {name!r} has no version {version} (versions: {sorted(versions)})")
+            raise NotFound(
+                f"{names('version')}: model {name!r} has no version {version} (versions: {sorted(versions)})"
+            )
         return versions[version]
 
     @contextlib.contextmanager
-    def use(
-        self, name: str, version: int = 0, field: str = "model", version_field: str = "version"
-    ) -> Iterator[ModelVersion]:
+    def use(self, name: str, version: int = 0, names: Callable[[str], str] = _as_is) -> Iterator[ModelVersion]:
         """A version held for one request: if it leaves meanwhile, its session stays until the request is done."""
-        mv = self.get(name, version, field, version_field)
+        mv = self.get(name, version, names)
         mv.users += 1
         try:
             yield mv

@@ -107,7 +107,7 @@ class OipRest:
 
 
 def parse(
-    body: bytearray, header: str | None, max_json_bytes: int
+    body: bytes | bytearray, header: str | None, max_json_bytes: int
 ) -> tuple[dict, list[oip.Tensor], Mapping[str, oip.Parameter], list[oip.Requested], bool]:
     """A REST infer body → its JSON document, input tensors, parameters, outputs and whether to answer in binary.
     Pure: it runs off the event loop for big bodies."""
@@ -126,7 +126,7 @@ def _json_answer(answer: dict, values: np.ndarray) -> str:
     return json.dumps(answer)
 
 
-def _split(body: bytearray, header: str | None) -> tuple[bytearray, memoryview]:
+def _split(body: bytes | bytearray, header: str | None) -> tuple[bytes | bytearray, memoryview]:
     """The binary tensor extension: the first `header` bytes are JSON, the rest tensor bytes (a view, not a copy)."""
     if header is None:
         return body, memoryview(b"")

@@ -192,6 +192,7 @@ def against(repo: Path, tree: Path, d: float, rounds: int, only: str = "") -> No
     that drift on a shared machine hits both alike; medians, and this tree ÷ that one."""
     trees = [("before", tree.resolve()), ("after", ROOT)]
     got: dict[tuple[str, str], list[Stats]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}  # server CPU µs per request: steadier than img/s on a busy box
     for r in range(rounds):
         for which, where in trees if r % 2 == 0 else trees[::-1]:
             # One batch size for both trees: the size measured at start varies from start to start (16 or 64 for
@@ -203,21 +204,25 @@ def against(repo: Path, tree: Path, d: float, rounds: int, only: str = "") -> No
                     if only and label != only:
                         continue
                     server = servers[flags.get("batching", "")]
+                    before = server.cpu_seconds()
                     stats = asyncio.run(protocol_load(kind, server.port, server.http_port, model, n, concurrency, d))
                     got.setdefault((label, which), []).append(stats)
+                    cpu.setdefault((label, which), []).append((server.cpu_seconds() - before) / stats.requests * 1e6)
                     print(f"round {r + 1} {which} {label}: {stats.ips:,.0f} img/s, p50 {stats.pct(50):.2f} ms",
                           flush=True)  # fmt: skip
             finally:
                 for server in servers.values():
                     server.close()
-    print(f"\n| workload | before img/s | after img/s | after ÷ before | p50 ms before → after | (median of {rounds})")
-    print("|---|---|---|---|---|")
+    print(f"\n| workload | before img/s | after img/s | after ÷ before | p50 ms before → after | server CPU µs/request"
+          f" before → after (÷) | (median of {rounds})\n|---|---|---|---|---|---|")  # fmt: skip
     for label, *_ in AGAINST:
         if only and label != only:
             continue
         ips = [float(np.median([s.ips for s in got[label, which]])) for which, _ in trees]
         p50 = [float(np.median([s.pct(50) for s in got[label, which]])) for which, _ in trees]
-        print(f"| {label} | {ips[0]:,.0f} | {ips[1]:,.0f} | {ips[1] / ips[0]:.2f} | {p50[0]:.2f} → {p50[1]:.2f} |")
+        us = [float(np.median(cpu[label, which])) for which, _ in trees]
+        print(f"| {label} | {ips[0]:,.0f} | {ips[1]:,.0f} | {ips[1] / ips[0]:.2f} | {p50[0]:.2f} → {p50[1]:.2f} |"
+              f" {us[0]:,.0f} → {us[1]:,.0f} ({us[1] / us[0]:.2f}) |")  # fmt: skip
 
 
 def raw_ort(path: Path, batch: int, duration: float, streams: int = 1) -> Stats:
@@ -297,6 +302,11 @@ class Process:
         total = sum(float(v) for v in re.findall(r"^gan_batch_size_sum\{[^}]*\} (\S+)", text, re.M))
         count = sum(float(v) for v in re.findall(r"^gan_batch_size_count\{[^}]*\} (\S+)", text, re.M))
         return total / count if count else float("nan")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (user + system), from /proc (Linux)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> int:
         self.proc.terminate()

@@ -80,9 +80,12 @@ class Front:
     """The HTTP application: the front ends' routes, one middleware around them."""
 
     def __init__(self, gate: Gate, routes: list[Route], max_body_bytes: int, default_deadline_s: float):
-        self.gate, self.default_deadline_s = gate, default_deadline_s
+        self.gate = gate
         self.app = web.Application(middlewares=[self.middleware], client_max_size=max_body_bytes)
         self.routes = {route.name: route for route in routes}
+        # Per route, what every call of it needs: its metrics label and the path its token is checked for.
+        self.labels = {r.name: (f"http.{r.method or r.name}", f"/{r.service}/{r.method or r.name}") for r in routes}
+        self.default = (default_deadline_s, f"{DEFAULT} ({default_deadline_s:g} s)")
         for route in routes:
             self.app.router.add_route(route.verb, route.path, route.handler, name=route.name)
 
@@ -94,23 +97,24 @@ class Front:
                 return await handler(request)
             except web.HTTPException as e:
                 return error(Status(Code.NOT_FOUND if e.status == 404 else Code.INVALID_ARGUMENT, e.reason, e.status))
-        method = f"http.{route.method or route.name}"
+        method, path = self.labels[route.name]
         counted = route.service is not None
         if counted:
-            headers = [("authorization", v) for v in request.headers.getall("Authorization", [])]
-            path = f"/{route.service}/{route.method or route.name}"
+            tokens = self.gate.authorizer is not None
+            headers = [("authorization", v) for v in request.headers.getall("Authorization", [])] if tokens else ()
             refusal = self.gate.admit(path, headers, counted)
             if refusal is not None:
                 return error(self.gate.refuse(refusal, method, f"HTTP {request.method} {request.path}", request.remote))
         async with self.gate.run("http", method, request.match_info.get("model", ""), counted) as call:
-            seconds, source = self.default_deadline_s, DEFAULT
+            # Either replaces by a request's own deadline (OIP's timeout parameter). The default, long and on every
+            # call, is swept rather than timed.
             if TIMEOUT_HEADER in request.headers:
-                seconds, source = text.number(request.headers[TIMEOUT_HEADER], TIMEOUT_HEADER), TIMEOUT_HEADER
+                seconds = text.number(request.headers[TIMEOUT_HEADER], TIMEOUT_HEADER)
                 if seconds <= 0:
                     raise InvalidArgument(f"{TIMEOUT_HEADER}: seconds, a number > 0 (got {seconds:g})")
-            if seconds > 0:  # a request's own deadline (OIP's timeout parameter) replaces this one
-                how = SWEEP if source is DEFAULT else TIMER  # a default, long and on every call: swept, not timed
-                call.limit(seconds, f"{source} ({seconds:g} s)", how, fallback=True)
+                call.limit(seconds, f"{TIMEOUT_HEADER} ({seconds:g} s)", TIMER, fallback=True)
+            elif self.default[0] > 0:
+                call.limit(*self.default, SWEEP, fallback=True)
             try:
                 response = await handler(request)
             except web.HTTPException as e:  # aiohttp's own refusals keep their status

@@ -316,3 +316,60 @@ def test_a_request_s_own_timeout_replaces_the_server_default_and_truncation_appl
     status, outputs = asyncio.run(go())
     assert status == 200
     assert outputs[0] == pytest.approx(z[0]) and outputs[0.5] == pytest.approx([v * 0.5 for v in z[0]])
+
+
+def test_a_grpc_client_that_leaves_cancels_its_queued_work_and_is_counted(repo):
+    """The same guarantee as over HTTP, on the other wire: queued chunks of a cancelled call never run."""
+    gate = Hold()
+
+    async def go():
+        async with running(repo, session_factory=sessions(slow=gate.wait), **ONE_WORKER) as (server, stub, _):
+            held = await hold(stub, gate)
+            call = stub.Generate(pb.GenerateRequest(model="slow", seed_range=pb.SeedRange(start=0, count=64)))
+            depth = {"model": "slow", "version": "1"}
+            await until(lambda: (server.metrics.registry.get_sample_value("gan_queue_depth", depth) or 0) > 0)
+            call.cancel()
+            await until(lambda: cancelled(server, "grpc", "CANCELLED") == 1)
+            gate.open()
+            await held
+            return gate.arrived
+
+    assert asyncio.run(go()) == 1
+
+
+def test_hostile_oip_grpc_parameters_get_invalid_argument_naming_the_field(repo):
+    """What HTTP refuses, OIP over gRPC refuses too: the text and number rules are the same module's."""
+    P = ipb.InferParameter
+
+    async def go():
+        async with running(repo) as (_server, _stub, channel):
+            o = ipb_grpc.GRPCInferenceServiceStub(channel)
+            cases = {
+                "huge_version": ipb.ModelInferRequest(model_name="echo", model_version="9" * 5000),
+                "huge_timeout": ipb.ModelInferRequest(model_name="echo", parameters={
+                    "seeds": P(string_param="1"), "labels": P(string_param="0"), "timeout": P(uint64_param=2**64 - 1)}),
+                "seeds_text": ipb.ModelInferRequest(model_name="echo", parameters={
+                    "seeds": P(string_param=",".join(["1"] * 70000)), "labels": P(string_param="0")}),
+                "huge_label": ipb.ModelInferRequest(model_name="echo", parameters={
+                    "seeds": P(string_param="1"), "labels": P(string_param="9" * 5000)}),
+            }  # fmt: skip
+            answers = {}
+            for name, request in cases.items():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await o.ModelInfer(request)
+                answers[name] = err.value.code(), err.value.details()
+            ok = await o.ModelInfer(ipb.ModelInferRequest(model_name="echo", parameters={
+                "seeds": P(string_param="1"), "labels": P(string_param="0")}))  # fmt: skip
+            return answers, ok.model_name
+
+    answers, served = asyncio.run(go())
+    expected = {
+        "huge_version": "model_version: ",
+        "huge_timeout": "parameters.timeout: microseconds",
+        "seeds_text": "parameters.seeds: 139,999 characters",
+        "huge_label": "parameters.labels: unknown class '99999",
+    }
+    for name, start in expected.items():
+        code, details = answers[name]
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(start), (name, details)
+    assert served == "echo"

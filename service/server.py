@@ -89,9 +89,14 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+def bare(host: str) -> str:
+    """A --host as sockets take it: "[::1]" → "::1"."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` (as given to --host) binds the loopback interface only."""
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = bare(host)
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -100,7 +105,7 @@ def is_loopback(host: str) -> bool:
 
 def metrics_endpoint(port: int, host: str, registry: CollectorRegistry):
     """Prometheus's HTTP server on the gRPC host ("[::]" → "::"; all IPv4 interfaces where IPv6 is off)."""
-    addr = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    addr = bare(host)
     try:
         return start_http_server(port, addr=addr, registry=registry)[0]
     except OSError as e:
@@ -120,7 +125,7 @@ def check_free(flag: str, host: str, port: int) -> None:
     and raises a RuntimeError that does not say why, where this names the flag and the reason in one line."""
     if port <= 0:
         return
-    addr = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    addr = bare(host)
     try:
         addresses = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError:

@@ -29,7 +29,7 @@ def test_bundled_classifiers_are_the_published_ones_and_reproduce_their_accuracy
     net, info, _ = classifier.load(path)
     images, labels, _ = mnist5k("test")
     f, probs = classifier.run(net, images / 255.0)
-    assert info.get("arch", "cnn4") == arch and f.shape == (500, features)
+    assert info["arch"] == arch and f.shape == (500, features)
     assert info["dataset"] == "mnist5k" and info["held_out_images"] == len(labels) == 500
     assert (probs.argmax(1) == labels).mean() == pytest.approx(info["held_out_accuracy"])
     assert info["held_out_accuracy"] > 0.97
@@ -44,7 +44,7 @@ def test_parzen_split_is_per_class_and_disjoint():
 
 def test_evaluate_cli_on_a_tiny_conditional_model(tiny_run, tmp_path, capsys):
     out = tmp_path / "scores.json"
-    assert evaluate.main([str(tiny_run["model"]), "--n", "300", "--json", str(out), *FAST]) == 0
+    assert evaluate.main([str(tiny_run["model"]), "--n", "300", "--json", str(out), "--cas", *FAST]) == 0
     printed = capsys.readouterr().out
     r = json.loads(out.read_text())
     for key in ("parzen", "kid", "fid_inf", "fid", "vs_train", "precision_recall", "inception_score", "conditional"):
@@ -68,6 +68,12 @@ def test_evaluate_cli_on_a_tiny_conditional_model(tiny_run, tmp_path, capsys):
     assert c["held_out_accuracy"]["n"] == 500 and c["intra_kid"]["n_per_class"] == {
         "model": 30, "floor": 450, "reference": 50,
     }  # fmt: skip
+    # CAS under each extractor's own recipe, trained on every sample (fewer than the 4,500 real digits).
+    for e, epochs in ((r, 40), (r["other_extractors"][0], 30)):
+        cas = e["conditional"]["cas"]
+        assert (cas["n_train"], cas["n_real"], cas["n_test"], cas["epochs"]) == (300, 4500, 500, epochs)
+        assert cas["accuracy"]["ci95"][0] <= cas["accuracy"]["value"] <= cas["accuracy"]["ci95"][1]
+    assert "CAS %, trained on 300 fake | 4500 real" in printed
     # A 20-step model is far from the data: worse than the real-vs-real floor on every axis.
     for e in (r, *r["other_extractors"]):
         assert e["fid"]["model"] > e["fid"]["floor"] > 0 and e["fid"]["ratio"] > 1
@@ -75,6 +81,27 @@ def test_evaluate_cli_on_a_tiny_conditional_model(tiny_run, tmp_path, capsys):
         assert e["fid_inf"]["model"] > e["fid_inf"]["floor"]
     assert r["parzen"]["mean"] < 100 and r["parzen"]["test_images"] == 400
     assert 1 <= r["inception_score"]["model"] <= 10
+
+
+def test_classification_accuracy_score_known_answers():
+    """CAS on real digits comes close to the same recipe trained on real digits; a generator that draws every class
+    in one style keeps a perfect label accuracy but fails CAS."""
+    x, y, _ = mnist5k("train")
+    held_x, held_y, _ = mnist5k("test")
+    x, held_x = x / 255.0, held_x / 255.0
+    info = {"arch": "lenet", "class_names": [str(c) for c in range(10)], "epochs": 6, "seed": 0}
+    rng = np.random.default_rng(0)
+    order = np.argsort(np.arange(len(y)) % 450, kind="stable")  # class-interleaved, like requested labels
+    x, y = x[order], y[order]
+    real = evaluate.classification_accuracy_score(x, y, 2000, (held_x, held_y), info, rng, progress=False)
+    assert real["n_train"] == 2000 and real["n_test"] == 500 and real["accuracy"]["n"] == 500
+    assert real["accuracy"]["value"] > 0.93
+    one_style = x[[np.flatnonzero(y == c)[0] for c in y]]  # every sample of class c is the same digit
+    net, _, _ = classifier.load(classifier.BUNDLED_SECOND)
+    assert (classifier.run(net, one_style[:2000])[1].argmax(1) == y[:2000]).mean() > 0.98  # labels: all right
+    collapsed = evaluate.classification_accuracy_score(one_style, y, 2000, (held_x, held_y), info, rng, False)
+    lo, hi = collapsed["accuracy"]["ci95"]
+    assert hi < real["accuracy"]["ci95"][0] and collapsed["accuracy"]["value"] < real["accuracy"]["value"] - 0.1
 
 
 def test_evaluation_is_deterministic(tiny_run):

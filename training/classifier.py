@@ -116,6 +116,30 @@ def run(model: nn.Module, pixels: np.ndarray | torch.Tensor, batch: int = 500) -
     return np.concatenate(feats).astype(np.float64), np.concatenate(probs).astype(np.float64)
 
 
+def fit(
+    arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, seed: int = 0, progress: bool = True
+) -> nn.Module:
+    """Train one classifier of `arch` on pixels x [N, C, H, W] in [0, 1] and labels y [N], with the augmentation
+    and one-cycle schedule every extractor here uses; the classification accuracy score trains it on samples."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = ARCHITECTURES[arch](x.shape[1], x.shape[-1], num_classes)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * (len(x) // 64))
+    for _ in tqdm(range(epochs), desc=f"{arch} classifier", unit="epoch", disable=not progress):
+        model.train()
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(perm) - 63, 64):
+            idx = perm[i : i + 64]
+            _, logits = model(_augment(x[idx], g))
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
 def train(
     cfg: TrainConfig, epochs: int, seed: int = 0, progress: bool = True, arch: str = "cnn4"
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -128,22 +152,7 @@ def train(
     else:
         test_data = data_mod.load(cfg.replace(split="test", conditional=True))
         x_train, y_train, x_test, y_test = train_data.images, train_data.labels, test_data.images, test_data.labels
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = ARCHITECTURES[arch](cfg.channels, cfg.image_size, len(train_data.class_names))
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * (len(x_train) // 64))
-    for _ in tqdm(range(epochs), desc="classifier", unit="epoch", disable=not progress):
-        model.train()
-        perm = torch.randperm(len(x_train), generator=g)
-        for i in range(0, len(perm) - 63, 64):
-            idx = perm[i : i + 64]
-            _, logits = model(_augment(_pixels(x_train[idx]), g))
-            loss = F.cross_entropy(logits, y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    model = fit(arch, _pixels(x_train), y_train, len(train_data.class_names), epochs, seed, progress)
     _, probs = run(model, _pixels(x_test))
     info = {
         "arch": arch,
@@ -177,7 +186,8 @@ def load(path: Path) -> tuple[nn.Module, dict[str, Any], str]:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         info = blob["info"]
         c, h, _ = info["image_shape"]
-        arch = info.get("arch", "cnn4")  # files from before `lenet` existed do not say
+        info = {"arch": "cnn4"} | info  # files from before `lenet` existed do not say
+        arch = info["arch"]
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {arch!r}")
         model = ARCHITECTURES[arch](c, h, len(info["class_names"]))

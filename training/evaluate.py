@@ -11,7 +11,8 @@ Real data: the dataset's train split and its held-out split (mnist5k: 450 / 50 d
   images   the protocol of training/protocol.py under each feature extractor (mnist5k: two bundled ones,
            side by side): KID with its standard error, FID∞ and equal-n FID, precision/recall and label
            accuracy with bootstrap intervals, each beside a real-vs-real floor at the same n; the Parzen
-           log-likelihood (paper protocol); with --neighbours, the memorisation check of training/neighbours.py
+           log-likelihood (paper protocol); with --neighbours, the memorisation check of training/neighbours.py;
+           with --cas, conditional models: the classification accuracy score under each extractor's recipe
   points   VEEGAN/PacGAN mode coverage on ring8 / grid25, and a scatter plot
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from service.contract import ContractError, read_spec, seed_latents
 from training import classifier as clf_mod
@@ -149,9 +151,27 @@ def _classifiers(cfg: TrainConfig, given: Path | Sequence[Path] | None) -> list[
     return [clf_mod.BUNDLED, clf_mod.BUNDLED_SECOND] if cfg.dataset == "mnist5k" else []
 
 
+def classification_accuracy_score(
+    fake: np.ndarray, asked: np.ndarray, n_real: int, held: tuple[np.ndarray, np.ndarray], info: dict[str, Any],
+    rng: np.random.Generator, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """CAS (Ravuri & Vinyals 2019; GAN-train in Shmelkov et al. 2018): the extractor's own recipe (architecture,
+    epochs, seed) trained on the first `n_real` samples only, with their requested labels, and tested on the real
+    held-out digits. The extractor itself is that recipe trained on `n_real` real digits: the reference. A generator
+    that draws each class in one style scores well on label accuracy and badly here."""
+    n = min(len(fake), n_real)
+    x, y = torch.as_tensor(fake[:n], dtype=torch.float32), torch.as_tensor(asked[:n])
+    net = clf_mod.fit(info["arch"], x, y, len(info["class_names"]), info["epochs"], info["seed"], progress)
+    _, probs = clf_mod.run(net, held[0])
+    correct = (probs.argmax(1) == held[1]).astype(np.float64)
+    lo, hi = scores.bootstrap_ci(correct, rng, strata=held[1])
+    return {"n_train": n, "n_real": n_real, "n_test": len(correct), "epochs": info["epochs"],
+            "accuracy": {"value": float(correct.mean()), "ci95": [lo, hi], "n": len(correct)}}  # fmt: skip
+
+
 def evaluate_images(
     model: Model, n: int, cfg: TrainConfig, classifiers: list[Path], seed: int, neighbours: Path | None,
-    fid: tuple[int, int],
+    fid: tuple[int, int], cas: bool = False, progress: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     if n < MIN_IMAGE_SAMPLES:
         raise EvaluationError(f"n: image models need at least {MIN_IMAGE_SAMPLES} samples (got {n})")
@@ -184,7 +204,7 @@ def evaluate_images(
         names = model.spec.class_names
         same_classes = bool(names) and tuple(info["class_names"]) == names
         e: dict[str, Any] = {"classifier": {
-            "path": _shown(path), "arch": info.get("arch", "cnn4"), "sha256": digest, "features": f_fake.shape[1],
+            "path": _shown(path), "arch": info["arch"], "sha256": digest, "features": f_fake.shape[1],
             "held_out_accuracy": info["held_out_accuracy"], "held_out_images": info["held_out_images"],
         }}  # fmt: skip
         e |= protocol.score(
@@ -194,6 +214,11 @@ def evaluate_images(
         if same_classes:
             c = e["conditional"]
             c["per_class_accuracy"] = dict(zip(names, c["per_class_accuracy"], strict=True))
+            if cas:
+                c["cas"] = classification_accuracy_score(
+                    fake, model.labels(n), len(train_y), (held_x, held_y), info, np.random.default_rng([seed, i]),
+                    progress,
+                )  # fmt: skip
         elif names:
             e["conditional_skipped"] = "the classifier's classes are not the model's"
         extractors.append(e)
@@ -208,10 +233,12 @@ def evaluate_images(
 def evaluate(
     path: Path, n: int | None = None, dataset: str | None = None, data_dir: str | None = None,
     classifier: Path | Sequence[Path] | None = None, scatter: Path | None = None, seed: int = 0,
-    neighbours: Path | None = None, draws: int = scores.FID_DRAWS, boot: int = scores.FID_BOOT,
+    neighbours: Path | None = None, draws: int = scores.FID_DRAWS, boot: int = scores.FID_BOOT, cas: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """All scores for one ONNX generator, as a JSON-ready dict. draws, boot: FID∞'s draws per n and bootstrap
-    copies (scores.fid_infinity)."""
+    copies (scores.fid_infinity); cas: also the classification accuracy score (trains one classifier per
+    extractor, seconds to minutes each)."""
     model = Model(path)
     dataset = dataset or model.config.dataset
     result: dict[str, Any] = {"model": str(path), "dataset": dataset, "preset": model.config.preset}
@@ -230,7 +257,7 @@ def evaluate(
         channels=m.channels,
     )  # fmt: skip
     return result | evaluate_images(
-        model, n or IMAGE_SAMPLES, cfg, _classifiers(cfg, classifier), seed, neighbours, (draws, boot)
+        model, n or IMAGE_SAMPLES, cfg, _classifiers(cfg, classifier), seed, neighbours, (draws, boot), cas, progress
     )
 
 
@@ -276,6 +303,10 @@ def _image_rows(e: dict[str, Any]) -> list[tuple[str, str, str]]:
             k, per = c["intra_kid"], c["intra_kid"]["n_per_class"]
             label = f"intra-class KID, {per['model']}|{per['floor']} vs {per['reference']}/class"
             rows.append((label, _pm(k["model"], k["model_se"]), _pm(k["floor"], k["floor_se"])))
+        if "cas" in c:
+            s = c["cas"]
+            label = f"CAS %, trained on {s['n_train']} fake | {s['n_real']} real, tested on {s['n_test']} held-out"
+            rows.append((label, _ci(s["accuracy"], 100, 2), _ci(held, 100, 2)))
     return rows
 
 
@@ -353,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fid-draws", type=int, default=scores.FID_DRAWS, help="random draws per n in the FID∞ fit")
     p.add_argument("--fid-boot", type=int, default=scores.FID_BOOT,
                    help="bootstrap copies for FID∞'s standard error (0: the draws' part only; faster)")  # fmt: skip
+    p.add_argument("--cas", action="store_true",
+                   help="conditional models: the classification accuracy score, each extractor's recipe trained on "
+                        "samples only and tested on real held-out images (one training per extractor)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="for random subsets, splits and bootstrap resamples")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
@@ -361,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluationError(f"n: must be at least 2 (got {args.n})")
         result = evaluate(
             args.model, args.n, args.dataset, args.data_dir, args.classifier, args.scatter, args.seed,
-            args.neighbours, args.fid_draws, args.fid_boot,
+            args.neighbours, args.fid_draws, args.fid_boot, args.cas, progress=args.cas,
         )  # fmt: skip
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,15 @@ def test_cutout_erases_one_square_per_image():
     assert (erased >= c * c).all()
 
 
+def test_translation_only_moves_every_pixel_and_erases_none():
+    out = diff_augment(_dot(), torch.Generator().manual_seed(0), -1.0, cutout=False)
+    with_cutout = diff_augment(_dot(), torch.Generator().manual_seed(0), -1.0)
+    assert ((out > 0).sum((1, 2, 3)) == 1).all()  # the dot survives in every image (14 ± 4 stays inside)
+    # The same shifts: where the cutout spared the dot, both put it in the same place.
+    kept = (with_cutout > 0).flatten(1).any(1)
+    assert kept.sum() < len(kept) and torch.equal(out[kept], with_cutout[kept])
+
+
 def test_same_generator_state_same_augmentation_and_gradients_flow():
     x = _dot(8).requires_grad_(True)
     a = diff_augment(x, torch.Generator().manual_seed(3), -1.0)

@@ -60,6 +60,7 @@ class TrainConfig:
     gp_weight: float = 10.0  # wgan-gp penalty λ
     instance_noise: float = 0.0  # std of Gaussian noise on every image D sees (Sønderby et al. 2016); 0 = off
     diffaugment: bool = False  # translation + cutout on every image D sees (Zhao et al. 2020); images only
+    cutout: bool = True  # diffaugment: also erase a square; off: translation only (the weaker augmentation)
     ema: float = 0.999  # generator EMA decay; 0 disables (export then uses the raw G)
 
     # Bookkeeping

@@ -189,7 +189,7 @@ class Trainer:
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         """What D sees of an image batch: DiffAugment and instance noise, when configured."""
         if self.cfg.diffaugment:
-            x = diff_augment(x, self.noise, self.output_range[0])
+            x = diff_augment(x, self.noise, self.output_range[0], self.cfg.cutout)
         if self.cfg.instance_noise:
             x = x + self.cfg.instance_noise * torch.randn(x.shape, generator=self.noise).to(x.device)
         return x

@@ -58,6 +58,9 @@ class TrainConfig:
     lr_decay: float = 1.0  # lr is divided by this after every update (paper: 1.000004)
     lr_floor: float = 1e-6
     gp_weight: float = 10.0  # wgan-gp penalty λ
+    # Matching-aware D (Reed et al. 2016, GAN-CLS): this share of D's fake term goes to real images paired with a
+    # wrong label, so D must check the label against the image; conditional models only. 0 = off, 0.5 = GAN-CLS.
+    d_mismatch: float = 0.0
     instance_noise: float = 0.0  # std of Gaussian noise on every image D sees (Sønderby et al. 2016); 0 = off
     diffaugment: bool = False  # translation + cutout on every image D sees (Zhao et al. 2020); images only
     cutout: bool = True  # diffaugment: also erase a square; off: translation only (the weaker augmentation)
@@ -109,6 +112,8 @@ class TrainConfig:
         need(self.lr_floor > 0, "lr_floor", "must be positive")
         need(self.gp_weight >= 0, "gp_weight", "must be >= 0")
         need(self.instance_noise >= 0, "instance_noise", "must be >= 0")
+        need(0 <= self.d_mismatch < 1, "d_mismatch", "must be in [0, 1)")
+        need(not self.d_mismatch or self.conditional, "d_mismatch", "pairs images with wrong labels: conditional only")
         need(self.pack == 1 or self.arch == "mlp2d", "pack", "packing is implemented for mlp2d only")
         need(self.batch_size % self.pack == 0, "pack", f"must divide batch_size {self.batch_size}")
         need(not (self.diffaugment and points), "diffaugment", "augments images; 2-D points have none")

@@ -206,6 +206,11 @@ class Trainer:
             fake = self.G(self._z(len(x)), y)
         real_s, fake_s = self.D_ddp(self._augment(x), y), self.D_ddp(self._augment(fake), y)
         loss = self.loss.d(real_s, fake_s)
+        if cfg.d_mismatch:  # real images with a uniformly drawn other label count as fakes too
+            nc = self.spec.num_classes
+            wrong = self._labels((labels + torch.randint(1, nc, labels.shape, generator=self.noise)) % nc)
+            mismatch_s = self.D_ddp(self._augment(x), wrong)
+            loss = (1 - cfg.d_mismatch) * loss + cfg.d_mismatch * self.loss.d(real_s, mismatch_s)
         if self.loss.penalty:
             loss = loss + cfg.gp_weight * gradient_penalty(self.D_ddp, x, fake, y, self.noise)
         self.opt_d.zero_grad(set_to_none=True)

@@ -54,7 +54,7 @@ def test_dict_round_trip_restores_tuples():
 def test_cli_overrides_any_field():
     args = run._parser().parse_args(
         ["--preset", "mnist-cdcgan", "--steps", "3000", "--batch-size", "64", "--out", "runs/x",
-         "--betas", "0.0,0.99", "--no-conditional"]
+         "--betas", "0.0,0.99", "--no-cutout"]
     )  # fmt: skip
     changes = run.overrides(args)
     assert changes == {
@@ -62,7 +62,7 @@ def test_cli_overrides_any_field():
         "batch_size": 64,
         "out": "runs/x",
         "betas": (0.0, 0.99),
-        "conditional": False,
+        "cutout": False,
     }
     cfg = PRESETS[args.preset].config.replace(**changes)
     assert cfg.steps == 3000 and cfg.loss == PRESETS["mnist-cdcgan"].config.loss

@@ -215,10 +215,18 @@ PRESETS: dict[str, Preset] = dict(
         ),
         _preset(
             "mnist-cdcgan",
-            "conditional DCGAN on mnist5k: conditional-BatchNorm G, label maps concatenated into D, EMA",
+            "conditional DCGAN on mnist5k: conditional-BatchNorm G; spectral-norm D with the label maps concatenated;"
+            " hinge loss, TTUR, EMA",
             conditional=True,
             d_cond="concat",
-            steps=20_000,
+            d_norm="spectral",
+            loss="hinge",
+            lr_g=1e-4,
+            lr_d=4e-4,
+            betas=(0.0, 0.9),
+            steps=30_000,
+            sample_every=5000,
+            checkpoint_every=5000,
         ),
         _preset(
             "ring8",

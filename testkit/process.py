@@ -12,6 +12,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the repository: the shipped model, proto/, the sources
 
 
+def shipped_version(name: str = "mnist-cdcgan") -> int:
+    """The newest version of a model committed under models/: the one a server on that repository serves."""
+    return max(int(p.name) for p in (ROOT / "models" / name).iterdir() if p.name.isdigit())
+
+
 def start_server(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, dict]:
     """`python -m service ARGS`; returns the process and its ready line (ports, models) once it serves."""
     proc = subprocess.Popen(

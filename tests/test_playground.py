@@ -27,7 +27,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.select import Select
 
-from testkit.process import ROOT, start_server
+from testkit.process import ROOT, shipped_version, start_server
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 INSTALL = "apt-get install -y chromium chromium-driver"
@@ -194,7 +194,7 @@ def test_page_draws_a_grid_a_class_psi_and_an_interpolation(driver, base_url, tm
     driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
     driver.find_element("id", "strip-download").click()
     saved = _wait(lambda: list(tmp_path.glob("*.png")), "the download")
-    assert [p.name for p in saved] == [f"{MODEL}-v2-seed0-to-seed1.png"]
+    assert [p.name for p in saved] == [f"{MODEL}-v{shipped_version()}-seed0-to-seed1.png"]
     with urllib.request.urlopen(f"{base_url}/v1/models/{MODEL}/interpolation.png?{STRIP}") as response:
         assert saved[0].read_bytes() == response.read()
 

@@ -1,15 +1,13 @@
 """The default model in models/ honours the ONNX contract that the service relies on."""
 
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from service.contract import read_spec
+from testkit.process import ROOT, shipped_version
 
-REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "mnist-cdcgan"
-SHIPPED = max(REPOSITORY.glob("*/model.onnx"), key=lambda p: int(p.parent.name))  # the newest version
+SHIPPED = ROOT / "models" / "mnist-cdcgan" / str(shipped_version()) / "model.onnx"  # the newest version
 
 
 @pytest.fixture(scope="module")

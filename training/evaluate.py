@@ -163,10 +163,8 @@ def classification_accuracy_score(
     x, y = torch.as_tensor(fake[:n], dtype=torch.float32), torch.as_tensor(asked[:n])
     net = clf_mod.fit(info["arch"], x, y, len(info["class_names"]), info["epochs"], info["seed"], progress)
     _, probs = clf_mod.run(net, held[0])
-    correct = (probs.argmax(1) == held[1]).astype(np.float64)
-    lo, hi = scores.bootstrap_ci(correct, rng, strata=held[1])
-    return {"n_train": n, "n_real": n_real, "n_test": len(correct), "epochs": info["epochs"],
-            "accuracy": {"value": float(correct.mean()), "ci95": [lo, hi], "n": len(correct)}}  # fmt: skip
+    accuracy = protocol.interval((probs.argmax(1) == held[1]).astype(np.float64), rng, strata=held[1])
+    return {"n_train": n, "n_real": n_real, "n_test": len(held[1]), "epochs": info["epochs"], "accuracy": accuracy}
 
 
 def evaluate_images(

@@ -66,7 +66,8 @@ def against(
     }
 
 
-def _interval(values: np.ndarray, rng: np.random.Generator, strata: np.ndarray | None = None) -> dict[str, Any]:
+def interval(values: np.ndarray, rng: np.random.Generator, strata: np.ndarray | None = None) -> dict[str, Any]:
+    """The mean of per-item values with its 95 % bootstrap interval (stratified by `strata`), and its n."""
     lo, hi = scores.bootstrap_ci(values, rng, strata)
     return {"value": float(np.mean(values)), "ci95": [lo, hi], "n": len(values)}
 
@@ -79,8 +80,8 @@ def precision_recall(fake: np.ndarray, train: np.ndarray, held: np.ndarray, rng:
     for who, x in (("model", fake), ("floor", train)):
         p, r = scores.precision_recall_points(ref, x, rng, manifolds=MAX_MANIFOLDS)
         out[who] = {
-            "precision": _interval(p, rng),
-            "recall": _interval(r, rng) | {"manifolds": min(MAX_MANIFOLDS, len(x) // m)},
+            "precision": interval(p, rng),
+            "recall": interval(r, rng) | {"manifolds": min(MAX_MANIFOLDS, len(x) // m)},
         }
     return out
 
@@ -106,7 +107,7 @@ def conditional(
     confusion = np.zeros((k, k), int)
     np.add.at(confusion, (asked, p_fake.argmax(1)), 1)
     correct = (p_fake.argmax(1) == asked).astype(np.float64)
-    real = _interval((held.probs.argmax(1) == held.labels).astype(np.float64), rng, strata=held.labels)
+    real = interval((held.probs.argmax(1) == held.labels).astype(np.float64), rng, strata=held.labels)
     out: dict[str, Any] = {
         "n": len(asked),
         "label_accuracy": float(correct.mean()),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -28,6 +30,8 @@ PER_BATCH_OVERHEAD = 300e-6
 # batches dearer: a closed loop of callers then waits in waves (bench/README.md: DCGAN, 16-image requests,
 # 8 callers on 2 cores: batches of 64 gave 0.87x the throughput of 16 and 32, whose profiles were within 5 %).
 SIZE_TOLERANCE = 0.10
+# Priority levels (OIP's `priority` parameter): HIGH requests are taken before any NORMAL one.
+HIGH, NORMAL = 0, 1
 
 
 class BatchObserver(Protocol):
@@ -78,6 +82,10 @@ class _Request:
     future: asyncio.Future[np.ndarray]
     parts: list[np.ndarray | None]  # output rows per chunk, filled as batches finish
     pending: int  # chunks still without output
+    chunks: deque[_Chunk] = field(default_factory=deque)  # queued, not yet taken
+    priority: int = NORMAL
+    served: int = 0  # samples taken into batches so far: the scheduling key (least served first)
+    seq: int = 0  # arrival order, the tie-break
 
 
 @dataclass(eq=False)
@@ -109,8 +117,13 @@ def choose_batch_size(
 class Batcher:
     """Queues request chunks and runs them through `run_batch` in batches of at most `batch_size` samples.
 
-    Each worker is a thread of its own that forms its next batch from the shared queue as soon as it is free, and
-    hands the result back to the event loop with one call_soon_threadsafe: the loop never waits on a worker.
+    Each worker is a thread of its own that forms its next batch from the queue as soon as it is free, and hands the
+    result back to the event loop with one call_soon_threadsafe: the loop never waits on a worker.
+
+    Scheduling is fair between big and small work: batches are filled from the requests that have been served least
+    so far (HIGH priority before NORMAL, then arrival order), one chunk at a time. A request that arrives behind a big
+    one waits for at most the batches already running, not for every piece of the big one; a big request still makes
+    progress, one chunk per round, among the others.
     """
 
     def __init__(
@@ -129,13 +142,17 @@ class Batcher:
         self._observer = _Shielded(observer or _NoObserver())
         self._clock = clock
         self._cv = threading.Condition()  # guards everything below; workers wait on it
-        self._queue: deque[_Chunk] = deque()  # FIFO, so the head is always the oldest chunk
+        # Requests with queued chunks, keyed (priority, served, seq); a request leaves when its last chunk is taken.
+        # A dropped request (cancelled, failed) stays until it reaches the top and is skipped there.
+        self._heap: list[tuple[int, int, int, _Request]] = []
+        self._seq = itertools.count()
         self._depth = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
         self._accepting = False
         self._closing = False
-        self._concurrent = False  # did the last batch show requests arriving together? (adaptive delay)
+        self._running = 0  # batches in run_batch now (adaptive delay: an idle model never waits for company)
+        self._idle = 0  # workers waiting for work with no timeout: the ones submit() must wake
 
     @property
     def accepting(self) -> bool:
@@ -168,10 +185,15 @@ class Batcher:
                 f"batch queue is full: {self._depth} of {self.config.max_queue} samples queued, request has {n}"
             )
 
-    async def submit(self, inputs: dict[str, np.ndarray], deadline: float | None = None) -> np.ndarray:
+    async def submit(
+        self, inputs: dict[str, np.ndarray], deadline: float | None = None, priority: int = NORMAL,
+        admitted: bool = False,
+    ) -> np.ndarray:  # fmt: skip
         """Run `inputs` (arrays sharing a leading axis n >= 1) in batches; returns this request's n rows in order.
 
-        Raises Unavailable if not started or stopping, QueueFull if the queue cannot take n more samples,
+        Raises Unavailable if not started or stopping, QueueFull if the queue cannot take n more samples (unless
+        `admitted`: a later piece of a stream that was admitted when it began waits its turn instead of failing
+        half-way; a stream has at most two pieces queued, so the queue overruns by at most that per stream),
         DeadlineExceeded if `deadline` (a clock() value) passed before a chunk was taken, or run_batch's exception.
         The caller must not mutate `inputs` until this returns: chunks are views into them.
         """
@@ -185,16 +207,27 @@ class Batcher:
         piece = min(piece, cfg.max_batch_size)
         starts = range(0, n, piece)
         request = _Request(asyncio.get_running_loop().create_future(), [None] * len(starts), len(starts))
+        request.priority = HIGH if priority == HIGH else NORMAL
         with self._cv:
-            self.check_room(n)
+            if not self._accepting:
+                raise Unavailable("batcher is not accepting requests (not started, or draining)")
+            if not admitted:
+                self.check_room(n)
             now = self._clock()
+            was_empty = not self._depth
             for index, lo in enumerate(starts):
                 hi = min(lo + piece, n)
                 chunk_inputs = {name: array[lo:hi] for name, array in inputs.items()}
-                self._queue.append(_Chunk(request, index, chunk_inputs, hi - lo, now, deadline))
+                request.chunks.append(_Chunk(request, index, chunk_inputs, hi - lo, now, deadline))
+            request.seq = next(self._seq)
+            heapq.heappush(self._heap, (request.priority, 0, request.seq, request))
             self._depth += n
             self._observer.depth(self._depth)
-            self._cv.notify(len(starts))
+            # Wake a worker only when this changes what one would do: work where there was none, or a full batch.
+            # A worker already waiting out the delay wakes by itself, and a busy one looks at the queue when it is
+            # done; waking workers on every request costs the event loop the GIL, twice, per request.
+            if self._idle and (was_empty or self._depth >= self.batch_size or len(starts) > 1):
+                self._cv.notify(len(starts))
         try:
             return await request.future
         except asyncio.CancelledError:
@@ -229,13 +262,18 @@ class Batcher:
                         continue
                     if wait is None and self._closing:
                         return
+                    self._idle += wait is None
                     self._cv.wait(wait)
-                if self._queue:  # more than this batch is waiting: another worker may take it
+                    self._idle -= wait is None
+                self._running += bool(batch)
+                if self._depth:  # more than this batch is waiting: another worker may take it
                     self._cv.notify()
             if expired:
                 self._answer(self._expire, expired)
             if batch:
                 result, seconds = self._call(batch)
+                with self._cv:
+                    self._running -= 1
                 if not isinstance(result, Exception):
                     self._observer.batch(sum(chunk.size for chunk in batch), seconds)
                 self._answer(self._deliver, batch, result)
@@ -247,48 +285,57 @@ class Batcher:
         except RuntimeError:  # the loop closed without stop(): nobody is left to answer
             log.warning("batcher: the event loop closed before a batch was answered (stop() was never awaited)")
 
+    def _top(self) -> _Request | None:
+        """Under the lock: the request to serve next, dropped ones cleared off the top."""
+        heap = self._heap
+        while heap and not heap[0][3].chunks:
+            heapq.heappop(heap)
+        return heap[0][3] if heap else None
+
     def _seconds_until_ready(self) -> float | None:
-        """0: take a batch now; None: nothing queued; else seconds until the oldest chunk's delay ends."""
-        if not self._queue:
+        """0: take a batch now; None: nothing queued; else seconds until the next chunk's delay ends."""
+        top = self._top()
+        if top is None:
             return None
         cfg = self.config
         if self._closing or not cfg.enabled or self._depth >= self.batch_size:
             return 0.0
-        if cfg.adaptive and not self._concurrent:
+        # Adaptive delay: wait for company only while a batch is running. A model with nothing to do would idle
+        # for the delay, so a lone caller never pays it; under load, batches fill while the model works.
+        if cfg.adaptive and not self._running:
             return 0.0
-        return max(0.0, self._queue[0].queued_at + cfg.max_delay_ms / 1000 - self._clock())
+        return max(0.0, top.chunks[0].queued_at + cfg.max_delay_ms / 1000 - self._clock())
 
     def _take(self) -> tuple[list[_Chunk], list[tuple[_Chunk, float]]]:
-        """Under the lock: pop the next batch in FIFO order, up to batch_size samples, and the chunks past their
-        deadline (with how long they waited), which fail instead."""
+        """Under the lock: the next batch, up to batch_size samples, a chunk at a time from the least-served
+        request; and the chunks past their deadline (with how long they waited), whose requests fail instead."""
         now = self._clock()
         cfg = self.config
         before = self._depth
         batch: list[_Chunk] = []
         expired: list[tuple[_Chunk, float]] = []
         size = 0
-        # Strict FIFO (no smaller chunk overtakes the head): O(batch) per take, and no chunk can starve. A chunk
-        # larger than the formed size (a request split among the workers) runs as a batch of its own.
-        while self._queue and (not batch or size + self._queue[0].size <= self.batch_size):
-            chunk = self._queue.popleft()
+        # A chunk larger than the formed size (a request split among the workers) runs as a batch of its own; no
+        # chunk is skipped for a smaller one behind it, so none can starve at its level.
+        while (request := self._top()) is not None and (not batch or size + request.chunks[0].size <= self.batch_size):
+            heapq.heappop(self._heap)
+            chunk = request.chunks.popleft()
             self._depth -= chunk.size
-            if chunk.request.future.done():
-                # Cancelled, but the submit() task has not run its own cleanup yet.
-                self._discard(chunk.request)
-            elif chunk.deadline is not None and now >= chunk.deadline:
+            if chunk.deadline is not None and now >= chunk.deadline:
                 expired.append((chunk, now - chunk.queued_at))
-            else:
-                batch.append(chunk)
-                size += chunk.size
-                self._observer.queue_wait(now - chunk.queued_at)
-                if not cfg.enabled:
-                    break
+                self._depth -= sum(c.size for c in request.chunks)  # the request fails: its other chunks go too
+                request.chunks.clear()
+                continue
+            batch.append(chunk)
+            size += chunk.size
+            self._observer.queue_wait(now - chunk.queued_at)
+            request.served += chunk.size
+            if request.chunks:
+                heapq.heappush(self._heap, (request.priority, request.served, request.seq, request))
+            if not cfg.enabled:
+                break
         if self._depth != before:
             self._observer.depth(self._depth)
-        # Adaptive delay: wait for company only while requests are arriving together. A lone caller (the
-        # last batch held one chunk) never pays max_delay_ms; under concurrency the wait fills batches.
-        if batch:
-            self._concurrent = len(batch) > 1 or len(self._queue) > 0
         return batch, expired
 
     def _call(self, batch: list[_Chunk]) -> tuple[np.ndarray | Exception, float]:
@@ -331,15 +378,15 @@ class Batcher:
     def _fail(self, request: _Request, exc: Exception) -> None:
         if not request.future.done():
             request.future.set_exception(exc)
-        if len(request.parts) > 1:  # a one-chunk request failing here is off the queue: skip the O(queue) scan
+        if request.chunks:
             with self._cv:
                 self._discard(request)  # its other chunks would only produce rows nobody can receive
 
     def _discard(self, request: _Request) -> None:
-        """Under the lock: drop the request's queued chunks."""
-        removed = sum(c.size for c in self._queue if c.request is request)
+        """Under the lock: drop the request's queued chunks (its heap entry is skipped when it reaches the top)."""
+        removed = sum(c.size for c in request.chunks)
         if removed:
-            self._queue = deque(c for c in self._queue if c.request is not request)
+            request.chunks.clear()
             self._depth -= removed
             self._observer.depth(self._depth)
 

@@ -18,6 +18,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from service import contract, encode, latents
+from service.batcher import HIGH, NORMAL
 from service.config import Limits
 from service.domain import (
     NO_NAMES,
@@ -40,6 +41,7 @@ from service.registry import ModelVersion, Registry
 
 METHODS = ("slerp", "lerp")
 SEEDS_ON_LOOP = 64  # ~12 µs a seed: more would stall every other caller on the event loop
+PNGS_ON_LOOP = 1  # ~150 µs a PNG (Pillow, 28x28)
 
 
 class DataPlane:
@@ -93,7 +95,7 @@ class DataPlane:
             spec = req.latents
             z = _rows(spec.values, mv, "rows.values", names) if isinstance(spec, Rows) else None
             z = z if z is not None else await self._latents(mv, spec, 0, n)
-            return await self._run(mv, _truncate(z, psi), y, output, deadline)
+            return await self._run(mv, _truncate(z, psi), y, output, deadline, urgent=req.urgent)
 
     async def run(self, req: Generate | Infer, deadline: float | None = None) -> Result:
         """A Generate or an Infer, whichever the front end made."""
@@ -124,7 +126,8 @@ class DataPlane:
             self._check_size(mv, n, output, "z", names)
             psi = _truncation(req.truncation, names)
             mv.batcher.check_room(n)
-            return await self._run(mv, _truncate(np.ascontiguousarray(z, np.float32), psi), y, output, deadline)
+            z = _truncate(np.ascontiguousarray(z, np.float32), psi)
+            return await self._run(mv, z, y, output, deadline, urgent=req.urgent)
 
     def _check_size(self, mv: ModelVersion, n: int, output: Output, path: str, names: Names) -> None:
         size = response_bytes(mv, n, output)
@@ -163,7 +166,8 @@ class DataPlane:
                 z = rows[start:stop] if rows is not None else await self._latents(mv, req.latents, start, stop)
                 z = _truncate(z, psi)
                 labels = None if y is None else y[start:stop]
-                return await self._run(mv, z, labels, output, deadline, offset=start)
+                # Admitted at its start: a later piece waits its turn rather than fail half-way on a full queue.
+                return await self._run(mv, z, labels, output, deadline, offset=start, admitted=start > 0)
 
             pending: list[asyncio.Task[Result]] = []
             try:
@@ -215,11 +219,12 @@ class DataPlane:
 
     async def _run(
         self, mv: ModelVersion, z: np.ndarray, y: np.ndarray | None, output: Output, deadline: float | None,
-        offset: int = 0,
+        offset: int = 0, urgent: bool = False, admitted: bool = False,
     ) -> Result:  # fmt: skip
-        images = await mv.run(z, y, deadline)
-        # Raw arrays cost microseconds: a thread hand-off would cost more. PNG and grids leave the event loop.
-        if output.format is not Format.PNG and not output.grid:
+        images = await mv.run(z, y, deadline, HIGH if urgent else NORMAL, admitted)
+        # Raw arrays cost microseconds, and one small PNG little more than the thread hand-off: they are encoded here,
+        # and never wait behind big grids in the encoder pool. Other PNGs and grids leave the event loop.
+        if not output.grid and (output.format is not Format.PNG or len(images) <= PNGS_ON_LOOP):
             result = _encode(mv, images, output, offset)
         else:
             result = await asyncio.get_running_loop().run_in_executor(self.encoder, _encode, mv, images, output, offset)

@@ -93,6 +93,7 @@ class Generate:
     truncation: float = 0.0  # 0: none
     output: Output = Output()
     names: Names = NO_NAMES
+    urgent: bool = False  # high priority: queued ahead of every normal request (OIP's `priority` 1)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Infer:
     truncation: float = 0.0  # 0: none
     output: Output = Output(Format.FLOAT32)
     names: Names = NO_NAMES
+    urgent: bool = False
 
 
 @dataclass(frozen=True)

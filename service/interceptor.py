@@ -1,7 +1,7 @@
-"""The gRPC adapter of the call gate (service/gate.py): one server interceptor on every method of every service.
+"""The gRPC adapter of the call gate (service/gate.py): one generic handler in front of every method of every service.
 
-It wraps each method handler the server resolves, of every registered service, unary or streaming, including
-methods added later; nothing lists the RPCs by hand. The gate decides admission (the drain, tokens) on the call's
+It wraps each method handler of every service registered with it, unary or streaming, including methods added
+later; nothing lists the RPCs by hand. The gate decides admission (the drain, tokens) on the call's
 metadata before the request is parsed, and runs the handler; this module only translates: method paths and
 metadata in, the gate's Status out as a gRPC status, a body that does not parse as INVALID_ARGUMENT.
 """
@@ -89,32 +89,54 @@ def lenient(deserialize: Callable[[bytes], object] | None) -> Callable[[bytes], 
     return parse
 
 
-class Interceptor(grpc.aio.ServerInterceptor):
-    """Every call through the gate; calls to the services in `open_during_drain` (health, so that probes read
-    NOT_SERVING) neither count for the drain nor are refused by it."""
+class Gated(grpc.GenericRpcHandler):
+    """Every service's handlers behind the gate: services register with this object (it takes what
+    `add_*Servicer_to_server` gives a server), and the server is given this one generic handler.
+
+    Not a grpc.aio.ServerInterceptor: gRPC runs an interceptor chain as a coroutine per call, and a generic handler is
+    a plain call; the method lookup is one dict read. Calls to the services in `open_during_drain` (health, so that
+    probes read NOT_SERVING) neither count for the drain nor are refused by it.
+    """
 
     def __init__(self, gate: Gate, open_during_drain: frozenset[str] = frozenset()):
         self.gate, self.open_during_drain = gate, open_during_drain
-        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}  # "/pkg.Service/Method" → the service's own handler
+        self._generic: list[grpc.GenericRpcHandler] = []  # services registered without a method table
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         grpc_log = logging.getLogger("grpc._cython.cygrpc")
         if LATE_REPLIES not in grpc_log.filters:
             grpc_log.addFilter(LATE_REPLIES)
 
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        counted = _service(details.method) not in self.open_during_drain
+    # What generated `add_*Servicer_to_server` functions call on a server.
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._methods.update({f"/{service}/{method}": handler for method, handler in handlers.items()})
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        path = details.method
+        handler = self._methods.get(path) or self._find(details)
+        counted = _service(path) not in self.open_during_drain
         # Before the handler is even looked at: an unknown method needs a token too, so that nobody without one can
         # map the API by the difference between UNIMPLEMENTED and UNAUTHENTICATED.
-        refusal = self.gate.admit(details.method, details.invocation_metadata, counted)
+        refusal = self.gate.admit(path, details.invocation_metadata, counted)
         if refusal is not None:
-            return self._refuse(details.method, handler, refusal)
+            return self._refuse(path, handler, refusal)
         if handler is None:  # no such method: gRPC answers UNIMPLEMENTED itself
             return None
-        cached = self._handlers.get(details.method)
+        cached = self._wrapped.get(path)
         if cached is None or cached[0] is not handler:
-            cached = (handler, self._wrap(details.method, handler))
-            self._handlers[details.method] = cached
+            cached = (handler, self._wrap(path, handler))
+            self._wrapped[path] = cached
         return cached[1]
+
+    def _find(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        for generic in self._generic:
+            handler = generic.service(details)
+            if handler is not None:
+                return handler
+        return None
 
     def _wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parse, send = lenient(handler.request_deserializer), handler.response_serializer

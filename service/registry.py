@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batcher import Batcher, choose_batch_size
+from service.batcher import NORMAL, Batcher, choose_batch_size
 from service.config import BatchingConfig, ModelControl, RuntimeConfig
 from service.contract import ContractError, ModelSpec, read_spec
 from service.domain import VersionStatus
@@ -60,9 +60,12 @@ class ModelVersion:
     users: int = 0  # requests holding it (Registry.use)
     _released: asyncio.Event | None = None
 
-    async def run(self, z: np.ndarray, y: np.ndarray | None, deadline: float | None) -> np.ndarray:
+    async def run(
+        self, z: np.ndarray, y: np.ndarray | None, deadline: float | None, priority: int = NORMAL,
+        admitted: bool = False,
+    ) -> np.ndarray:  # fmt: skip
         feeds = {"z": z} if y is None else {"z": z, "y": y}
-        return await self.batcher.submit(feeds, deadline)
+        return await self.batcher.submit(feeds, deadline, priority, admitted)
 
     async def released(self) -> None:
         """Returns once no request holds this version."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from service import http
@@ -38,7 +38,7 @@ from service.frontends.oip_grpc import InferenceServicer
 from service.frontends.oip_rest import OipRest
 from service.frontends.pages import Pages
 from service.gate import Gate
-from service.interceptor import Interceptor
+from service.interceptor import Gated
 from service.metrics import Metrics
 from service.registry import READY, Registry
 from service.repository import RepositoryError, check_root, scan
@@ -211,16 +211,18 @@ class Server:
         # are refused during a drain.
         open_streams = frozenset([HEALTH.full_name, REFLECTION.full_name, "grpc.reflection.v1.ServerReflection"])
         self.gate = Gate(self.metrics, lambda name: name in self.registry.models, self.authorizer)
-        self.grpc = grpc.aio.server(options=server_options(cfg), interceptors=[Interceptor(self.gate, open_streams)])
+        gated = Gated(self.gate, open_streams)
         for _, add, servicer in services:
-            add(servicer, self.grpc)
+            add(servicer, gated)
         self.services = [d for d, *_ in services] + ([REFLECTION] if sec.reflection else [])
         if self.authorizer is not None:  # a method not served needs admin: an infer token learns nothing from it
             self.authorizer.known_methods = frozenset(
                 f"/{d.full_name}/{m.name}" for d in self.services for m in d.methods
             )
-        if sec.reflection:
-            reflection.enable_server_reflection([d.full_name for d in self.services], self.grpc)
+        if sec.reflection:  # registered as enable_server_reflection would on an aio server
+            servicer = reflection.aio.ReflectionServicer([d.full_name for d in self.services])
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, gated)
+        self.grpc = grpc.aio.server(handlers=[gated], options=server_options(cfg))
         self._health_only = None  # the plaintext health port's server, when there is one
         self.port = 0
         self.http_port = 0

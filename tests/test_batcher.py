@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
+from service.batcher import HIGH, Batcher
 from service.config import BatchingConfig
 from service.errors import DeadlineExceeded, QueueFull, Unavailable
 from testkit.waiting import until
@@ -178,7 +178,8 @@ def test_oversized_request_is_split_and_reassembled_in_order():
     run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=0)), body)
     assert sum(model.sizes) == 11
     assert max(model.sizes) <= 4
-    assert model.rows[:10] == big["z"][:, 0].tolist()  # chunks ran oldest first
+    # The big request's chunks ran in order; the small request went in with the first batch after it arrived.
+    assert [r for r in model.rows if r < 2000] == big["z"][:, 0].tolist() and model.rows.index(2000.0) <= 4
 
 
 def test_disabled_batching_runs_every_chunk_alone():
@@ -335,24 +336,30 @@ def test_wrong_row_count_from_run_batch_fails_the_batch():
     run(lambda: Batcher(lambda inputs: inputs["z"][:1], config(max_delay_ms=0)), body)
 
 
-def test_adaptive_delay_spares_a_lone_caller_and_waits_under_concurrency():
-    model, clock = FakeModel(), FakeClock()  # the clock stands still: a delay, once begun, never ends
+def test_adaptive_delay_spares_a_lone_caller_and_waits_only_while_the_model_works():
+    gate = threading.Event()
+    model, clock = FakeModel(gate=gate), FakeClock()  # the clock stands still: a delay, once begun, never ends
 
     async def body(b: Batcher) -> None:
-        # Nothing else in flight: it runs without waiting for the delay (else it would wait for ever).
+        gate.set()
+        # Nothing running: it runs without waiting for the delay (else it would wait for ever).
         await asyncio.wait_for(b.submit(request(0)), timeout=10)
-        await asyncio.gather(*(b.submit(request(i)) for i in (1, 2)))  # two at once: concurrency seen
-        # Now requests one after another wait for each other: two batches of two, not four of one.
-        calls = []
-        for tag in range(3, 7):
-            calls.append(asyncio.create_task(b.submit(request(tag))))
-            ran = len(model.sizes)
-            # The first of a pair waits in the queue for company; the second completes the batch, which runs.
-            await until(lambda tag=tag, ran=ran: b.queue_depth == 1 if tag % 2 else len(model.sizes) == ran + 1)
-        await asyncio.gather(*calls)
+        gate.clear()
+        held = asyncio.create_task(b.submit(request(1)))  # nothing running yet: it goes at once, and is held
+        await until(lambda: len(model.sizes) == 2)
+        # A batch is running: the next request waits for company although the second worker is free...
+        second = asyncio.create_task(b.submit(request(2)))
+        await until(lambda: b.queue_depth == 1)
+        await asyncio.sleep(0.05)
+        assert len(model.sizes) == 2 and b.queue_depth == 1
+        # ...and goes with it, as a full batch, on the free worker, while the first is still held.
+        third = asyncio.create_task(b.submit(request(3)))
+        await until(lambda: len(model.sizes) == 3)
+        gate.set()
+        await asyncio.gather(held, second, third)
 
-    run(lambda: Batcher(model, config(max_batch_size=2, max_delay_ms=500, adaptive=True), clock=clock), body)
-    assert model.sizes == [1, 2, 2, 2]
+    run(lambda: Batcher(model, config(max_batch_size=2, max_delay_ms=500, adaptive=True, workers=2), clock=clock), body)
+    assert model.sizes == [1, 1, 2]
 
 
 def test_a_failing_observer_hook_costs_no_request_and_no_worker(caplog):
@@ -401,27 +408,64 @@ def test_batches_fill_to_the_formed_size_not_the_maximum():
     assert model.rows == [float(tag * 1000) for tag in range(8)]  # in arrival order
 
 
-def test_a_small_request_behind_a_big_one_is_not_held_back_by_it():
-    # One worker, batches of 4: the small request's chunk runs right after the big request's chunks ahead of it,
-    # and nothing that arrives later can overtake it (strict FIFO), so it can never starve.
+def test_a_small_request_behind_a_big_one_waits_for_one_batch_not_for_all_of_it():
+    # One worker, batches of 4. The big request's first chunk is in the model when the small ones arrive: they are
+    # served before the big request's remaining two chunks (least served first), and the big one still finishes.
     gate = threading.Event()
     model = FakeModel(gate=gate)
 
     async def body(b: Batcher) -> None:
         big = asyncio.create_task(b.submit(request(1, n=12)))
-        small = asyncio.create_task(b.submit(request(2)))
-        later = [asyncio.create_task(b.submit(request(tag))) for tag in range(3, 9)]
-        # The big request's first chunk is in the model, held; everything else is queued behind it.
-        await until(lambda: model.sizes == [4] and b.queue_depth == 8 + 1 + 6)
+        await until(lambda: model.sizes == [4])  # its first chunk is in the model, held
+        small = [asyncio.create_task(b.submit(request(tag))) for tag in range(2, 8)]
+        await until(lambda: b.queue_depth == 8 + 6)
         gate.set()
-        done_small = await small
-        np.testing.assert_array_equal(done_small, expected(request(2)))
+        for tag, task in zip(range(2, 8), small, strict=True):
+            np.testing.assert_array_equal(await task, expected(request(tag)))
         np.testing.assert_array_equal(await big, expected(request(1, n=12)))
-        await asyncio.gather(*later)
 
     run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=0), batch_size=4), body)
-    # The big request's three chunks, then the small one with the first three that came after it.
-    assert model.sizes[:4] == [4, 4, 4, 4] and model.rows[12:14] == [2000.0, 3000.0]
+    # The six small ones in arrival order, in two batches (4, then 2: the big request's next chunk of 4 does not fit
+    # beside them), then the big request's last two chunks.
+    assert model.sizes == [4, 4, 2, 4, 4]
+    assert model.rows[4:10] == [float(tag * 1000) for tag in range(2, 8)]
+
+
+def test_high_priority_goes_before_normal_work_queued_earlier():
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+
+    async def body(b: Batcher) -> None:
+        first = asyncio.create_task(b.submit(request(1)))
+        await until(lambda: model.sizes == [1])  # held in the model
+        normal = [asyncio.create_task(b.submit(request(tag))) for tag in (2, 3)]
+        urgent = asyncio.create_task(b.submit(request(9), priority=HIGH))
+        await until(lambda: b.queue_depth == 3)
+        gate.set()
+        await asyncio.gather(first, urgent, *normal)
+
+    run(lambda: Batcher(model, config(max_batch_size=1, max_delay_ms=0), batch_size=1), body)
+    assert model.rows == [1000.0, 9000.0, 2000.0, 3000.0]
+
+
+def test_an_admitted_stream_piece_queues_past_the_limit_instead_of_failing():
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+
+    async def body(b: Batcher) -> None:
+        held = asyncio.create_task(b.submit(request(1)))
+        await until(lambda: model.sizes == [1])
+        filler = asyncio.create_task(b.submit(request(2, n=4)))  # the queue (4 samples) is now full
+        await until(lambda: b.queue_depth == 4)
+        with pytest.raises(QueueFull):
+            await b.submit(request(3))
+        piece = asyncio.create_task(b.submit(request(4), admitted=True))
+        await until(lambda: b.queue_depth == 5)
+        gate.set()
+        np.testing.assert_array_equal(await piece, expected(request(4)))
+        await asyncio.gather(held, filler)
+
+    run(lambda: Batcher(model, config(max_batch_size=4, max_delay_ms=0, max_queue=4), batch_size=4), body)
 
 
 def test_answers_come_back_on_the_event_loop_thread():

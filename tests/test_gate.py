@@ -188,6 +188,7 @@ def test_hostile_http_input_gets_a_4xx_naming_the_field_and_the_server_keeps_ser
                 "two_signs": ("GET", "/v1/models/echo/images.png?seeds=1&label=0&columns=-%2B5", {}),
                 "huge_timeout": ("POST", url, {"json": {"parameters": {"seeds": "1", "labels": "0", "timeout": 10**400}}}),
                 "huge_truncation": ("POST", url, {"json": {"parameters": {"seeds": "1", "labels": "0", "truncation": 10**400}}}),
+                "huge_priority": ("POST", url, {"json": {"parameters": {"seeds": "1", "labels": "0", "priority": 10**400}}}),
                 "huge_shape": ("POST", url, {"json": {"inputs": [{"name": "z", "datatype": "FP32", "shape": [10**3000, 10**3000], "data": []}]}}),
                 "huge_value": ("POST", url, {"json": {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 5], "data": [10**400, 0, 0, 0, 0]}]}}),
             }  # fmt: skip
@@ -216,6 +217,7 @@ def test_hostile_http_input_gets_a_4xx_naming_the_field_and_the_server_keeps_ser
         "two_signs": (400, "columns: an integer"),
         "huge_timeout": (400, "parameters.timeout: microseconds"),
         "huge_truncation": (400, "parameters.truncation: a number"),
+        "huge_priority": (400, "parameters.priority: 1 (high) or 2 (normal"),
         "huge_shape": (400, "inputs[0].shape: input 'z' is [n, width]"),
         "huge_value": (400, "inputs[0].data: must hold numbers only"),
     }
@@ -346,6 +348,8 @@ def test_hostile_oip_grpc_parameters_get_invalid_argument_naming_the_field(repo)
             o = ipb_grpc.GRPCInferenceServiceStub(channel)
             cases = {
                 "huge_version": ipb.ModelInferRequest(model_name="echo", model_version="9" * 5000),
+                "bad_priority": ipb.ModelInferRequest(model_name="echo", parameters={
+                    "seeds": P(string_param="1"), "labels": P(string_param="0"), "priority": P(string_param="1")}),
                 "huge_timeout": ipb.ModelInferRequest(model_name="echo", parameters={
                     "seeds": P(string_param="1"), "labels": P(string_param="0"), "timeout": P(uint64_param=2**64 - 1)}),
                 "seeds_text": ipb.ModelInferRequest(model_name="echo", parameters={
@@ -366,6 +370,7 @@ def test_hostile_oip_grpc_parameters_get_invalid_argument_naming_the_field(repo)
     expected = {
         "huge_version": "model_version: ",
         "huge_timeout": "parameters.timeout: microseconds",
+        "bad_priority": "parameters.priority: 1 (high) or 2 (normal",
         "seeds_text": "parameters.seeds: 139,999 characters",
         "huge_label": "parameters.labels: unknown class '99999",
     }

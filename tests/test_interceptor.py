@@ -16,7 +16,7 @@ from service import errors
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.frontends import ganserve
 from service.gate import Gate
-from service.interceptor import CALL, LATE_REPLIES, Interceptor
+from service.interceptor import CALL, LATE_REPLIES, Gated
 from service.metrics import Metrics
 from testkit.servefix import call_raw, plain_model, running
 from testkit.waiting import until
@@ -87,8 +87,9 @@ def test_a_method_added_later_is_mapped_and_counted_without_being_listed():
 
     async def go():
         metrics = Metrics(CollectorRegistry())
-        server = grpc.aio.server(interceptors=[Interceptor(Gate(metrics, lambda name: False))])
-        server.add_generic_rpc_handlers((handlers,))
+        gated = Gated(Gate(metrics, lambda name: False))
+        server = grpc.aio.server(handlers=[gated])
+        gated.add_generic_rpc_handlers((handlers,))  # registered after the server was made
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         outcomes = {}

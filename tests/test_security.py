@@ -19,7 +19,7 @@ from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.config import ServerConfig
 from service.gate import Gate
-from service.interceptor import Interceptor
+from service.interceptor import Gated
 from service.metrics import Metrics
 from service.security import RECHECK_SECONDS, Authorizer, SecurityError, read_tokens
 from service.server import Server, is_loopback
@@ -193,9 +193,10 @@ def test_a_service_with_no_role_needs_admin():
         tokens = write_tokens(tmp / "tokens", {"reader": ("infer", READER), "ops": ("admin", ADMIN)})
         metrics = Metrics(CollectorRegistry())
         authorizer = Authorizer(str(tokens), {"test.Open": None})
-        server = grpc.aio.server(interceptors=[Interceptor(Gate(metrics, lambda name: False, authorizer))])
+        gated = Gated(Gate(metrics, lambda name: False, authorizer))
+        server = grpc.aio.server(handlers=[gated])
         handler = {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
-        server.add_generic_rpc_handlers(
+        gated.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("test.Admin", handler),
              grpc.method_handlers_generic_handler("test.Open", handler))
         )  # fmt: skip

@@ -7,7 +7,8 @@ conditional models, `y` FP32 [-1, classes], passed to the model as given; one ou
 in the model's range (UINT8 [-1, H, W, C] through the output parameter `datatype`). Instead of tensors, a request
 may give seeds and labels as parameters; they follow the seed contract of ganserve.v1, so the same seeds give the
 same bytes through either API. The standard `timeout` parameter (microseconds, as Triton reads it) is the call's
-deadline.
+deadline, and `priority` has two levels, as Triton numbers them with two: 1 goes ahead of every request at 2, the
+default level (0 means the default).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ EXTENSIONS = ["binary_tensor_data"]  # the REST binary extension, as Triton name
 PLATFORM = "onnxruntime_onnx"
 OUTPUT = "images"
 # "datatype" asks for UINT8 images for the whole request, for clients that cannot set output parameters.
-SEED_PARAMETERS = ("seeds", "seed_start", "count", "labels", "truncation", "datatype", "timeout")
+SEED_PARAMETERS = ("seeds", "seed_start", "count", "labels", "truncation", "datatype", "timeout", "priority")
 # Standard parameters that change nothing here; anything else unknown is refused, so a typo never passes silently.
-IGNORED_PARAMETERS = ("binary_data_output", "priority")
+IGNORED_PARAMETERS = ("binary_data_output",)
+PRIORITIES = {0: False, 1: True, 2: False}  # the `priority` parameter → urgent
 OUTPUT_DATATYPES = {"FP32": dm.Format.FLOAT32, "UINT8": dm.Format.UINT8}
 GRPC_FIELDS = ("model_name", "model_version")  # how errors name the model and version of a ModelInfer
 
@@ -108,6 +110,7 @@ def request(
     output = dm.Output(format=OUTPUT_DATATYPES[want.datatype])
     psi = _number(parameters.get("truncation", 0.0), "parameters.truncation")
     timeout = _timeout(parameters.get("timeout"))
+    urgent = _priority(parameters.get("priority", 0))
     names = {"model": fields[0], "version": fields[1], "output": "outputs", "truncation": "parameters.truncation"}
     if "z" in by_name:
         if seeded:
@@ -119,7 +122,7 @@ def request(
         if "labels" not in parameters:
             y = _array(by_name["y"]) if "y" in by_name else None
             names.setdefault("y", "inputs")
-            return Request(dm.Infer(model, number, z, y, psi, output, dm.Names(names)), want, timeout)
+            return Request(dm.Infer(model, number, z, y, psi, output, dm.Names(names), urgent), want, timeout)
         if "y" in by_name:
             raise InvalidArgument("parameters.labels: give labels or a y tensor, not both")
         latents: dm.Seeds | dm.SeedRange | dm.Rows = dm.Rows(z.ravel())
@@ -134,7 +137,7 @@ def request(
         }  # fmt: skip
     labels = text.labels(parameters["labels"], "parameters.labels") if "labels" in parameters else ()
     names["labels"] = "parameters.labels"
-    generate = dm.Generate(model, number, latents, labels, psi, output, dm.Names(names))
+    generate = dm.Generate(model, number, latents, labels, psi, output, dm.Names(names), urgent)
     return Request(generate, want, timeout)
 
 
@@ -193,6 +196,14 @@ def _timeout(value: Parameter | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise InvalidArgument(f"parameters.timeout: microseconds, an integer >= 0 (got {short(str(value))})")
     return value / 1e6 if value else None
+
+
+def _priority(value: Parameter) -> bool:
+    if isinstance(value, bool) or value not in PRIORITIES:
+        raise InvalidArgument(
+            f"parameters.priority: 1 (high) or 2 (normal; 0 is the default, normal) (got {short(str(value))})"
+        )
+    return PRIORITIES[value]
 
 
 def _integer(value: Parameter, field: str) -> int:

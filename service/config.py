@@ -53,6 +53,9 @@ class BatchingConfig:
     # On: wait max_delay_ms only while requests arrive together, so a lone caller never pays it.
     # Off: always wait, as Triton and TF Serving do.
     adaptive: bool = field(default=True, metadata=_flag("adaptive_delay"))
+    # Where measured batch-size profiles are kept (service/profiles.py), so that restarts and reloads neither time
+    # the model again nor choose differently. "auto": $XDG_CACHE_HOME/gan-serve or ~/.cache/gan-serve; "": none.
+    profile_cache: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self, 1, "max_batch_size", "max_queue")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service import profiles
 from service.batcher import NORMAL, Batcher, choose_batch_size
 from service.config import BatchingConfig, ModelControl, RuntimeConfig
 from service.contract import ContractError, ModelSpec, read_spec
@@ -336,18 +337,36 @@ class Registry:
         session = self.session_factory(path, self.runtime)
         spec = served_spec(session)
         cfg = self.batching
-        timings = session.warm_up(cfg.max_batch_size, spec.latent_dim, spec.num_classes, not cfg.preferred_batch_size)
+        if cfg.preferred_batch_size:  # warmed all the same: no request pays for a shape's first run
+            session.warm_up(cfg.max_batch_size, spec.latent_dim, spec.num_classes, measure=False)
+            timings, how = {}, "as set"
+        else:
+            timings, how = self._profile(session, spec, path)
         size = cfg.preferred_batch_size or choose_batch_size(timings)
         workers = cfg.workers or session.concurrent_runs or (2 if session.on_gpu else usable_cores())
         observer = self.metrics.observer(name, version) if self.metrics is not None else None
         batcher = Batcher(session.run, dataclasses.replace(cfg, workers=workers), observer, batch_size=size)
-        how = (
-            "as set"
-            if cfg.preferred_batch_size
-            else "µs per sample by size: " + ", ".join(f"{n}: {t / n * 1e6:.0f}" for n, t in timings.items())
-        )
+        if timings:
+            how += ", µs per sample by size: " + ", ".join(f"{n}: {t / n * 1e6:.0f}" for n, t in timings.items())
         log.info("model %s version %d: batches of %d (%s), %d workers", name, version, size, how, workers)
         return ModelVersion(name, version, session, spec, batcher)
+
+    def _profile(self, session: Session, spec: ModelSpec, path: Path) -> tuple[dict[int, float], str]:
+        """Seconds per run by batch size, from the profile cache or measured (and cached); and which it was."""
+        cfg, rt = self.batching, self.runtime
+        cache, entry = profiles.directory(cfg.profile_cache), ""
+        if cache is not None:
+            threads = [rt.intra_op_threads, rt.inter_op_threads]
+            facts = {"provider": session.provider, "options": rt.provider_options, "cuda_graph": rt.cuda_graph,
+                     "threads": threads, "max_batch": cfg.max_batch_size}  # fmt: skip
+            entry = profiles.key(path, facts)
+            cached = profiles.load(cache, entry)
+            if cached is not None:
+                session.warm_up(cfg.max_batch_size, spec.latent_dim, spec.num_classes, measure=False)
+                return cached, "cached"
+        timings = session.warm_up(cfg.max_batch_size, spec.latent_dim, spec.num_classes)
+        profiles.save(cache, entry, timings)
+        return timings, "measured"
 
     def _count(self, name: str, result: str, start: float) -> None:
         if self.metrics is not None:

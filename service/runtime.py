@@ -8,6 +8,7 @@ one graph per batch-size bucket, each batch padded to its bucket and the padding
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -25,7 +26,8 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 GPU = (CUDA, TENSORRT)
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"
-PROFILE_SECONDS = 0.05  # per measured batch size, at least (and at least 3 runs)
+PROFILE_SECONDS = 0.3  # measuring batch sizes takes at least this long, in all (and PROFILE_ROUNDS rounds)
+PROFILE_ROUNDS = 5
 MAX_CPU_WORKERS = 8  # runs side by side per model version; more rarely pays and multiplies memory
 _preloaded = False
 
@@ -192,21 +194,24 @@ class Session:
         if self.config.cuda_graph and self.provider == CUDA:
             device = int(parse_provider_options(self.config.provider_options).get(CUDA, {}).get("device_id", 0))
             self._graphs = _Graphs(self.session, sizes, device)
-        timings = {}
+        batches = {}
         for n in sizes:
             feeds = {"z": np.zeros((n, latent_dim), np.float32)}
             if num_classes:
                 feeds["y"] = np.full((n, num_classes), 1.0 / num_classes, np.float32)
             self.run(feeds)  # the first run of a shape sets up (and captures a graph); it is not timed
-            if not measure:
-                continue
-            # The fastest of several runs: other work on the machine only ever adds time, so the minimum is the
-            # least disturbed estimate of what a run costs.
-            times: list[float] = []
-            start = time.perf_counter()
-            while len(times) < 3 or time.perf_counter() - start < PROFILE_SECONDS:
+            batches[n] = feeds
+        if not measure:
+            return {}
+        # Rounds of one run per size, interleaved, so that drift on a busy machine (another process, the clock
+        # speed) touches every size alike rather than whichever was measured last. The fastest run of each size:
+        # other work only ever adds time, so the minimum is the least disturbed estimate of what a run costs.
+        timings = dict.fromkeys(sizes, math.inf)
+        start, rounds = time.perf_counter(), 0
+        while rounds < PROFILE_ROUNDS or time.perf_counter() - start < PROFILE_SECONDS:
+            for n, feeds in batches.items():
                 t = time.perf_counter()
                 self.run(feeds)
-                times.append(time.perf_counter() - t)
-            timings[n] = min(times)
+                timings[n] = min(timings[n], time.perf_counter() - t)
+            rounds += 1
         return timings

@@ -26,7 +26,7 @@ TIERS = {
     ],
     "component": [
         "test_data", "test_evaluate", "test_export", "test_faults", "test_fuzz", "test_gate", "test_http",
-        "test_interceptor", "test_lifecycle", "test_loop", "test_protocol", "test_runtime", "test_security",
+        "test_interceptor", "test_lifecycle", "test_loop", "test_profiles", "test_protocol", "test_runtime", "test_security",
         "test_service", "test_shipped_model",
     ],
     "process": ["test_client_security", "test_oip", "test_proto", "test_service_process", "test_startup"],
@@ -35,6 +35,13 @@ TIERS = {
     "image": ["test_deploy"],
 }  # fmt: skip
 TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _profile_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Batch-size profiles (service/profiles.py) go to a directory of this run, not the user's cache: every server
+    the tests start, in this process or another, measures afresh."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

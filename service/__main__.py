@@ -32,6 +32,10 @@ def main() -> None:
     bound_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if cfg.workers > 1:
+            from service.workers import Group  # the parent of several workers serves nothing itself
+
+            sys.exit(Group(cfg, sys.argv[1:]).run())
         asyncio.run(serve(cfg))
     except (SecurityError, StartupError) as e:
         # A file, directory or port the operator must fix: one line and status 2, as for a bad flag, no traceback.

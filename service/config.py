@@ -222,7 +222,11 @@ class ServerConfig:
     health_port: int = -1  # 0 picks a free port; -1: none (health is on the main port in any case)
     # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would start and silently take half
     # the connections. Off: a taken port stops the start. On: share it on purpose (Triton's --reuse-grpc-port).
+    # (HTTP shares it too when this is on.)
     reuse_grpc_port: bool = False
+    # Serving processes sharing the ports (SO_REUSEPORT) under one parent (service/workers.py): one event loop per
+    # core for small requests. 1: this process serves.
+    workers: int = 1
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: Limits = field(default_factory=Limits)
@@ -231,6 +235,8 @@ class ServerConfig:
     security: Security = field(default_factory=Security)
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers: must be >= 1 (got {self.workers})")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be in 0..65535 (got {self.port})")
         for name in ("http_port", "metrics_port", "health_port"):

@@ -149,9 +149,16 @@ class ProtocolErrors(logging.Filter):
 
 
 async def start(
-    front: Front, host: str, port: int, metrics: Metrics, header_timeout_s: float, ssl_context=None
+    front: Front,
+    host: str,
+    port: int,
+    metrics: Metrics,
+    header_timeout_s: float,
+    ssl_context=None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, int]:
     """Serve `front` on host:port ("[::]": every interface, IPv4 and IPv6); returns the runner and the port.
+    `reuse_port`: share the port with other processes (SO_REUSEPORT; --workers).
 
     A handler is cancelled when its client goes away, so that its queued work is dropped. A connection that has
     not sent a whole request's headers `header_timeout_s` after it opened, or after its last answer, is closed.
@@ -166,7 +173,7 @@ async def start(
     )  # fmt: skip
     await runner.setup()
     bind = None if host in ("[::]", "::", "") else host.strip("[]")
-    site = web.TCPSite(runner, bind, port, ssl_context=ssl_context, reuse_address=True)
+    site = web.TCPSite(runner, bind, port, ssl_context=ssl_context, reuse_address=True, reuse_port=reuse_port or None)
     try:
         await site.start()
     except BaseException:

@@ -6,6 +6,9 @@ carries the client library's standard process_*, python_gc_* and python_info ser
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -47,12 +50,15 @@ class Metrics:
             registry=registry,
         )  # fmt: skip
         self.images = Counter("gan_images_generated", "Images generated.", ["model"], registry=registry)
+        # Under --workers (prometheus_client's multiprocess mode) gauges are combined across the workers as their
+        # mode says: queued samples summed over the live ones, a version serving where any worker serves it.
         self.queue_depth = Gauge(
-            "gan_queue_depth", "Samples waiting in the batcher's queue.", ["model", "version"], registry=registry
-        )
+            "gan_queue_depth", "Samples waiting in the batcher's queue.", ["model", "version"], registry=registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.model_info = Gauge(
             "gan_model_info", "1 for every model version serving, with its execution provider.",
-            ["model", "version", "provider"], registry=registry,
+            ["model", "version", "provider"], registry=registry, multiprocess_mode="livemax",
         )  # fmt: skip
         self.auth_failures = Counter(
             "gan_auth_failures", "Calls refused for their credentials, by reason (missing, malformed, unknown, role).",
@@ -79,6 +85,15 @@ class Metrics:
             "gan_model_load_seconds", "Time to load, validate and warm a model version.", ["model"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=registry,
         )  # fmt: skip
+
+    def version_left(self, model: str, version: int, provider: str) -> None:
+        """A version stopped serving: its gan_model_info series goes (is 0 under --workers, where a series that
+        several processes write cannot be removed)."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.model_info.labels(model, str(version), provider).set(0)
+            return
+        with contextlib.suppress(KeyError):
+            self.model_info.remove(model, str(version), provider)
 
     def observer(self, model: str, version: int) -> BatchObserverImpl:
         return BatchObserverImpl(self, model, str(version))

@@ -378,8 +378,7 @@ class Registry:
         rest = {v: m for v, m in self._serving[mv.name].items() if m is not mv}
         self._serving = {n: vs for n, vs in {**self._serving, mv.name: rest}.items() if vs}
         if self.metrics is not None:
-            with contextlib.suppress(KeyError):
-                self.metrics.model_info.remove(mv.name, str(mv.version), mv.session.provider)
+            self.metrics.version_left(mv.name, mv.version, mv.session.provider)
         log.info("model %s version %d leaves (%s); %d request(s) in flight finish first", mv.name, mv.version, why,
                  mv.users)  # fmt: skip
         task = asyncio.ensure_future(self._drain(mv))

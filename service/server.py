@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 from service import http
 from service.api.ganserve.v1 import generator_pb2 as pb
@@ -87,6 +87,17 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", round(life.max_connection_age_grace_s * 1000)),
         ]
     return options
+
+
+def exposed_registry(own: CollectorRegistry) -> CollectorRegistry:
+    """What /metrics shows: this process's series, or under --workers (prometheus_client's multiprocess mode, set up
+    by the parent) the whole group's, so that any worker's answer covers every worker."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return own
+    group = CollectorRegistry()
+    multiprocess.MultiProcessCollector(group, path=directory)
+    return group
 
 
 def bare(host: str) -> str:
@@ -206,7 +217,12 @@ class Server:
         if admin:
             services.insert(1, (ADMIN, pb_grpc.add_ModelAdminServicer_to_server, ModelAdminServicer(self.registry)))
         else:
-            log.info("ganserve.v1.ModelAdmin is off: no tokens, and %s is not loopback (--admin-api on)", cfg.host)
+            log.info(
+                "ganserve.v1.ModelAdmin is off: %s",
+                "--admin-api off"
+                if sec.admin_api == "off"
+                else f"no tokens, and {cfg.host} is not loopback (--admin-api on)",
+            )
         # Health, so that probes read NOT_SERVING, and reflection, whose streams tools hold open, neither count nor
         # are refused during a drain.
         open_streams = frozenset([HEALTH.full_name, REFLECTION.full_name, "grpc.reflection.v1.ServerReflection"])
@@ -310,7 +326,7 @@ class Server:
             limits = cfg.limits
             rest = OipRest(self.plane, limits.max_message_bytes, limits.max_json_bytes, self.encoder,
                            lambda: self.gate.draining)  # fmt: skip
-            routes = rest.routes() + Pages(self.plane, self.metrics.registry).routes()
+            routes = rest.routes() + Pages(self.plane, exposed_registry(self.metrics.registry)).routes()
             if self.authorizer is not None:  # the gate checks an HTTP route as /<its service>/<its method>
                 paths = {f"/{r.service}/{r.method or r.name}" for r in routes if r.service}
                 self.authorizer.known_methods |= paths
@@ -320,8 +336,9 @@ class Server:
                 tls = http_ssl_context(sec.tls_cert, sec.tls_key, sec.tls_client_ca, self._tls_failed)
             try:
                 self._web, self.http_port = await http.start(
-                    front, cfg.host, cfg.http_port, self.metrics, cfg.lifecycle.header_timeout_s, tls
-                )
+                    front, cfg.host, cfg.http_port, self.metrics, cfg.lifecycle.header_timeout_s, tls,
+                    cfg.reuse_grpc_port,
+                )  # fmt: skip
             except OSError as e:
                 raise bind_error("http_port", cfg.http_port, e) from None
 

@@ -29,7 +29,9 @@ TIERS = {
         "test_interceptor", "test_lifecycle", "test_loop", "test_profiles", "test_protocol", "test_runtime", "test_security",
         "test_service", "test_shipped_model",
     ],
-    "process": ["test_client_security", "test_oip", "test_proto", "test_service_process", "test_startup"],
+    "process": [
+        "test_client_security", "test_oip", "test_proto", "test_service_process", "test_startup", "test_workers",
+    ],
     "browser": ["test_playground"],
     "ddp": ["test_ddp"],
     "image": ["test_deploy"],

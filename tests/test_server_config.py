@@ -66,7 +66,7 @@ def test_every_existing_flag_and_variable_keeps_its_name(capsys):
 DEFAULTS = {
     "model_repository": "models", "host": "[::]", "port": 50051, "http_port": 8000, "metrics_port": 9090, "max_batch_size": 128,
     "preferred_batch_size": 0, "max_delay_ms": 2.0, "max_queue": 8192, "batch_workers": 0, "batching": True, "adaptive_delay": True,
-    "profile_cache": "auto",
+    "profile_cache": "auto", "workers": 1,
     "providers": "auto", "provider_options": "", "cuda_graph": False, "tensorrt_cache": "", "intra_op_threads": 1, "inter_op_threads": 1, "allow_spinning": False, "max_images": 1024,
     "max_stream_images": 65536, "stream_chunk": 64, "max_message_bytes": 64 << 20, "encoder_threads": 2,
     "grace_seconds": 25.0, "max_connection_age_s": 0.0, "max_connection_age_grace_s": 30.0, "metrics_host": "",
@@ -83,7 +83,7 @@ def test_every_default_is_the_documented_one():
     values = {
         **{f: getattr(cfg, f) for f in (
             "model_repository", "host", "port", "http_port", "metrics_port", "metrics_host", "health_port",
-            "reuse_grpc_port")},
+            "reuse_grpc_port", "workers")},
         "max_batch_size": cfg.batching.max_batch_size, "max_delay_ms": cfg.batching.max_delay_ms,
         "max_queue": cfg.batching.max_queue, "batch_workers": cfg.batching.workers, "batching": cfg.batching.enabled,
         "adaptive_delay": cfg.batching.adaptive, "preferred_batch_size": cfg.batching.preferred_batch_size,

@@ -1,0 +1,134 @@
+"""`--workers N`: N serving processes on one set of ports, under one parent.
+
+Each worker is a whole `python -m service` on the same gRPC and HTTP ports, bound with SO_REUSEPORT, so the kernel
+spreads connections among them and each has its own event loop, GIL and batchers. The parent:
+- picks the ports once (a 0 becomes one free port for all), and starts the workers;
+- serves /metrics for the group on --metrics-port from prometheus_client's multiprocess mode (each worker writes its
+  series to files in a directory of the parent's; counters and histograms are summed, gauges carry a `pid` label);
+- forwards SIGHUP (every worker rescans the repository and the tokens file) and SIGTERM/SIGINT (every worker drains
+  as one server does), and exits when they have all ended, with the worst status;
+- starts a worker again when one dies unexpectedly.
+ModelAdmin is off in the workers: a call would change one worker only. The repository (`--model-control poll`, or
+SIGHUP to the parent) changes them all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from prometheus_client import CollectorRegistry, multiprocess
+
+from service.config import ServerConfig
+from service.server import StartupError, bare, metrics_endpoint
+
+log = logging.getLogger(__name__)
+
+RESTART_PAUSE_S = 1.0  # between a worker's death and its replacement, so that a crash loop cannot spin
+
+
+def free_port(host: str) -> int:
+    """A port free on `host` now (the workers bind it a moment later)."""
+    with socket.socket(socket.AF_INET6 if ":" in bare(host) else socket.AF_INET) as s:
+        s.bind((bare(host) if bare(host) not in ("", "::") else "::", 0))
+        return s.getsockname()[1]
+
+
+class Group:
+    def __init__(self, cfg: ServerConfig, argv: list[str]):
+        self.cfg = cfg
+        self.directory = tempfile.mkdtemp(prefix="gan-metrics-")
+        ports = {name: getattr(cfg, name) for name in ("port", "http_port", "health_port")}
+        self.ports = {name: free_port(cfg.host) if port == 0 else port for name, port in ports.items()}
+        self.argv = [
+            sys.executable, "-m", "service", *argv, "--workers", "1", "--reuse-grpc-port", "--metrics-port", "-1",
+            "--admin-api", "off", *(a for name, port in self.ports.items() for a in (f"--{name.replace('_', '-')}",
+                                                                                   str(port))),
+        ]  # fmt: skip
+        self.env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": self.directory}
+        # Signal handlers run on the main thread between the watch loop's steps: nothing here needs a lock.
+        self.workers: list[subprocess.Popen] = []
+        self.stopping = False
+        self.stopped: set[int] = set()  # workers sent SIGTERM
+
+    def spawn(self) -> subprocess.Popen:
+        """Start one worker and wait for its ready line."""
+        worker = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True, env=self.env)
+        line = worker.stdout.readline()
+        if not line:
+            raise StartupError(f"a worker did not start (exit status {worker.wait()}); its log is above")
+        json.loads(line)
+        return worker
+
+    def run(self) -> int:
+        try:
+            self.workers = [self.spawn() for _ in range(self.cfg.workers)]
+        except StartupError:
+            self.signal(signal.SIGTERM)
+            raise
+        metrics_port = -1
+        server = None
+        if self.cfg.metrics_port >= 0:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.directory)
+            server = metrics_endpoint(self.cfg.metrics_port, self.cfg.metrics_host or self.cfg.host, registry)
+            metrics_port = server.server_port
+        ready = {"event": "serving", "port": self.ports["port"], "http_port": self.ports["http_port"],
+                 "metrics_port": metrics_port, "workers": len(self.workers)}  # fmt: skip
+        print(json.dumps(ready | ({"health_port": self.ports["health_port"]} if self.cfg.health_port >= 0 else {})),
+              flush=True)  # fmt: skip
+        log.info("%d workers serving on port %d (pids %s)", len(self.workers), self.ports["port"],
+                 ", ".join(str(w.pid) for w in self.workers))  # fmt: skip
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda s, _frame: self.stop(signal.Signals(s)))
+        signal.signal(signal.SIGHUP, lambda s, _frame: self.signal(signal.SIGHUP))
+        status = self.watch()
+        if server is not None:
+            server.shutdown()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return status
+
+    def signal(self, sig: signal.Signals) -> None:
+        for worker in self.workers:
+            if worker.poll() is None and not (sig == signal.SIGTERM and worker.pid in self.stopped):
+                worker.send_signal(sig)
+                if sig == signal.SIGTERM:
+                    self.stopped.add(worker.pid)
+
+    def stop(self, sig: signal.Signals) -> None:
+        log.info("%s: draining %d workers", sig.name, len(self.workers))
+        self.stopping = True
+        self.signal(signal.SIGTERM)
+
+    def watch(self) -> int:
+        """Until every worker has ended after a stop: replace a worker that dies on its own; the worst status."""
+        status = 0
+        while True:
+            live = [w for w in self.workers if w.poll() is None]
+            ended = [w for w in self.workers if w.poll() is not None]
+            for worker in ended:
+                multiprocess.mark_process_dead(worker.pid, self.directory)
+                if self.stopping:  # a worker replaced earlier does not count against the group
+                    status = max(status, abs(worker.returncode))
+                else:
+                    log.error("worker %d exited with status %d; starting another", worker.pid, worker.returncode)
+                    time.sleep(RESTART_PAUSE_S)
+                    try:
+                        live.append(self.spawn())
+                    except StartupError as e:
+                        log.error("%s", e)
+            self.workers = live
+            if self.stopping:  # a worker started while the stop came in is stopped too
+                if not live:
+                    return status
+                if any(w.pid not in self.stopped for w in live):
+                    self.signal(signal.SIGTERM)
+            time.sleep(0.1)

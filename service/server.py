@@ -407,11 +407,12 @@ async def serve(cfg: ServerConfig) -> None:
     ready = {"event": "serving", "port": server.port, "http_port": server.http_port}
     ready |= {"metrics_port": server.metrics_port}
     ready |= {"health_port": server.health_port} if cfg.health_port >= 0 else {}
-    print(json.dumps(ready | {"models": sum(map(len, server.registry.models.values()))}), flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: server.spawn(_shutdown(server, s), f"{s.name} shutdown"))
     loop.add_signal_handler(signal.SIGHUP, lambda: server.spawn(server.reload(), "SIGHUP reload"))
+    # After the handlers: whoever reads this line may signal at once (the parent of --workers does).
+    print(json.dumps(ready | {"models": sum(map(len, server.registry.models.values()))}), flush=True)
     await server.wait()
 
 

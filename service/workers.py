@@ -28,7 +28,7 @@ import time
 from prometheus_client import CollectorRegistry, multiprocess
 
 from service.config import ServerConfig
-from service.server import StartupError, bare, metrics_endpoint
+from service.server import StartupError, bare, bind_error, metrics_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -69,32 +69,38 @@ class Group:
         return worker
 
     def run(self) -> int:
-        try:
-            self.workers = [self.spawn() for _ in range(self.cfg.workers)]
-        except StartupError:
-            self.signal(signal.SIGTERM)
-            raise
-        metrics_port = -1
-        server = None
-        if self.cfg.metrics_port >= 0:
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=self.directory)
-            server = metrics_endpoint(self.cfg.metrics_port, self.cfg.metrics_host or self.cfg.host, registry)
-            metrics_port = server.server_port
-        ready = {"event": "serving", "port": self.ports["port"], "http_port": self.ports["http_port"],
-                 "metrics_port": metrics_port, "workers": len(self.workers)}  # fmt: skip
-        print(json.dumps(ready | ({"health_port": self.ports["health_port"]} if self.cfg.health_port >= 0 else {})),
-              flush=True)  # fmt: skip
-        log.info("%d workers serving on port %d (pids %s)", len(self.workers), self.ports["port"],
-                 ", ".join(str(w.pid) for w in self.workers))  # fmt: skip
+        # First: a signal from now on reaches every worker, including those still starting (watch() sees to it).
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda s, _frame: self.stop(signal.Signals(s)))
         signal.signal(signal.SIGHUP, lambda s, _frame: self.signal(signal.SIGHUP))
-        status = self.watch()
-        if server is not None:
-            server.shutdown()
-        shutil.rmtree(self.directory, ignore_errors=True)
-        return status
+        server = None
+        try:
+            for _ in range(self.cfg.workers):
+                self.workers.append(self.spawn())
+            metrics_port = -1
+            if self.cfg.metrics_port >= 0:
+                registry = CollectorRegistry()
+                multiprocess.MultiProcessCollector(registry, path=self.directory)
+                try:
+                    server = metrics_endpoint(self.cfg.metrics_port, self.cfg.metrics_host or self.cfg.host, registry)
+                except OSError as e:
+                    raise bind_error("metrics_port", self.cfg.metrics_port, e) from None
+                metrics_port = server.server_port
+            ready = {"event": "serving", "port": self.ports["port"], "http_port": self.ports["http_port"],
+                     "metrics_port": metrics_port, "workers": len(self.workers)}  # fmt: skip
+            ready |= {"health_port": self.ports["health_port"]} if self.cfg.health_port >= 0 else {}
+            print(json.dumps(ready), flush=True)
+            log.info("%d workers serving on port %d (pids %s)", len(self.workers), self.ports["port"],
+                     ", ".join(str(w.pid) for w in self.workers))  # fmt: skip
+            return self.watch()
+        except StartupError:
+            self.stop(signal.SIGTERM)
+            self.watch()
+            raise
+        finally:
+            if server is not None:
+                server.shutdown()
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def signal(self, sig: signal.Signals) -> None:
         for worker in self.workers:

@@ -285,6 +285,7 @@ class Process:
                 args, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ | (env or {}), cwd=cwd
             )
         lines: list[str] = []
+        self._lines = lines
         if log is None:  # keep draining it, so a chatty server can never block on a full pipe
             threading.Thread(target=lambda: lines.extend(self.proc.stderr), daemon=True).start()
         watchdog = threading.Timer(timeout, self.proc.kill)  # a server that never gets ready ends the wait
@@ -297,16 +298,42 @@ class Process:
         ready = json.loads(line)
         self.port, self.metrics_port, self.http_port = ready["port"], ready.get("metrics_port"), ready.get("http_port")
 
-    def mean_batch(self) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
+    def metrics(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics").read().decode()
+
+    def batches(self) -> tuple[float, float]:
+        """(samples, batches) formed so far, over every model."""
+        text = self.metrics()
         total = sum(float(v) for v in re.findall(r"^gan_batch_size_sum\{[^}]*\} (\S+)", text, re.M))
         count = sum(float(v) for v in re.findall(r"^gan_batch_size_count\{[^}]*\} (\S+)", text, re.M))
+        return total, count
+
+    def mean_batch(self, since: tuple[float, float] = (0.0, 0.0)) -> float:
+        total, count = (now - then for now, then in zip(self.batches(), since, strict=True))
         return total / count if count else float("nan")
 
+    def batch_size(self, model: str) -> int:
+        """The batch size the server formed for `model`, from its log line (needs `log`)."""
+        found = re.findall(rf"model {model} version \d+: batches of (\d+)", self.log_text())
+        return int(found[-1]) if found else 0
+
     def cpu_seconds(self) -> float:
-        """CPU time the server process has used so far (user + system), from /proc (Linux)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time the server has used so far (user + system), with its live child processes (--workers), from
+        /proc (Linux)."""
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry.name) == self.proc.pid or int(fields[1]) == self.proc.pid:
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def log_text(self) -> str:
+        return "".join(self._lines) if self.log is None else self.log.read_text()
 
     def close(self) -> int:
         self.proc.terminate()
@@ -390,6 +417,133 @@ def security(repo: Path, tmp: Path, d: float, rounds: int) -> None:
         print(f"| {name} | {r2:,.0f} | {r2 / base2:.2f} | {r4:.2f} | {r4 - base4:+.2f} ms |")
 
 
+def per_call(server: Process, kind: str, model: str, n: int, concurrency: int, d: float) -> tuple[Stats, float]:
+    """One workload through one front end, and the server's CPU µs per request meanwhile."""
+    before = server.cpu_seconds()
+    stats = asyncio.run(protocol_load(kind, server.port, server.http_port, model, n, concurrency, d))
+    return stats, (server.cpu_seconds() - before) / stats.requests * 1e6
+
+
+def w2(repo: Path, d: float, rounds: int) -> None:
+    """The W2 shape (paper MLP, 1 image per request, 64 callers) and P4 (DCGAN, 1 caller, 1 image): the echo server,
+    this service over gRPC and over REST, with 1 and 2 workers; req/s, server CPU µs per request (the whole process
+    group), mean formed batch; interleaved rounds, medians."""
+    rows: dict[str, list[tuple[float, float, float, float]]] = {}
+    for _ in range(rounds):
+        echo = Process(
+            [sys.executable, str(ROOT / "bench" / "echo_server.py"), "--images", "1", "--image-bytes", "784"]
+        )
+        try:
+            stats, us = per_call(echo, PROTOCOLS[0], "mlp", 1, 64, d)
+            rows.setdefault("echo server, gRPC", []).append((stats.rps, us, float("nan"), float("nan")))
+        finally:
+            echo.close()
+        for workers in (1, 2):
+            server = service(repo, workers=workers)
+            try:
+                for label, kind in (("gRPC", PROTOCOLS[0]), ("REST (binary)", PROTOCOLS[2])):
+                    batches = server.batches()
+                    stats, us = per_call(server, kind, "mlp", 1, 64, d)
+                    p4 = asyncio.run(protocol_load(kind, server.port, server.http_port, "dcgan", 1, 1, d / 2))
+                    mean = server.mean_batch(since=batches)
+                    rows.setdefault(f"service, {label}, --workers {workers}", []).append(
+                        (stats.rps, us, mean, p4.pct(50))
+                    )
+                    print(f"{label} workers {workers}: {stats.rps:,.0f} req/s, {us:.0f} µs/req, batch {mean:.1f},"
+                          f" P4 p50 {p4.pct(50):.2f} ms", flush=True)  # fmt: skip
+            finally:
+                server.close()
+    raw1 = raw_ort(repo / "dcgan" / "1" / "model.onnx", 1, max(1.0, d / 2))
+    echo_rps = float(np.median([r[0] for r in rows["echo server, gRPC"]]))
+    print(f"\n| W2 (64 callers, 1 image) | req/s | ÷ echo | server CPU µs/request | mean formed batch | P4 p50 − raw batch-1"
+          f" ({raw1.pct(50):.2f} ms) |  (median of {rounds})\n|---|---|---|---|---|---|")  # fmt: skip
+    for label, got in rows.items():
+        rps, us, batch, p4 = (float(np.median([g[i] for g in got])) for i in range(4))
+        p4_text = "–" if p4 != p4 else f"{p4 - raw1.pct(50):+.2f} ms"
+        batch_text = "–" if batch != batch else f"{batch:.1f}"
+        print(f"| {label} | {rps:,.0f} | {rps / echo_rps:.2f} | {us:,.0f} | {batch_text} | {p4_text} |")
+
+
+def fairness(repo: Path, d: float) -> None:
+    """Small requests under a big-request load: 1-image Generate p50/p99 from one caller, alone and beside 16
+    callers asking for 1,024-image PNG grids; then streams under overload (do any fail half-way?)."""
+    server = service(repo, max_queue=16 * 1024)  # room for every big request: none is refused
+    small = request("dcgan", 1, pb.RAW_UINT8)
+    big = pb.GenerateRequest(model="dcgan", seed_range=pb.SeedRange(start=0, count=1024),
+                             output=pb.OutputOptions(format=pb.PNG, grid=True, grid_only=True))  # fmt: skip
+
+    async def mixed() -> tuple[Stats, Stats]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", OPTIONS) as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+
+            async def one(req: pb.GenerateRequest) -> int:
+                return len((await stub.Generate(req)).images) or req.seed_range.count
+
+            load_task = asyncio.ensure_future(drive(lambda: one(big), 16, d + 2))
+            await asyncio.sleep(1.0)  # the big load is under way
+            lone = await drive(lambda: one(small), 1, d)
+            return lone, await load_task
+
+    try:
+        idle = asyncio.run(load(server.port, small, 1, d))
+        under, bigs = asyncio.run(mixed())
+    finally:
+        server.close()
+    server = service(repo, max_queue=1024)  # the least the limits allow: 24 streams with 2 pieces each overflow it
+    try:
+        streams = asyncio.run(stream_overload(server.port))
+    finally:
+        server.close()
+    print(
+        f"\nsmall requests (DCGAN, 1 image, 1 caller): idle p50 {idle.pct(50):.2f} ms, p99 {idle.pct(99):.2f} ms;"
+        f" beside 16 callers of 1,024-image grids ({bigs.ips:,.0f} img/s): p50 {under.pct(50):.2f} ms,"
+        f" p90 {under.pct(90):.2f} ms, p99 {under.pct(99):.2f} ms: p99 ÷ idle p99 {under.pct(99) / idle.pct(99):.1f}"
+    )
+    print("streams under overload: " + ", ".join(f"{k} {v}" for k, v in streams.items()))
+
+
+async def stream_overload(port: int, callers: int = 24, count: int = 512) -> dict[str, int]:
+    """`callers` GenerateStreams of `count` images at once, twice over: how many finish, how many are refused at the
+    start (RESOURCE_EXHAUSTED before any image), and how many fail half-way."""
+    outcome = {"completed": 0, "refused at start": 0, "failed half-way": 0}
+    req = pb.GenerateRequest(model="dcgan", seed_range=pb.SeedRange(start=0, count=count),
+                             output=pb.OutputOptions(format=pb.RAW_UINT8))  # fmt: skip
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", OPTIONS) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+
+        async def one() -> None:
+            got = 0
+            try:
+                async for reply in stub.GenerateStream(req):
+                    got += len(reply.images)
+                outcome["completed" if got == count else "failed half-way"] += 1
+            except grpc.aio.AioRpcError:
+                outcome["refused at start" if got == 0 else "failed half-way"] += 1
+
+        for _ in range(2):
+            await asyncio.gather(*(one() for _ in range(callers)))
+    return outcome
+
+
+def starts(repo: Path, n: int, model: str = "dcgan") -> None:
+    """`n` starts of a server on `repo`, with the profile cache off (every start measures) and on (one measures,
+    the rest read it): the batch size each chose and the time from the process's start to its first answer."""
+    with tempfile.TemporaryDirectory() as cache:
+        for label, setting in (("cache off", ""), ("cache on", cache)):
+            sizes, firsts = [], []
+            for _ in range(n):
+                t = time.perf_counter()
+                server = service(repo, profile_cache=setting)
+                try:
+                    asyncio.run(load(server.port, request(model, 1, pb.RAW_UINT8), 1, 0.0))
+                    firsts.append(time.perf_counter() - t)
+                    sizes.append(server.batch_size(model))
+                finally:
+                    server.close()
+            print(f"{model}, {label}: batch sizes {sizes}; first answer {min(firsts):.2f}–{max(firsts):.2f} s"
+                  f" (median {float(np.median(firsts)):.2f} s)", flush=True)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
@@ -398,6 +552,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="--security, --protocols, --against: interleaved rounds")
     p.add_argument("--against", type=Path, help="only P1-P4 and the protocols, this tree against an older checkout")
     p.add_argument("--only", default="", help="--against: one workload by its label (P2, 'P1 OIP gRPC ModelInfer')")
+    p.add_argument("--w2", action="store_true", help="only W2 and P4: echo, gRPC and REST, 1 and 2 workers")
+    p.add_argument("--fairness", action="store_true", help="only small requests beside big ones, and streams")
+    p.add_argument("--starts", type=int, default=0, help="only this many starts: batch size chosen, first answer")
     args = p.parse_args()
     d = args.duration
     rows: list[tuple[str, str, str, str]] = []
@@ -414,6 +571,15 @@ def main() -> None:
             return
         if args.against:
             against(repo, args.against, d, args.rounds, args.only)
+            return
+        if args.w2:
+            w2(repo, d, args.rounds)
+            return
+        if args.fairness:
+            fairness(repo, d)
+            return
+        if args.starts:
+            starts(repo, args.starts)
             return
         dcgan = repo / "dcgan" / "1" / "model.onnx"
         raw_d = max(1.0, d / 2)

@@ -133,10 +133,13 @@ class Batcher:
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         batch_size: int = 0,
+        max_piece: int = 0,
     ) -> None:
         self.config = config
         # The size batches are formed at (and requests split at): measured by the runtime, else the maximum.
         self.batch_size = min(batch_size or config.max_batch_size, config.max_batch_size)
+        # The biggest piece of a split request (0: the maximum): the registry sizes it to a few ms of model time.
+        self.max_piece = max_piece or config.max_batch_size
         self.workers = config.workers or 1
         self._run_batch = run_batch
         self._observer = _Shielded(observer or _NoObserver())
@@ -200,11 +203,12 @@ class Batcher:
         n = _leading_length(inputs)
         # Unlike Triton we split oversized requests: one large request neither exceeds what the model was sized
         # for nor runs on a single worker while the others idle. Into no more pieces than there are workers (each
-        # extra batch costs the service time, bench/README.md), none smaller than the formed size. Batching off:
-        # every request runs alone, split only at the maximum.
+        # extra batch costs the service time, bench/README.md), none smaller than the formed size, and none longer
+        # to run than max_piece allows (a small request arriving meanwhile waits for one piece at most). Batching
+        # off: every request runs alone, split only at the maximum.
         cfg = self.config
         piece = max(self.batch_size, -(-n // self.workers)) if cfg.enabled else cfg.max_batch_size
-        piece = min(piece, cfg.max_batch_size)
+        piece = min(piece, cfg.max_batch_size, max(self.max_piece, self.batch_size))
         starts = range(0, n, piece)
         request = _Request(asyncio.get_running_loop().create_future(), [None] * len(starts), len(starts))
         request.priority = HIGH if priority == HIGH else NORMAL

@@ -479,3 +479,17 @@ def test_answers_come_back_on_the_event_loop_thread():
 
     run(lambda: Batcher(model, config(max_delay_ms=0)), body)
     assert seen == [threading.get_ident()] and threading.get_ident() not in model.threads
+
+
+def test_max_piece_bounds_the_pieces_of_a_big_request_but_never_below_the_formed_size():
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        x = request(1, n=12)
+        np.testing.assert_array_equal(await b.submit(x), expected(x))
+
+    # One worker would take all 12 at once (at most 8); pieces of 3 at most keep a newcomer's wait to one piece.
+    run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=0), batch_size=2, max_piece=3), body)
+    # The formed size wins over a smaller max_piece.
+    run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=0), batch_size=4, max_piece=1), body)
+    assert model.sizes == [3, 3, 3, 3, 4, 4, 4]

@@ -435,7 +435,8 @@ def w2(repo: Path, d: float, rounds: int) -> None:
         )
         try:
             stats, us = per_call(echo, PROTOCOLS[0], "mlp", 1, 64, d)
-            rows.setdefault("echo server, gRPC", []).append((stats.rps, us, float("nan"), float("nan")))
+            p4 = asyncio.run(load(echo.port, request("dcgan", 1, pb.RAW_UINT8), 1, d / 2))  # gRPC's own floor
+            rows.setdefault("echo server, gRPC", []).append((stats.rps, us, float("nan"), p4.pct(50)))
         finally:
             echo.close()
         for workers in (1, 2):

@@ -154,7 +154,8 @@ class Batcher:
         self._threads: list[threading.Thread] = []
         self._accepting = False
         self._closing = False
-        self._running = 0  # batches in run_batch now (adaptive delay: an idle model never waits for company)
+        self._running = 0  # batches in run_batch now (adaptive delay)
+        self._concurrent = False  # did the last batch show requests arriving together? (adaptive delay)
         self._idle = 0  # workers waiting for work with no timeout: the ones submit() must wake
 
     @property
@@ -304,9 +305,9 @@ class Batcher:
         cfg = self.config
         if self._closing or not cfg.enabled or self._depth >= self.batch_size:
             return 0.0
-        # Adaptive delay: wait for company only while a batch is running. A model with nothing to do would idle
-        # for the delay, so a lone caller never pays it; under load, batches fill while the model works.
-        if cfg.adaptive and not self._running:
+        # Adaptive delay: wait for company only while requests are arriving together (the last batch held several
+        # chunks, or more were queued meanwhile) or the model is busy anyway. A lone caller never pays it.
+        if cfg.adaptive and not (self._concurrent or self._running):
             return 0.0
         return max(0.0, top.chunks[0].queued_at + cfg.max_delay_ms / 1000 - self._clock())
 
@@ -340,6 +341,8 @@ class Batcher:
                 break
         if self._depth != before:
             self._observer.depth(self._depth)
+        if batch:
+            self._concurrent = len(batch) > 1 or self._depth > 0
         return batch, expired
 
     def _call(self, batch: list[_Chunk]) -> tuple[np.ndarray | Exception, float]:

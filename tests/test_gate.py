@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import service.gate
+from service import contract
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.inference import grpc_predict_v2_pb2 as ipb
 from service.api.inference import grpc_predict_v2_pb2_grpc as ipb_grpc
@@ -378,3 +379,50 @@ def test_hostile_oip_grpc_parameters_get_invalid_argument_naming_the_field(repo)
         code, details = answers[name]
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(start), (name, details)
     assert served == "echo"
+
+
+def test_oip_priority_one_goes_first_on_both_wires(tmp_path):
+    """Behind a held batch: normal requests queued first, then priority-1 ones over gRPC and REST; the model runs
+    the urgent ones first, in arrival order, then the normal ones."""
+    plain_model(tmp_path / "m" / "1" / "model.onnx")
+    hold = Hold()
+    ran: list[float] = []  # z[0, 0] of each batch, in the order the model ran them
+
+    def model_runs(feeds) -> None:
+        ran.append(float(feeds["z"][0, 0]))
+        hold.wait()
+
+    P = ipb.InferParameter
+    cases = [("normal rest", 2), ("normal grpc", 0), ("urgent grpc", 1), ("urgent rest", 1)]
+
+    async def go():
+        async with running(tmp_path, session_factory=sessions(m=model_runs), max_batch_size=1, **ONE_WORKER) as (
+            server, _stub, channel,
+        ):  # fmt: skip
+            oip = ipb_grpc.GRPCInferenceServiceStub(channel)
+            url = f"http://127.0.0.1:{server.http_port}/v2/models/m/infer"
+            async with aiohttp.ClientSession() as http:
+
+                async def call(seed: int, wire: str, priority: int) -> None:
+                    if wire == "rest":
+                        body = {"parameters": {"seeds": str(seed), "priority": priority}}
+                        async with http.post(url, json=body) as r:
+                            assert r.status == 200, await r.text()
+                    else:
+                        await oip.ModelInfer(ipb.ModelInferRequest(model_name="m", parameters={
+                            "seeds": P(string_param=str(seed)), "priority": P(int64_param=priority)}))  # fmt: skip
+
+                batcher = server.registry.models["m"][1].batcher
+                calls = [asyncio.ensure_future(call(100, "rest", 0))]
+                await until(lambda: hold.waiting == 1)
+                for seed, (tag, priority) in enumerate(cases):
+                    calls.append(asyncio.ensure_future(call(seed, tag.split()[1], priority)))
+                    await until(lambda seed=seed: batcher.queue_depth == seed + 1)
+                hold.open()
+                await asyncio.gather(*calls)
+                spec = server.registry.models["m"][1].spec
+        tag_of = {float(contract.seed_latent(seed, spec.latent_dim, spec.prior)[0]): tag
+                  for seed, (tag, _) in enumerate(cases)}  # fmt: skip
+        return [tag_of[z] for z in ran[1:]]  # after the held one
+
+    assert asyncio.run(go()) == ["urgent grpc", "urgent rest", "normal rest", "normal grpc"]

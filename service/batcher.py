@@ -21,6 +21,7 @@ from service.errors import DeadlineExceeded, QueueFull, Unavailable
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[dict[str, np.ndarray]], np.ndarray]
+Convert = Callable[[np.ndarray], np.ndarray]
 # What the service spends per batch besides run_batch (taking, concatenating, waking the loop, answering, metrics),
 # measured on a 2-core CPU machine: 64-image requests split into batches of 8 cost 26 µs more per image than whole
 # (bench/README.md, P5), about 210 µs per extra batch, on top of the ~100 µs a batch costs the batcher alone.
@@ -84,6 +85,7 @@ class _Request:
     pending: int  # chunks still without output
     chunks: deque[_Chunk] = field(default_factory=deque)  # queued, not yet taken
     priority: int = NORMAL
+    pixels: bool = False  # wants its rows through the batcher's `pixels` conversion
     served: int = 0  # samples taken into batches so far: the scheduling key (least served first)
     seq: int = 0  # arrival order, the tie-break
 
@@ -134,12 +136,17 @@ class Batcher:
         clock: Callable[[], float] = time.monotonic,
         batch_size: int = 0,
         max_piece: int = 0,
+        pixels: Convert | None = None,
     ) -> None:
         self.config = config
         # The size batches are formed at (and requests split at): measured by the runtime, else the maximum.
         self.batch_size = min(batch_size or config.max_batch_size, config.max_batch_size)
         # The biggest piece of a split request (0: the maximum): the registry sizes it to a few ms of model time.
         self.max_piece = max_piece or config.max_batch_size
+        # Model output → what a request that asks for `pixels` gets (uint8 images), once per batch on the worker:
+        # on the event loop, numpy would drop and retake the GIL for every request (measured: a quarter of a
+        # 1-image request's CPU).
+        self._pixels = pixels
         self.workers = config.workers or 1
         self._run_batch = run_batch
         self._observer = _Shielded(observer or _NoObserver())
@@ -191,7 +198,7 @@ class Batcher:
 
     async def submit(
         self, inputs: dict[str, np.ndarray], deadline: float | None = None, priority: int = NORMAL,
-        admitted: bool = False,
+        admitted: bool = False, pixels: bool = False,
     ) -> np.ndarray:  # fmt: skip
         """Run `inputs` (arrays sharing a leading axis n >= 1) in batches; returns this request's n rows in order.
 
@@ -199,6 +206,7 @@ class Batcher:
         `admitted`: a later piece of a stream that was admitted when it began waits its turn instead of failing
         half-way; a stream has at most two pieces queued, so the queue overruns by at most that per stream),
         DeadlineExceeded if `deadline` (a clock() value) passed before a chunk was taken, or run_batch's exception.
+        With `pixels`, the rows come through the batcher's `pixels` conversion.
         The caller must not mutate `inputs` until this returns: chunks are views into them.
         """
         n = _leading_length(inputs)
@@ -213,6 +221,9 @@ class Batcher:
         starts = range(0, n, piece)
         request = _Request(asyncio.get_running_loop().create_future(), [None] * len(starts), len(starts))
         request.priority = HIGH if priority == HIGH else NORMAL
+        if pixels and self._pixels is None:
+            raise ValueError("pixels asked of a batcher that has no pixels conversion")
+        request.pixels = pixels
         with self._cv:
             if not self._accepting:
                 raise Unavailable("batcher is not accepting requests (not started, or draining)")
@@ -345,8 +356,9 @@ class Batcher:
             self._concurrent = len(batch) > 1 or self._depth > 0
         return batch, expired
 
-    def _call(self, batch: list[_Chunk]) -> tuple[np.ndarray | Exception, float]:
-        """Concatenate, run and time the batch; an error is returned for the batch's requests."""
+    def _call(self, batch: list[_Chunk]) -> tuple[tuple[np.ndarray, np.ndarray | None] | Exception, float]:
+        """Concatenate, run and time the batch, and convert it where a request wants pixels: (output, pixels or
+        None); an error is returned for the batch's requests."""
         size = sum(chunk.size for chunk in batch)
         start = self._clock()
         try:
@@ -357,21 +369,25 @@ class Batcher:
             output = np.asarray(self._run_batch(inputs))
             if output.ndim == 0 or len(output) != size:
                 raise RuntimeError(f"run_batch returned shape {output.shape} for a batch of {size} samples")
+            seconds = self._clock() - start
+            pixels = self._pixels(output) if any(c.request.pixels for c in batch) else None
         except Exception as exc:  # belongs to this batch's requests only; the worker keeps serving
             return exc, self._clock() - start
-        return output, self._clock() - start
+        return (output, pixels), seconds
 
     # ---- on the event loop ---------------------------------------------------------------------------
 
-    def _deliver(self, batch: list[_Chunk], result: np.ndarray | Exception) -> None:
+    def _deliver(self, batch: list[_Chunk], result: tuple[np.ndarray, np.ndarray | None] | Exception) -> None:
         if isinstance(result, Exception):
             for chunk in batch:
                 self._fail(chunk.request, result)
             return
+        output, pixels = result
         offset = 0
         for chunk in batch:
             request = chunk.request
-            request.parts[chunk.index] = result[offset : offset + chunk.size]
+            rows = pixels if request.pixels else output
+            request.parts[chunk.index] = rows[offset : offset + chunk.size]
             offset += chunk.size
             request.pending -= 1
             if request.pending == 0 and not request.future.done():

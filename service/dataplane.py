@@ -221,7 +221,9 @@ class DataPlane:
         self, mv: ModelVersion, z: np.ndarray, y: np.ndarray | None, output: Output, deadline: float | None,
         offset: int = 0, urgent: bool = False, admitted: bool = False,
     ) -> Result:  # fmt: skip
-        images = await mv.run(z, y, deadline, HIGH if urgent else NORMAL, admitted)
+        # Pixels (what every format but FLOAT32 is made of) come converted from the batcher's worker thread.
+        pixels = output.format is not Format.FLOAT32
+        images = await mv.run(z, y, deadline, HIGH if urgent else NORMAL, admitted, pixels)
         # Raw arrays cost microseconds, and one small PNG little more than the thread hand-off: they are encoded here,
         # and never wait behind big grids in the encoder pool. Other PNGs and grids leave the event loop.
         if not output.grid and (output.format is not Format.PNG or len(images) <= PNGS_ON_LOOP):
@@ -421,10 +423,13 @@ def _keyframe_labels(mv: ModelVersion, keyframes: Sequence[Keyframe], steps: int
 
 
 def _encode(mv: ModelVersion, images: np.ndarray, output: Output, offset: int) -> Result:
-    """Vectorised float → uint8 once; then PNG files and an optional grid, or the pixels as an array."""
+    """PNG files and an optional grid, or the images as an array. `images` are uint8 pixels [n, H, W, C] for every
+    format but FLOAT32, and the model's output [n, C, H, W] for FLOAT32 (converted here only for a grid)."""
     c, h, w = mv.spec.output_shape
     fmt = output.format
-    pixels = encode.to_uint8(images, mv.spec.output_range) if fmt is not Format.FLOAT32 or output.grid else None
+    pixels = images if fmt is not Format.FLOAT32 else None
+    if fmt is Format.FLOAT32 and output.grid:
+        pixels = encode.to_uint8(images, mv.spec.output_range)
     grid_png = b""
     if output.grid:
         grid_png = encode.png(encode.grid(pixels, output.grid_columns or math.ceil(math.sqrt(len(pixels)))))

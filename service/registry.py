@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service import profiles
+from service import encode, profiles
 from service.batcher import NORMAL, Batcher, choose_batch_size
 from service.config import BatchingConfig, ModelControl, RuntimeConfig
 from service.contract import ContractError, ModelSpec, read_spec
@@ -67,10 +68,11 @@ class ModelVersion:
 
     async def run(
         self, z: np.ndarray, y: np.ndarray | None, deadline: float | None, priority: int = NORMAL,
-        admitted: bool = False,
+        admitted: bool = False, pixels: bool = False,
     ) -> np.ndarray:  # fmt: skip
+        """The model's output for z (and y); with `pixels`, as uint8 images [n, H, W, C] (encode.to_uint8)."""
         feeds = {"z": z} if y is None else {"z": z, "y": y}
-        return await self.batcher.submit(feeds, deadline, priority, admitted)
+        return await self.batcher.submit(feeds, deadline, priority, admitted, pixels)
 
     async def released(self) -> None:
         """Returns once no request holds this version."""
@@ -351,9 +353,9 @@ class Registry:
         observer = self.metrics.observer(name, version) if self.metrics is not None else None
         # Pieces of big requests that run within PIECE_SECONDS, so that a small request never waits long behind one.
         piece = max((n for n, t in timings.items() if t <= PIECE_SECONDS), default=0)
-        batcher = Batcher(
-            session.run, dataclasses.replace(cfg, workers=workers), observer, batch_size=size, max_piece=piece
-        )
+        pixels = functools.partial(encode.to_uint8, output_range=spec.output_range)
+        batcher = Batcher(session.run, dataclasses.replace(cfg, workers=workers), observer, batch_size=size,
+                          max_piece=piece, pixels=pixels)  # fmt: skip
         if timings:
             how += ", µs per sample by size: " + ", ".join(f"{n}: {t / n * 1e6:.0f}" for n, t in timings.items())
         log.info("model %s version %d: batches of %d (%s), %d workers", name, version, size, how, workers)

@@ -493,3 +493,24 @@ def test_max_piece_bounds_the_pieces_of_a_big_request_but_never_below_the_formed
     # The formed size wins over a smaller max_piece.
     run(lambda: Batcher(model, config(max_batch_size=8, max_delay_ms=0), batch_size=4, max_piece=1), body)
     assert model.sizes == [3, 3, 3, 3, 4, 4, 4]
+
+
+def test_pixels_are_converted_once_per_batch_on_the_worker_and_only_for_who_asked():
+    model = FakeModel()
+    converted: list[tuple[int, int]] = []  # (rows, thread) per conversion
+
+    def pixels(output: np.ndarray) -> np.ndarray:
+        converted.append((len(output), threading.get_ident()))
+        return (output % 256).astype(np.uint8)
+
+    async def body(b: Batcher) -> None:
+        a, c = request(1, n=2), request(2, n=2)
+        got_pixels, got_floats = await asyncio.gather(b.submit(a, pixels=True), b.submit(c))
+        np.testing.assert_array_equal(got_pixels, (expected(a) % 256).astype(np.uint8))
+        np.testing.assert_array_equal(got_floats, expected(c))
+        with pytest.raises(ValueError, match="pixels"):
+            await Batcher(model, config()).submit(a, pixels=True)
+
+    run(lambda: Batcher(model, config(max_delay_ms=1000), batch_size=4, pixels=pixels), body)
+    assert model.sizes == [4]  # one batch for both
+    assert [rows for rows, _ in converted] == [4] and converted[0][1] in model.threads

@@ -335,6 +335,9 @@ class Batcher:
         # chunk is skipped for a smaller one behind it, so none can starve at its level.
         while (request := self._top()) is not None and (not batch or size + request.chunks[0].size <= self.batch_size):
             heapq.heappop(self._heap)
+            if request.future.done():  # cancelled, but the submit() task has not run its own cleanup yet
+                self._discard(request)
+                continue
             chunk = request.chunks.popleft()
             self._depth -= chunk.size
             if chunk.deadline is not None and now >= chunk.deadline:

@@ -545,6 +545,57 @@ def starts(repo: Path, n: int, model: str = "dcgan") -> None:
                   f" (median {float(np.median(firsts)):.2f} s)", flush=True)  # fmt: skip
 
 
+def cache(repo: Path, d: float, rounds: int) -> None:
+    """A playground-like load with the response cache off and on (64 MiB): 8 callers asking for 16-image PNG grids
+    of the DCGAN, 80% of them one of 5 popular seed ranges, the rest a random range; interleaved rounds, medians."""
+    rng = np.random.default_rng(0)
+    popular = [pb.GenerateRequest(model="dcgan", seed_range=pb.SeedRange(start=16 * i, count=16),
+                                  output=pb.OutputOptions(format=pb.PNG, grid=True, grid_only=True))
+               for i in range(5)]  # fmt: skip
+
+    def pick() -> pb.GenerateRequest:
+        if rng.random() < 0.8:
+            return popular[int(rng.integers(5))]
+        start = int(rng.integers(1_000, 1_000_000))
+        return pb.GenerateRequest(model="dcgan", seed_range=pb.SeedRange(start=start, count=16),
+                                  output=pb.OutputOptions(format=pb.PNG, grid=True, grid_only=True))  # fmt: skip
+
+    async def playground(port: int) -> Stats:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", OPTIONS) as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+
+            async def call() -> int:
+                await stub.Generate(pick())
+                return 16
+
+            return await drive(call, 8, d)
+
+    got: dict[str, list[tuple[float, float, float]]] = {}
+    for _ in range(rounds):
+        for label, size in (("cache off", 0), ("cache on, 64 MiB", 64 << 20)):
+            server = service(repo, response_cache_bytes=size)
+            try:
+                stats = asyncio.run(playground(server.port))
+                text = server.metrics()
+                hits = sum(
+                    float(v) for v in re.findall(r'^gan_response_cache_lookups_total\{result="hit"\} (\S+)', text, re.M)
+                )
+                looked = sum(
+                    float(v) for v in re.findall(r"^gan_response_cache_lookups_total\{[^}]*\} (\S+)", text, re.M)
+                )
+            finally:
+                server.close()
+            got.setdefault(label, []).append((stats.rps, stats.pct(50), hits / looked if looked else 0.0))
+            print(f"{label}: {stats.rps:,.0f} req/s, p50 {stats.pct(50):.2f} ms", flush=True)
+    base = float(np.median([g[0] for g in got["cache off"]]))
+    print(
+        f"\n| playground-like load | req/s | ÷ cache off | p50 ms | hit ratio |  (median of {rounds})\n|---|---|---|---|---|"
+    )
+    for label, rows in got.items():
+        rps, p50, ratio = (float(np.median([r[i] for r in rows])) for i in range(3))
+        print(f"| {label} | {rps:,.0f} | {rps / base:.2f} | {p50:.2f} | {ratio:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
@@ -556,6 +607,7 @@ def main() -> None:
     p.add_argument("--w2", action="store_true", help="only W2 and P4: echo, gRPC and REST, 1 and 2 workers")
     p.add_argument("--fairness", action="store_true", help="only small requests beside big ones, and streams")
     p.add_argument("--starts", type=int, default=0, help="only this many starts: batch size chosen, first answer")
+    p.add_argument("--cache", action="store_true", help="only a playground-like load, response cache off and on")
     args = p.parse_args()
     d = args.duration
     rows: list[tuple[str, str, str, str]] = []
@@ -581,6 +633,9 @@ def main() -> None:
             return
         if args.starts:
             starts(repo, args.starts)
+            return
+        if args.cache:
+            cache(repo, d, args.rounds)
             return
         dcgan = repo / "dcgan" / "1" / "model.onnx"
         raw_d = max(1.0, d / 2)

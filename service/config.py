@@ -119,12 +119,14 @@ class Limits:
     # max_message_bytes bounds, so JSON gets a limit of its own, well below it.
     max_json_bytes: int = JSON_BYTES
     encoder_threads: int = 2  # PNG encoding and seed expansion, off the event loop
+    # Answers to Generate by seeds kept for identical requests (service/cache.py), in bytes; 0: no cache.
+    response_cache_bytes: int = 0
     http_deadline_s: float = 60.0  # the deadline of an HTTP request that sets none of its own; 0 = none
 
     def __post_init__(self) -> None:
         _check(self, 1, "max_images", "max_stream_images", "stream_chunk", "max_message_bytes", "encoder_threads")
         _check(self, 1, "max_json_bytes")
-        _check(self, 0, "http_deadline_s")
+        _check(self, 0, "http_deadline_s", "response_cache_bytes")
         json_bytes, message_bytes = self.max_json_bytes, self.max_message_bytes
         if json_bytes > message_bytes:
             if json_bytes != JSON_BYTES:
@@ -221,8 +223,8 @@ class ServerConfig:
     # A second, plaintext port serving only grpc.health.v1, for kubelet probes, which cannot do TLS or tokens.
     health_port: int = -1  # 0 picks a free port; -1: none (health is on the main port in any case)
     # gRPC sets SO_REUSEPORT by default, so a second server on a taken port would start and silently take half
-    # the connections. Off: a taken port stops the start. On: share it on purpose (Triton's --reuse-grpc-port).
-    # (HTTP shares it too when this is on.)
+    # the connections. Off: a taken port stops the start. On: share it on purpose (Triton's --reuse-grpc-port),
+    # and the HTTP port with it (--workers turns it on).
     reuse_grpc_port: bool = False
     # Serving processes sharing the ports (SO_REUSEPORT) under one parent (service/workers.py): one event loop per
     # core for small requests. 1: this process serves.

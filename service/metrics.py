@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -60,6 +61,14 @@ class Metrics:
             "gan_model_info", "1 for every model version serving, with its execution provider.",
             ["model", "version", "provider"], registry=registry, multiprocess_mode="livemax",
         )  # fmt: skip
+        self.cache_lookups = Counter(
+            "gan_response_cache_lookups", "Generate requests looked up in the response cache, by result (hit, miss).",
+            ["result"], registry=registry,
+        )  # fmt: skip
+        self.cache_bytes = Gauge(
+            "gan_response_cache_bytes", "Bytes of answers the response cache holds.", registry=registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.auth_failures = Counter(
             "gan_auth_failures", "Calls refused for their credentials, by reason (missing, malformed, unknown, role).",
             ["reason"], registry=registry,
@@ -85,6 +94,11 @@ class Metrics:
             "gan_model_load_seconds", "Time to load, validate and warm a model version.", ["model"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=registry,
         )  # fmt: skip
+
+    def cache_hooks(self) -> tuple[Callable[[bool], None], Callable[[int], None]]:
+        """The response cache's hooks: count a lookup, set the bytes held."""
+        hit, miss = self.cache_lookups.labels("hit"), self.cache_lookups.labels("miss")
+        return (lambda found: (hit if found else miss).inc()), self.cache_bytes.set
 
     def version_left(self, model: str, version: int, provider: str) -> None:
         """A version stopped serving: its gan_model_info series goes (is 0 under --workers, where a series that

@@ -29,6 +29,7 @@ from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.api.inference import grpc_predict_v2_pb2 as oip_pb
 from service.api.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from service.cache import ResultCache
 from service.config import RuntimeConfig, ServerConfig
 from service.dataplane import DataPlane
 from service.domain import VersionStatus
@@ -205,7 +206,10 @@ class Server:
             cfg.lifecycle.grace_seconds, session_factory,
         )  # fmt: skip
         self.encoder = ThreadPoolExecutor(cfg.limits.encoder_threads, thread_name_prefix="encode")
-        self.plane = DataPlane(self.registry, cfg.limits, self.encoder, cfg.security.full_metadata)
+        cache = None
+        if cfg.limits.response_cache_bytes:
+            cache = ResultCache(cfg.limits.response_cache_bytes, *self.metrics.cache_hooks())
+        self.plane = DataPlane(self.registry, cfg.limits, self.encoder, cfg.security.full_metadata, cache)
         self.health = health.aio.HealthServicer()
         # Every service, registered and listed for reflection from this one table.
         services = [

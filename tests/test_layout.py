@@ -47,6 +47,7 @@ FRONT_ENDS = ("ganserve", "admin", "oip_grpc", "oip_rest", "pages")
 LAYERS = {
     "service/dataplane.py": ("grpc", "aiohttp", "service.frontends", "service.api", "service.gate"),
     "service/domain.py": ("grpc", "aiohttp", "service.frontends", "service.api"),
+    "service/cache.py": ("grpc", "aiohttp", "service.frontends", "service.api", "service.registry"),
     "service/gate.py": ("aiohttp", "service.frontends", "service.http", "service.interceptor", "service.api"),
     "service/interceptor.py": ("aiohttp", "service.http", "service.frontends"),
     "service/http.py": ("grpc", "service.interceptor", *(f"service.frontends.{f}" for f in FRONT_ENDS)),

@@ -69,6 +69,7 @@ DEFAULTS = {
     "profile_cache": "auto", "workers": 1,
     "providers": "auto", "provider_options": "", "cuda_graph": False, "tensorrt_cache": "", "intra_op_threads": 1, "inter_op_threads": 1, "allow_spinning": False, "max_images": 1024,
     "max_stream_images": 65536, "stream_chunk": 64, "max_message_bytes": 64 << 20, "encoder_threads": 2,
+    "response_cache_bytes": 0,
     "grace_seconds": 25.0, "max_connection_age_s": 0.0, "max_connection_age_grace_s": 30.0, "metrics_host": "",
     "health_port": -1, "tls_cert": "", "tls_key": "", "tls_client_ca": "", "auth_tokens_file": "", "reflection": True,
     "full_metadata": False, "model_control": "none", "poll_seconds": 10.0, "load_model": (), "version_policy": "latest:1",
@@ -93,7 +94,7 @@ def test_every_default_is_the_documented_one():
             "allow_spinning")},
         **{f: getattr(cfg.limits, f) for f in (
             "max_images", "max_stream_images", "stream_chunk", "max_message_bytes", "encoder_threads", "max_json_bytes",
-            "http_deadline_s")},
+            "http_deadline_s", "response_cache_bytes")},
         **{f: getattr(cfg.lifecycle, f) for f in (
             "grace_seconds", "max_connection_age_s", "max_connection_age_grace_s", "header_timeout_s")},
         **{f: getattr(cfg.security, f) for f in (

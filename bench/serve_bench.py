@@ -493,6 +493,7 @@ def fairness(repo: Path, d: float) -> None:
     server = service(repo, max_queue=1024)  # the least the limits allow: 24 streams with 2 pieces each overflow it
     try:
         streams = asyncio.run(stream_overload(server.port))
+        refused = asyncio.run(refusals(server.port, d))
     finally:
         server.close()
     print(
@@ -501,6 +502,42 @@ def fairness(repo: Path, d: float) -> None:
         f" p90 {under.pct(90):.2f} ms, p99 {under.pct(99):.2f} ms: p99 ÷ idle p99 {under.pct(99) / idle.pct(99):.1f}"
     )
     print("streams under overload: " + ", ".join(f"{k} {v}" for k, v in streams.items()))
+    if refused:
+        print(
+            f"a lone caller meeting a full queue: {len(refused)} RESOURCE_EXHAUSTED answers, p50"
+            f" {np.percentile(refused, 50) * 1000:.2f} ms, p99 {np.percentile(refused, 99) * 1000:.2f} ms"
+        )
+
+
+async def refusals(port: int, duration: float) -> list[float]:
+    """Seconds to each RESOURCE_EXHAUSTED a lone caller of 512-image requests gets while 8 callers of 1,024-image
+    requests keep a 1,024-sample queue full (a refused filler pauses 5 ms, so that refusals are not all it does)."""
+    full = pb.GenerateRequest(model="dcgan", seed_range=pb.SeedRange(start=0, count=1024),
+                              output=pb.OutputOptions(format=pb.RAW_UINT8))  # fmt: skip
+    lone = request("dcgan", 512, pb.RAW_UINT8)
+    stop = time.perf_counter() + duration
+    waits: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", OPTIONS) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+
+        async def filler() -> None:
+            while time.perf_counter() < stop:
+                try:
+                    await stub.Generate(full)
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.005)
+
+        async def caller() -> None:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                try:
+                    await stub.Generate(lone)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        waits.append(time.perf_counter() - t)
+
+        await asyncio.gather(caller(), *(filler() for _ in range(8)))
+    return waits
 
 
 async def stream_overload(port: int, callers: int = 24, count: int = 512) -> dict[str, int]:

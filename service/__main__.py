@@ -10,6 +10,7 @@ import sys
 from service.config import parse
 from service.security import SecurityError
 from service.server import StartupError, serve
+from service.workers import Group, tie_to_parent
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 
@@ -32,10 +33,9 @@ def main() -> None:
     bound_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if cfg.workers > 1:
-            from service.workers import Group  # the parent of several workers serves nothing itself
-
+        if cfg.workers > 1:  # the parent of several workers serves nothing itself
             sys.exit(Group(cfg, sys.argv[1:]).run())
+        tie_to_parent()  # a worker of --workers: end with the parent
         asyncio.run(serve(cfg))
     except (SecurityError, StartupError) as e:
         # A file, directory or port the operator must fix: one line and status 2, as for a bad flag, no traceback.

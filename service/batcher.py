@@ -124,8 +124,9 @@ class Batcher:
 
     Scheduling is fair between big and small work: batches are filled from the requests that have been served least
     so far (HIGH priority before NORMAL, then arrival order), one chunk at a time. A request that arrives behind a big
-    one waits for at most the batches already running, not for every piece of the big one; a big request still makes
-    progress, one chunk per round, among the others.
+    one waits for at most the batches already running, not for every piece of the big one. The price: a big request
+    advances only when no less-served request is queued, so under a sustained overload of small requests it waits
+    (its deadline bounds how long).
     """
 
     def __init__(
@@ -230,7 +231,7 @@ class Batcher:
             if not admitted:
                 self.check_room(n)
             now = self._clock()
-            was_empty = not self._depth
+            before = self._depth
             for index, lo in enumerate(starts):
                 hi = min(lo + piece, n)
                 chunk_inputs = {name: array[lo:hi] for name, array in inputs.items()}
@@ -239,10 +240,10 @@ class Batcher:
             heapq.heappush(self._heap, (request.priority, 0, request.seq, request))
             self._depth += n
             self._observer.depth(self._depth)
-            # Wake a worker only when this changes what one would do: work where there was none, or a full batch.
-            # A worker already waiting out the delay wakes by itself, and a busy one looks at the queue when it is
-            # done; waking workers on every request costs the event loop the GIL, twice, per request.
-            if self._idle and (was_empty or self._depth >= self.batch_size or len(starts) > 1):
+            # Wake a worker only when this changes what one would do: work where there was none (an idle one), or
+            # a batch now full (one waiting out the delay, too). A busy worker looks at the queue when it is done;
+            # waking workers on every request costs the event loop the GIL, twice, per request.
+            if (self._idle and not before) or before < self.batch_size <= self._depth or len(starts) > 1:
                 self._cv.notify(len(starts))
         try:
             return await request.future
@@ -389,6 +390,9 @@ class Batcher:
         offset = 0
         for chunk in batch:
             request = chunk.request
+            if request.future.done():  # cancelled or failed meanwhile: nobody takes these rows
+                offset += chunk.size
+                continue
             rows = pixels if request.pixels else output
             request.parts[chunk.index] = rows[offset : offset + chunk.size]
             offset += chunk.size
@@ -410,6 +414,7 @@ class Batcher:
 
     def _discard(self, request: _Request) -> None:
         """Under the lock: drop the request's queued chunks (its heap entry is skipped when it reaches the top)."""
+        request.parts = [None] * len(request.parts)  # what it already got is freed now, not when its entry leaves
         removed = sum(c.size for c in request.chunks)
         if removed:
             request.chunks.clear()

@@ -5,6 +5,7 @@ bytes of images held, not in entries. Used on the event loop only: no locking.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -42,6 +43,9 @@ class ResultCache:
         n = size(result)
         if n > self.max_bytes:
             return
+        # Its own arrays: a view into a whole batch's output would keep the batch alive, uncounted.
+        copy = [None if a is None else a.copy() for a in (result.pixels, result.latents)]
+        result = dataclasses.replace(result, pixels=copy[0], latents=copy[1])
         old = self._entries.pop(key, None)
         if old is not None:
             self.bytes -= old[1]

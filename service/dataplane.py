@@ -251,7 +251,8 @@ def _cache_key(mv: ModelVersion, req: Generate) -> tuple | None:
         latents = ("seeds", *spec.values)
     else:
         return None
-    return mv.name, mv.version, latents, tuple(req.labels), req.truncation, req.output
+    # The load, not only the version number: a version unloaded and loaded again may be another file.
+    return mv.name, mv.version, mv.load, latents, tuple(req.labels), req.truncation, req.output
 
 
 def _check_seeds(seeds: Sequence[int], path: str, names: Names) -> None:

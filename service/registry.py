@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import time
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 # long (bench/README.md, "Fairness": pieces of 32 DCGAN images, ~4 ms, cut a 1-image p99 beside 1,024-image
 # requests from 56 to 20 ms at the same throughput; pieces of 128 images ran ~17 ms).
 PIECE_SECONDS = 0.005
+LOADS = itertools.count()  # every version loaded gets the next number: a reload is never the same version twice
 AVAILABLE, LOADING, READY, UNLOADING, FAILED = "AVAILABLE", "LOADING", "READY", "UNLOADING", "FAILED"
 
 
@@ -64,6 +66,7 @@ class ModelVersion:
     spec: ModelSpec
     batcher: Batcher
     users: int = 0  # requests holding it (Registry.use)
+    load: int = field(default_factory=lambda: next(LOADS))  # which load of the file this is (a cache key part)
     _released: asyncio.Event | None = None
 
     async def run(

@@ -514,3 +514,21 @@ def test_pixels_are_converted_once_per_batch_on_the_worker_and_only_for_who_aske
     run(lambda: Batcher(model, config(max_delay_ms=1000), batch_size=4, pixels=pixels), body)
     assert model.sizes == [4]  # one batch for both
     assert [rows for rows, _ in converted] == [4] and converted[0][1] in model.threads
+
+
+def test_a_full_batch_wakes_a_worker_that_is_waiting_out_the_delay():
+    gate = threading.Event()
+    model, clock = FakeModel(gate=gate), FakeClock()  # the clock stands still: only a wake-up ends the delay
+
+    async def body(b: Batcher) -> None:
+        held = asyncio.create_task(b.submit(request(1)))
+        await until(lambda: model.sizes == [1])  # running: the other worker now waits for company
+        second = asyncio.create_task(b.submit(request(2)))
+        await until(lambda: b.queue_depth == 1)
+        third = asyncio.create_task(b.submit(request(3)))  # the batch is full: it must go now
+        await until(lambda: model.sizes == [1, 2])
+        gate.set()
+        await asyncio.gather(held, second, third)
+
+    run(lambda: Batcher(model, config(max_batch_size=2, max_delay_ms=500_000, adaptive=True, workers=2), clock=clock),
+        body)  # fmt: skip

@@ -10,7 +10,9 @@ import numpy as np
 
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.cache import ResultCache, size
-from service.domain import Format, Result
+from service.dataplane import _cache_key
+from service.domain import Format, Generate, Result, SeedRange
+from service.registry import ModelVersion
 from testkit.servefix import echo_model, running
 from testkit.waiting import until
 
@@ -68,3 +70,10 @@ def test_a_server_answers_repeats_from_the_cache_with_the_same_bytes(tmp_path):
     assert again.images == first.images and hits == 1
     assert misses == 1 + 4  # the first request, then every change
     assert newer.version == 2 and newer.images == first.images and hits_after == 1  # the same pixels, recomputed
+
+
+def test_a_version_loaded_again_is_another_key():
+    """Unloaded and loaded again, version 3 may be another file: its answers are not the old load's."""
+    first, again = (ModelVersion("m", 3, session=None, spec=None, batcher=None) for _ in range(2))
+    req = Generate("m", 3, SeedRange(0, 4))
+    assert _cache_key(first, req) == _cache_key(first, req) != _cache_key(again, req)

@@ -99,3 +99,27 @@ def test_a_group_serves_counts_reloads_heals_and_drains_as_one(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_workers_end_when_the_parent_is_killed(tmp_path):
+    """SIGKILL leaves the parent no chance to stop anything: the workers notice by themselves and drain."""
+    plain_model(tmp_path / "models" / "m" / "1" / "model.onnx")
+    env = {"GAN_PORT": "0", "GAN_HTTP_PORT": "-1", "GAN_METRICS_PORT": "-1", "GAN_HOST": "127.0.0.1",
+           "GAN_GRACE_SECONDS": "2", "GAN_PREFERRED_BATCH_SIZE": "4"}  # fmt: skip
+    proc, _ = start_server(["--model-repository", str(tmp_path / "models"), "--workers", "2"], env, tmp_path)
+    workers = workers_of(proc.pid)
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while [pid for pid in workers if os.path.exists(f"/proc/{pid}") and "Z" not in state(pid)]:
+        assert time.monotonic() < deadline, "a worker outlived its parent"
+        time.sleep(0.1)
+
+
+def state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

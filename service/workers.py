@@ -4,7 +4,8 @@ Each worker is a whole `python -m service` on the same gRPC and HTTP ports, boun
 spreads connections among them and each has its own event loop, GIL and batchers. The parent:
 - picks the ports once (a 0 becomes one free port for all), and starts the workers;
 - serves /metrics for the group on --metrics-port from prometheus_client's multiprocess mode (each worker writes its
-  series to files in a directory of the parent's; counters and histograms are summed, gauges carry a `pid` label);
+  series to files in a directory of the parent's; counters and histograms are summed, gauges combined as each
+  declares in service/metrics.py);
 - forwards SIGHUP (every worker rescans the repository and the tokens file) and SIGTERM/SIGINT (every worker drains
   as one server does), and exits when they have all ended, with the worst status;
 - starts a worker again when one dies unexpectedly; and a worker ends when the parent dies, even by SIGKILL.
@@ -40,8 +41,9 @@ PR_SET_PDEATHSIG = 1
 
 def free_port(host: str) -> int:
     """A port free on `host` now (the workers bind it a moment later)."""
-    with socket.socket(socket.AF_INET6 if ":" in bare(host) else socket.AF_INET) as s:
-        s.bind((bare(host) if bare(host) not in ("", "::") else "::", 0))
+    address = bare(host) or "::"
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 

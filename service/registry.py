@@ -271,14 +271,19 @@ class Registry:
         return joined
 
     def _leave(self, replaced: bool) -> None:
-        """Retire serving versions that are no longer wanted. One that is merely outside the policy leaves only once
-        a version the policy wants is ready (`replaced`), and then only if one is: availability first."""
+        """Retire serving versions that are no longer wanted, availability first. One that is merely outside the
+        policy leaves only once a version the policy wants is ready (`replaced`), and then only if one is. One that
+        was unloaded or deleted while another version is to replace it (a rollback: latest:1 with the newest
+        unloaded) leaves once the pass has loaded that one, so that the model is never without a version; with
+        nothing to replace it, it leaves at once."""
         for name in list(self._serving):
             wanted = self._wanted(name)
             ready = any(v in wanted for v in self._serving[name])
             for version in self.versions(name):
                 why = self._why_not(name, version)
                 if version in wanted or (why.startswith("outside") and not (replaced and ready)):
+                    continue
+                if not replaced and wanted and not ready:  # its replacement loads in this pass
                     continue
                 self._retire(self._serving[name][version], why)
 

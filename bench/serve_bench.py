@@ -204,10 +204,9 @@ def against(repo: Path, tree: Path, d: float, rounds: int, only: str = "") -> No
                     if only and label != only:
                         continue
                     server = servers[flags.get("batching", "")]
-                    before = server.cpu_seconds()
-                    stats = asyncio.run(protocol_load(kind, server.port, server.http_port, model, n, concurrency, d))
+                    stats, us = per_call(server, kind, model, n, concurrency, d)
                     got.setdefault((label, which), []).append(stats)
-                    cpu.setdefault((label, which), []).append((server.cpu_seconds() - before) / stats.requests * 1e6)
+                    cpu.setdefault((label, which), []).append(us)
                     print(f"round {r + 1} {which} {label}: {stats.ips:,.0f} img/s, p50 {stats.pct(50):.2f} ms",
                           flush=True)  # fmt: skip
             finally:

@@ -188,11 +188,12 @@ class Batcher:
             thread.start()
         self._accepting = True
 
-    def check_room(self, n: int) -> None:
-        """Raise what submit() would for n samples now: Unavailable when not accepting, QueueFull when full."""
+    def check_room(self, n: int, admitted: bool = False) -> None:
+        """Raise what submit() would for n samples now: Unavailable when not accepting, QueueFull when full (never
+        for an `admitted` request)."""
         if not self._accepting:
             raise Unavailable("batcher is not accepting requests (not started, or draining)")
-        if self._depth + n > self.config.max_queue:
+        if not admitted and self._depth + n > self.config.max_queue:
             raise QueueFull(
                 f"batch queue is full: {self._depth} of {self.config.max_queue} samples queued, request has {n}"
             )
@@ -226,10 +227,7 @@ class Batcher:
             raise ValueError("pixels asked of a batcher that has no pixels conversion")
         request.pixels = pixels
         with self._cv:
-            if not self._accepting:
-                raise Unavailable("batcher is not accepting requests (not started, or draining)")
-            if not admitted:
-                self.check_room(n)
+            self.check_room(n, admitted)
             now = self._clock()
             before = self._depth
             for index, lo in enumerate(starts):

@@ -351,11 +351,14 @@ class Registry:
         session = self.session_factory(path, self.runtime)
         spec = served_spec(session)
         cfg = self.batching
-        if cfg.preferred_batch_size:  # warmed all the same: no request pays for a shape's first run
-            session.warm_up(cfg.max_batch_size, spec.latent_dim, spec.num_classes, measure=False)
-            timings, how = {}, "as set"
-        else:
-            timings, how = self._profile(session, spec, path)
+        cache, entry = self._profile_entry(session, path)
+        cached = profiles.load(cache, entry)
+        measure = not (cfg.preferred_batch_size or cached)
+        # Every size runs once whatever happens: no request pays for a shape's first run.
+        timings = session.warm_up(cfg.max_batch_size, spec.latent_dim, spec.num_classes, measure) or cached or {}
+        if measure:
+            profiles.save(cache, entry, timings)
+        how = "as set" if cfg.preferred_batch_size else "cached" if cached else "measured"
         size = cfg.preferred_batch_size or choose_batch_size(timings)
         workers = cfg.workers or session.concurrent_runs or (2 if session.on_gpu else usable_cores())
         observer = self.metrics.observer(name, version) if self.metrics is not None else None
@@ -369,22 +372,17 @@ class Registry:
         log.info("model %s version %d: batches of %d (%s), %d workers", name, version, size, how, workers)
         return ModelVersion(name, version, session, spec, batcher)
 
-    def _profile(self, session: Session, spec: ModelSpec, path: Path) -> tuple[dict[int, float], str]:
-        """Seconds per run by batch size, from the profile cache or measured (and cached); and which it was."""
+    def _profile_entry(self, session: Session, path: Path) -> tuple[Path | None, str]:
+        """Where this version's batch-size profile is cached, and under what name (None: no cache, or the size is
+        set by --preferred-batch-size)."""
         cfg, rt = self.batching, self.runtime
-        cache, entry = profiles.directory(cfg.profile_cache), ""
-        if cache is not None:
-            threads = [rt.intra_op_threads, rt.inter_op_threads]
-            facts = {"provider": session.provider, "options": rt.provider_options, "cuda_graph": rt.cuda_graph,
-                     "threads": threads, "max_batch": cfg.max_batch_size}  # fmt: skip
-            entry = profiles.key(path, facts)
-            cached = profiles.load(cache, entry)
-            if cached is not None:
-                session.warm_up(cfg.max_batch_size, spec.latent_dim, spec.num_classes, measure=False)
-                return cached, "cached"
-        timings = session.warm_up(cfg.max_batch_size, spec.latent_dim, spec.num_classes)
-        profiles.save(cache, entry, timings)
-        return timings, "measured"
+        cache = None if cfg.preferred_batch_size else profiles.directory(cfg.profile_cache)
+        if cache is None:
+            return None, ""
+        threads = [rt.intra_op_threads, rt.inter_op_threads]
+        facts = {"provider": session.provider, "options": rt.provider_options, "cuda_graph": rt.cuda_graph,
+                 "threads": threads, "max_batch": cfg.max_batch_size}  # fmt: skip
+        return cache, profiles.key(path, facts)
 
     def _count(self, name: str, result: str, start: float) -> None:
         if self.metrics is not None:

@@ -90,15 +90,18 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
-def exposed_registry(own: CollectorRegistry) -> CollectorRegistry:
-    """What /metrics shows: this process's series, or under --workers (prometheus_client's multiprocess mode, set up
-    by the parent) the whole group's, so that any worker's answer covers every worker."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
-        return own
+def group_registry(directory: str) -> CollectorRegistry:
+    """The series every process of a --workers group wrote to `directory` (prometheus_client's multiprocess mode)."""
     group = CollectorRegistry()
     multiprocess.MultiProcessCollector(group, path=directory)
     return group
+
+
+def exposed_registry(own: CollectorRegistry) -> CollectorRegistry:
+    """What /metrics shows: this process's series, or under --workers (set up by the parent) the whole group's, so
+    that any worker's answer covers every worker."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return group_registry(directory) if directory else own
 
 
 def bare(host: str) -> str:

@@ -27,10 +27,10 @@ import sys
 import tempfile
 import time
 
-from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client import multiprocess
 
 from service.config import ServerConfig
-from service.server import StartupError, bare, bind_error, metrics_endpoint
+from service.server import StartupError, bare, bind_error, group_registry, metrics_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,7 @@ class Group:
                 self.workers.append(self.spawn())
             metrics_port = -1
             if cfg.metrics_port >= 0:
-                registry = CollectorRegistry()
-                multiprocess.MultiProcessCollector(registry, path=self.directory)
+                registry = group_registry(self.directory)
                 try:
                     server = metrics_endpoint(cfg.metrics_port, cfg.metrics_host or cfg.host, registry)
                 except OSError as e:

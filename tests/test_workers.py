@@ -33,19 +33,20 @@ def versions_on_fresh_connections(port: int, n: int) -> list[int]:
     return answers
 
 
+def stat(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, parent pid, ... ([] once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
 def workers_of(parent: int) -> set[int]:
     """The live child processes of `parent` (Linux /proc)."""
-    children = set()
-    for stat in os.listdir("/proc"):
-        if stat.isdigit():
-            try:
-                with open(f"/proc/{stat}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent and fields[0] != "Z":
-                children.add(int(stat))
-    return children
+    return {
+        int(p) for p in os.listdir("/proc") if p.isdigit() and (f := stat(p)) and int(f[1]) == parent and f[0] != "Z"
+    }
 
 
 def counted(metrics_port: int) -> float:
@@ -112,14 +113,6 @@ def test_the_workers_end_when_the_parent_is_killed(tmp_path):
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 30
-    while [pid for pid in workers if os.path.exists(f"/proc/{pid}") and "Z" not in state(pid)]:
+    while [pid for pid in workers if stat(pid)[:1] not in ([], ["Z"])]:
         assert time.monotonic() < deadline, "a worker outlived its parent"
         time.sleep(0.1)
-
-
-def state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import shutil
 
+import aiohttp
 import numpy as np
 
 from service.api.ganserve.v1 import generator_pb2 as pb
+from service.api.inference import grpc_predict_v2_pb2 as ipb
+from service.api.inference import grpc_predict_v2_pb2_grpc as ipb_grpc
 from service.cache import ResultCache, size
 from service.dataplane import _cache_key
 from service.domain import Format, Generate, Result, SeedRange
@@ -77,3 +80,32 @@ def test_a_version_loaded_again_is_another_key():
     first, again = (ModelVersion("m", 3, session=None, spec=None, batcher=None) for _ in range(2))
     req = Generate("m", 3, SeedRange(0, 4))
     assert _cache_key(first, req) == _cache_key(first, req) != _cache_key(again, req)
+
+
+def test_every_front_end_that_generates_by_seeds_uses_the_cache(tmp_path):
+    """OIP over gRPC and REST and the PNG route: a repeat is a hit with the same bytes as the first answer."""
+    echo_model(tmp_path / "echo" / "1" / "model.onnx")
+
+    async def go():
+        async with running(tmp_path, response_cache_bytes=1 << 20) as (server, _stub, channel):
+            oip = ipb_grpc.GRPCInferenceServiceStub(channel)
+            P = ipb.InferParameter
+            infer = ipb.ModelInferRequest(model_name="echo", parameters={
+                "seeds": P(string_param="1,2"), "labels": P(string_param="0"), "datatype": P(string_param="UINT8")})  # fmt: skip
+            base = f"http://127.0.0.1:{server.http_port}"
+            body = {"parameters": {"seeds": "3,4", "labels": "0", "datatype": "UINT8", "binary_data_output": True}}
+            answers = {}
+            async with aiohttp.ClientSession(base) as http:
+                for _ in range(2):
+                    reply = await oip.ModelInfer(infer)
+                    answers.setdefault("oip grpc", []).append(reply.raw_output_contents[0])
+                    async with http.post("/v2/models/echo/infer", json=body) as r:
+                        answers.setdefault("oip rest", []).append(await r.read())
+                    async with http.get("/v1/models/echo/images.png?seeds=5,6&label=0") as r:
+                        answers.setdefault("png", []).append(await r.read())
+            hits = server.metrics.registry.get_sample_value("gan_response_cache_lookups_total", {"result": "hit"})
+            return answers, hits
+
+    answers, hits = asyncio.run(go())
+    assert all(first == again and first for first, again in answers.values()), answers.keys()
+    assert hits == 3  # the second of each

@@ -36,16 +36,17 @@ WORKDIR /src
 # Only the serving package: without training/ in the build, the wheel holds service/ alone.
 COPY pyproject.toml README.md ./
 COPY service/ service/
-# The base dependencies less ONNX Runtime, plus the build ORT_PACKAGE names (the GPU and CPU builds share a package
+# The base dependencies and the s3 and tracing extras less ONNX Runtime, plus the build ORT_PACKAGE names (the GPU and CPU builds share a package
 # directory, so pyproject's marker must not add the GPU one beside a CPU one); then the project without dependencies.
 # wheelhouse/ is mounted for this step only, so no wheel lands in a layer.
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     if ls /wheelhouse/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; fi \
-    && python -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+    && python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+        deps = p["dependencies"] + p["optional-dependencies"]["s3"] + p["optional-dependencies"]["tracing"]; \
         print(*(d for d in deps if not d.startswith("onnxruntime")), sep="\n")' > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt "${ORT_PACKAGE}==${ORT_VERSION}" \
     && pip install --no-cache-dir --no-deps . \
-    && python -c "import onnxruntime, service.server" \
+    && python -c "import onnxruntime, service.server, boto3, opentelemetry.sdk" \
     && ! python -c "import torch" 2>/dev/null
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ WHEEL_TARGET := --only-binary=:all: --python-version $(WHEEL_PYTHON) --implement
 WHEEL_SET := torch==$(TORCH_VERSION) $(ORT_PACKAGE)==$(ORT_VERSION) $(WHEEL_PYTHON) $(WHEEL_GLIBC) $(TORCH_PIP_ARGS)
 WHEEL_STAMP := $(WHEELHOUSE)/.downloaded-$(shell printf '%s' '$(WHEEL_SET)' | cksum | cut -d' ' -f1)
 
-.PHONY: setup test validate lint proto-release serve train clean wheelhouse image-test
+.PHONY: setup test validate lint proto-release serve train clean wheelhouse image-test fleet-test
 
 setup: $(STAMP)
 
@@ -91,6 +91,12 @@ proto-release: $(BUF_STAMP)
 	$(BUF) breaking --against $(RELEASED_API)
 	$(BUF) build --exclude-source-info -o $(RELEASED_API)
 
+# Three replicas on one S3 repository (SeaweedFS) behind Envoy (deploy/envoy/envoy.yaml) and behind the client's
+# round_robin, under load: balance, publish and roll back, SIGTERM, a 30 s store outage (README.md, "Fleet"). About
+# 75 s; `make test` runs it too, as one more tier. -rP prints each phase's figures.
+fleet-test: setup
+	$(PY) -m pytest -m fleet -rP
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -109,12 +115,13 @@ wheelhouse: $(WHEEL_STAMP)
 $(WHEEL_STAMP): pyproject.toml | $(SERVE_STAMP)
 	$(PY) -m pip download --dest $(WHEELHOUSE) $(WHEEL_TARGET) $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
 	$(PY) -m pip download --dest $(WHEELHOUSE) $(WHEEL_TARGET) --find-links $(WHEELHOUSE) \
-		torch==$(TORCH_VERSION) '$(ORT_PACKAGE)==$(ORT_VERSION)' '.[train]' 'setuptools>=68'
+		torch==$(TORCH_VERSION) '$(ORT_PACKAGE)==$(ORT_VERSION)' '.[train,s3,tracing]' 'setuptools>=68'
 	touch $@
 
 # Builds both images from the wheelhouse (the serving one with ONNX Runtime's CPU build) and runs them as a cluster
-# would: deploy/image_test.py says what it checks, and installs podman and its helpers where they are missing.
-image-test: $(SERVE_STAMP)
+# would: deploy/image_test.py says what it checks, and installs podman and its helpers where they are missing. The
+# full install, for the S3 store it serves from (SeaweedFS, from the dev extra).
+image-test: $(STAMP)
 	$(MAKE) wheelhouse ORT_PACKAGE=onnxruntime
 	$(PY) deploy/image_test.py
 

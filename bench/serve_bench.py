@@ -339,8 +339,8 @@ class Process:
         return self.proc.wait(timeout=60)
 
 
-def service(repo: Path, tree: Path = ROOT, **flags) -> Process:
-    env = {
+def service(repo: Path, tree: Path = ROOT, more_env: dict[str, str] | None = None, **flags) -> Process:
+    env = (more_env or {}) | {
         "GAN_PORT": "0",
         "GAN_METRICS_PORT": "0",
         "GAN_HTTP_PORT": "0",
@@ -414,6 +414,43 @@ def security(repo: Path, tmp: Path, d: float, rounds: int) -> None:
     for name in configs:
         r2, r4 = float(np.median(p2[name])), float(np.median(p4[name]))
         print(f"| {name} | {r2:,.0f} | {r2 / base2:.2f} | {r4:.2f} | {r4 - base4:+.2f} ms |")
+
+
+def tracing(repo: Path, d: float, rounds: int) -> None:
+    """The cost of OpenTelemetry tracing on P2 (req/s, server CPU µs per request) and P4 (p50): off, on with every
+    call sampled, and on with 1 in 10, exporting over OTLP/gRPC to a sink in this process that counts what it gets;
+    rounds interleaved (the order reversed every other round), medians."""
+    sys.path.insert(0, str(ROOT))
+    from testkit.otlp import Sink
+
+    sink = Sink()
+    ratio = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    configs = {"off": {}, "on, every call sampled": sink.env, "on, 1 in 10 sampled": sink.env | ratio}
+    got: dict[str, list[tuple[float, float, float]]] = {name: [] for name in configs}
+    sent = dict.fromkeys(configs, 0)  # bytes exported
+    try:
+        for r in range(rounds):
+            for name in configs if r % 2 == 0 else list(configs)[::-1]:
+                before = sink.bytes
+                server = service(repo, more_env=configs[name], preferred_batch_size=AGAINST_BATCH)
+                try:
+                    p2, us = per_call(server, PROTOCOLS[0], "mlp", 1, 64, d)
+                    p4 = asyncio.run(load(server.port, request("dcgan", 1, pb.RAW_UINT8), 1, d))
+                finally:
+                    server.close()  # its last spans are exported as it stops
+                sent[name] += sink.bytes - before
+                got[name].append((p2.rps, us, p4.pct(50)))
+                print(f"round {r + 1} tracing {name}: P2 {p2.rps:,.0f} req/s, {us:.0f} µs/req; P4 p50"
+                      f" {p4.pct(50):.2f} ms; {(sink.bytes - before) / 1e6:.1f} MB exported", flush=True)  # fmt: skip
+    finally:
+        sink.close()
+    base = [float(np.median([g[i] for g in got["off"]])) for i in range(3)]
+    print(f"\n| tracing | P2 req/s | ÷ off | P2 server CPU µs/req | ÷ off | P4 p50 ms | − off | OTLP MB exported |"
+          f"  (median of {rounds})\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for name, rows in got.items():
+        rps, us, p50 = (float(np.median([g[i] for g in rows])) for i in range(3))
+        print(f"| {name} | {rps:,.0f} | {rps / base[0]:.2f} | {us:,.0f} | {us / base[1]:.2f} | {p50:.2f} |"
+              f" {p50 - base[2]:+.2f} ms | {sent[name] / 1e6:.1f} |")  # fmt: skip
 
 
 def per_call(server: Process, kind: str, model: str, n: int, concurrency: int, d: float) -> tuple[Stats, float]:
@@ -637,13 +674,14 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     p.add_argument("--security", action="store_true", help="only the cost of TLS, mTLS and tokens on P2 and P4")
     p.add_argument("--protocols", action="store_true", help="only P1 and P2 through ganserve.v1, OIP gRPC and REST")
-    p.add_argument("--rounds", type=int, default=3, help="--security, --protocols, --against: interleaved rounds")
+    p.add_argument("--rounds", type=int, default=3, help="--security, --protocols, --against, --tracing: rounds")
     p.add_argument("--against", type=Path, help="only P1-P4 and the protocols, this tree against an older checkout")
     p.add_argument("--only", default="", help="--against: one workload by its label (P2, 'P1 OIP gRPC ModelInfer')")
     p.add_argument("--w2", action="store_true", help="only W2 and P4: echo, gRPC and REST, 1 and 2 workers")
     p.add_argument("--fairness", action="store_true", help="only small requests beside big ones, and streams")
     p.add_argument("--starts", type=int, default=0, help="only this many starts: batch size chosen, first answer")
     p.add_argument("--cache", action="store_true", help="only a playground-like load, response cache off and on")
+    p.add_argument("--tracing", action="store_true", help="only P2 and P4 with OpenTelemetry tracing off and on")
     args = p.parse_args()
     d = args.duration
     rows: list[tuple[str, str, str, str]] = []
@@ -672,6 +710,9 @@ def main() -> None:
             return
         if args.cache:
             cache(repo, d, args.rounds)
+            return
+        if args.tracing:
+            tracing(repo, d, args.rounds)
             return
         dcgan = repo / "dcgan" / "1" / "model.onnx"
         raw_d = max(1.0, d / 2)

@@ -14,7 +14,9 @@ from wheelhouse/ (`make wheelhouse ORT_PACKAGE=onnxruntime`, which `make image-t
  6. inside     uid 10001 and no capabilities in PID 1, a read-only root, and `import torch` failing;
  7. generate   Generate on both models from this machine with the project's client; the PNGs decode;
  8. drain      SIGTERM in the middle of a GenerateStream: the stream completes, the server exits 0, within
-               its grace period.
+               its grace period;
+ 9. s3         the serve image on a read-only root, its models from an S3 store (SeaweedFS on this machine,
+               testkit/seaweed.py) holding the trained export: SERVING, and a grid from it.
 Then it prints the image sizes and the time taken, and removes its containers, images and volume (the base stays,
 as a cache). Any failure names its step and why, and exits 1; nothing is skipped.
 
@@ -195,13 +197,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(podman: Podman, export: Path, container: str) -> dict[str, int]:
+def serve(podman: Podman, container: str, *options: str) -> dict[str, int]:
+    """The serve image on a read-only root with `options` (mounts, variables); returns its ports once SERVING."""
     ports = {"GAN_PORT": free_port(), "GAN_HTTP_PORT": free_port(), "GAN_METRICS_PORT": free_port()}
     env = [f"--env={k}={v}" for k, v in ports.items()] + [f"--env=GAN_GRACE_SECONDS={GRACE_S:g}"]
     # Host networking (no network plugins needed) on free ports; the health check runs only when asked to.
-    podman("run", "--detach", f"--name={container}", "--network=host", *secure("--tmpfs=/tmp"), *env,
-           f"--volume={export.parent.parent}:/models/tiny:ro", f"--stop-timeout={GRACE_S + 10:g}",
-           "--health-interval=disable", SERVE)  # fmt: skip
+    podman("run", "--detach", f"--name={container}", "--network=host", *secure("--tmpfs=/tmp"), *env, *options,
+           f"--stop-timeout={GRACE_S + 10:g}", "--health-interval=disable", SERVE)  # fmt: skip
     deadline = time.monotonic() + 120
     while True:
         probe = podman("healthcheck", "run", container, check=False, timeout=30)
@@ -251,6 +253,29 @@ def generate(port: int, work: Path) -> str:
                 raise StepFailed(f"{model}: a 10x2 grid of 28x28 images should be at least 280x56; got {png.size}")
             shapes.append(f"{model} {png.width}x{png.height} {png.mode}")
     return ", ".join(shapes)
+
+
+def from_store(podman: Podman, export: Path, container: str, work: Path) -> str:
+    sys.path.insert(0, str(ROOT))  # testkit, from the checkout this runs in
+    from testkit.seaweed import SeaweedFS
+
+    with SeaweedFS(work / "s3") as store:
+        store.publish(export, "tiny", 1, "repository")
+        # The credentials as a Secret's envFrom would give them; the downloads go to the tmpfs /tmp.
+        env = [f"--env={k}={v}" for k, v in store.env.items()]
+        port = serve(podman, container, *env, f"--env=GAN_MODEL_REPOSITORY=s3://{store.bucket}/repository")["GAN_PORT"]
+        listed = run(client(port, "models"), cwd=ROOT).stdout
+        if "tiny  versions [1]" not in listed:
+            raise StepFailed(f"want tiny version 1 from the store; the server lists:\n{listed}")
+        grid = work / "from-store.png"
+        run(
+            client(port, "sample", "--model", "tiny", "--seeds", "0-9", "--labels", "0-9", "--grid", str(grid)),
+            cwd=ROOT,
+        )
+        with Image.open(grid) as png:
+            png.load()
+        podman("rm", "--force", container)
+    return f"tiny/1 from s3://{store.bucket}/repository at {store.endpoint}: a {png.width}x{png.height} grid"
 
 
 def drain(podman: Podman, port: int, container: str, work: Path) -> str:
@@ -346,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             os.chown(volume, UID, UID)  # the volume a cluster would give the pod, writable by its user
             report("train", f"exported {train(podman, volume).relative_to(volume)}")
         with step("serve"):
-            port = serve(podman, volume / "models" / "tiny" / "1" / "model.onnx", container)["GAN_PORT"]
+            port = serve(podman, container, f"--volume={volume / 'models' / 'tiny'}:/models/tiny:ro")["GAN_PORT"]
             report("serve", f"SERVING on gRPC port {port}, by the image's HEALTHCHECK command")
         with step("inside"):
             report("inside", inside(podman, container))
@@ -354,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             report("generate", generate(port, work))
         with step("drain"):
             report("drain", drain(podman, port, container, work))
+        with step("s3"):
+            podman("rm", "--force", "--ignore", container)
+            report("s3", from_store(podman, volume / "models" / "tiny" / "1" / "model.onnx", container, work))
         print("== image sizes")
         for image in (BASE, SERVE, TRAIN):
             print(f"   {image}: {podman.size(image) / 1e6:.0f} MB")

@@ -49,6 +49,22 @@ class BatchObserver(Protocol):
         """Queued samples, whenever that number changes."""
 
 
+@dataclass(frozen=True)
+class Timing:
+    """One chunk of a traced request through the batcher, on its clock (seconds): queued, taken into a batch, back
+    from run_batch (or failed), and its batch's rows converted to pixels (`done` == `ran` when none asked)."""
+
+    queued: float
+    taken: float
+    ran: float
+    done: float
+    samples: int  # this chunk's samples
+    batch_size: int  # samples in the batch it ran in
+    batch_requests: int  # chunks in that batch
+    batch: int  # an identifier the chunks of one batch share
+    failed: bool = False
+
+
 class _NoObserver(BatchObserver):
     """The default: every hook is the protocol's no-op."""
 
@@ -88,6 +104,7 @@ class _Request:
     pixels: bool = False  # wants its rows through the batcher's `pixels` conversion
     served: int = 0  # samples taken into batches so far: the scheduling key (least served first)
     seq: int = 0  # arrival order, the tie-break
+    trace: list[Timing] | None = None  # where its chunks' timings go, when it is traced
 
 
 @dataclass(eq=False)
@@ -165,6 +182,7 @@ class Batcher:
         self._running = 0  # batches in run_batch now (adaptive delay)
         self._concurrent = False  # did the last batch show requests arriving together? (adaptive delay)
         self._idle = 0  # workers waiting for work with no timeout: the ones submit() must wake
+        self._traced_batches = itertools.count()  # Timing.batch
 
     @property
     def accepting(self) -> bool:
@@ -200,7 +218,7 @@ class Batcher:
 
     async def submit(
         self, inputs: dict[str, np.ndarray], deadline: float | None = None, priority: int = NORMAL,
-        admitted: bool = False, pixels: bool = False,
+        admitted: bool = False, pixels: bool = False, trace: list[Timing] | None = None,
     ) -> np.ndarray:  # fmt: skip
         """Run `inputs` (arrays sharing a leading axis n >= 1) in batches; returns this request's n rows in order.
 
@@ -208,7 +226,8 @@ class Batcher:
         `admitted`: a later piece of a stream that was admitted when it began waits its turn instead of failing
         half-way; a stream has at most two pieces queued, so the queue overruns by at most that per stream),
         DeadlineExceeded if `deadline` (a clock() value) passed before a chunk was taken, or run_batch's exception.
-        With `pixels`, the rows come through the batcher's `pixels` conversion.
+        With `pixels`, the rows come through the batcher's `pixels` conversion. With `trace`, a Timing per chunk
+        that ran is appended to it (on a worker thread, before the result is handed back).
         The caller must not mutate `inputs` until this returns: chunks are views into them.
         """
         n = _leading_length(inputs)
@@ -225,7 +244,7 @@ class Batcher:
         request.priority = HIGH if priority == HIGH else NORMAL
         if pixels and self._pixels is None:
             raise ValueError("pixels asked of a batcher that has no pixels conversion")
-        request.pixels = pixels
+        request.pixels, request.trace = pixels, trace
         with self._cv:
             self.check_room(n, admitted)
             now = self._clock()
@@ -363,19 +382,36 @@ class Batcher:
         None); an error is returned for the batch's requests."""
         size = sum(chunk.size for chunk in batch)
         start = self._clock()
+        ran = None
         try:
             if len(batch) == 1:
                 inputs = batch[0].inputs
             else:
                 inputs = {name: np.concatenate([c.inputs[name] for c in batch]) for name in batch[0].inputs}
             output = np.asarray(self._run_batch(inputs))
+            ran = self._clock()
             if output.ndim == 0 or len(output) != size:
                 raise RuntimeError(f"run_batch returned shape {output.shape} for a batch of {size} samples")
-            seconds = self._clock() - start
+            seconds = ran - start
             pixels = self._pixels(output) if any(c.request.pixels for c in batch) else None
         except Exception as exc:  # belongs to this batch's requests only; the worker keeps serving
-            return exc, self._clock() - start
+            seconds = self._clock() - start
+            self._trace(batch, start, start + seconds, start + seconds, size, failed=True)
+            return exc, seconds
+        self._trace(batch, start, ran, None if pixels is not None else ran, size)
         return (output, pixels), seconds
+
+    def _trace(self, batch: list[_Chunk], start: float, ran: float, done: float | None, size: int,
+               failed: bool = False) -> None:  # fmt: skip
+        """A Timing for each chunk of a traced request in the batch; nothing else when none is traced."""
+        number = None
+        for chunk in batch:
+            trace = chunk.request.trace
+            if trace is None:
+                continue
+            if number is None:
+                number, done = next(self._traced_batches), self._clock() if done is None else done
+            trace.append(Timing(chunk.queued_at, start, ran, done, chunk.size, size, len(batch), number, failed))
 
     # ---- on the event loop ---------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import json
 import os
 import re
 import ssl
@@ -31,11 +32,25 @@ import grpc
 
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.domain import ACCEPTING_CALLS
 from service.frontends import text
 
 DEFAULT_TARGET = "localhost:50051"
 MAX_MESSAGE = 64 << 20
 TOKEN_ENV = "GAN_TOKEN"
+# Every call balanced over every address the target resolves to (round_robin), skipping a server from the moment it
+# drains (its ACCEPTING_CALLS health turns NOT_SERVING), and a generation tried again elsewhere on UNAVAILABLE, which
+# a server answers to a call it has not started (a drain that began meanwhile). Generating is idempotent (seeds fix
+# the output), so a retry never changes an answer; ModelAdmin calls are not retried.
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ACCEPTING_CALLS},
+    "methodConfig": [{
+        "name": [{"service": "ganserve.v1.Generator"}, {"service": "inference.GRPCInferenceService"}],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.01s", "maxBackoff": "0.2s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})  # fmt: skip
 # How gRPC's details begin when no connection could be made (pick_first; round_robin).
 NOT_CONNECTED = ("failed to connect to all addresses", "connections to all backends failing")
 
@@ -201,7 +216,7 @@ class Client:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.service_config", SERVICE_CONFIG),
         ]
         credentials = channel_credentials(tls_ca, tls_cert, tls_key)
         # Metadata from an interceptor rather than call credentials, which gRPC sends over TLS only: a token

@@ -189,6 +189,27 @@ class ModelControl:
 
 
 @dataclass(frozen=True)
+class ObjectStore:
+    """An s3:// model repository (README, "Models in object storage"). Credentials come from AWS's standard chain
+    (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and the shared files, web identity, container and
+    instance roles), never from a flag: a command line is readable by every process on the machine."""
+
+    s3_endpoint: str = ""  # an S3-compatible store, http(s)://host:port; empty: AWS_ENDPOINT_URL, else AWS itself
+    s3_region: str = ""  # empty: AWS_REGION or the profile's
+    # Where versions are downloaded before they are opened. "auto": $XDG_CACHE_HOME/gan-serve/models
+    # (~/.cache/gan-serve/models), which is /tmp/.cache/... in the image, so that the root filesystem can be read-only.
+    model_cache: str = "auto"
+    max_model_bytes: int = 2 << 30  # a model.onnx object larger than this is refused (ONNX's own limit is 2 GiB)
+
+    def __post_init__(self) -> None:
+        _check(self, 1, "max_model_bytes")
+        if not self.model_cache:
+            raise ValueError("model_cache: must name a directory, or be auto")
+        if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"s3_endpoint: expected http(s)://host[:port] (got {self.s3_endpoint[:64]!r})")
+
+
+@dataclass(frozen=True)
 class Security:
     """TLS, mutual TLS and bearer tokens (see README, "Security"). All off by default, as `make serve` runs."""
 
@@ -234,6 +255,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     models: ModelControl = field(default_factory=ModelControl)
+    store: ObjectStore = field(default_factory=ObjectStore)
     security: Security = field(default_factory=Security)
 
     def __post_init__(self) -> None:

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
 
-from service import contract, encode, latents
+from service import contract, encode, latents, tracing
 from service.batcher import HIGH, NORMAL
 from service.cache import ResultCache
 from service.config import Limits
@@ -50,10 +51,11 @@ class DataPlane:
 
     def __init__(
         self, registry: Registry, limits: Limits, encoder: Executor | None = None, full_metadata: bool = False,
-        cache: ResultCache | None = None,
+        cache: ResultCache | None = None, tracing: tracing.Tracing | None = None,
     ):  # fmt: skip
+        """`tracing`: what records a traced call's queue, run and encoding (service/tracing.py); None: off."""
         self.registry, self.limits, self.encoder, self.full_metadata = registry, limits, encoder, full_metadata
-        self.cache = cache
+        self.cache, self.tracing = cache, tracing
 
     # ---- models ------------------------------------------------------------------------------------
 
@@ -96,6 +98,8 @@ class DataPlane:
             psi = _truncation(req.truncation, names)
             key = _cache_key(mv, req) if self.cache is not None else None
             if key is not None and (hit := self.cache.get(key)) is not None:
+                if self.tracing is not None and (span := tracing.current()) is not None:
+                    self.tracing.cached(span, mv.version)
                 return hit
             mv.batcher.check_room(n)  # before any latent is built: a full queue answers in microseconds
             spec = req.latents
@@ -232,13 +236,22 @@ class DataPlane:
     ) -> Result:  # fmt: skip
         # Pixels (what every format but FLOAT32 is made of) come converted from the batcher's worker thread.
         pixels = output.format is not Format.FLOAT32
-        images = await mv.run(z, y, deadline, HIGH if urgent else NORMAL, admitted, pixels)
+        span = None if self.tracing is None else tracing.current()
+        trace = None if span is None else []
+        try:
+            images = await mv.run(z, y, deadline, HIGH if urgent else NORMAL, admitted, pixels, trace)
+        finally:
+            if trace:  # what ran, failed runs too; the workers wrote it before the result came back
+                self.tracing.ran(span, mv.version, trace)
+        started = 0 if span is None else time.time_ns()
         # Raw arrays cost microseconds, and one small PNG little more than the thread hand-off: they are encoded here,
         # and never wait behind big grids in the encoder pool. Other PNGs and grids leave the event loop.
         if not output.grid and (output.format is not Format.PNG or len(images) <= PNGS_ON_LOOP):
             result = _encode(mv, images, output, offset)
         else:
             result = await asyncio.get_running_loop().run_in_executor(self.encoder, _encode, mv, images, output, offset)
+        if span is not None:
+            self.tracing.encoded(span, started, output.format.name, len(images), output.grid)
         return dataclasses.replace(result, latents=z) if output.return_latents else result
 
 

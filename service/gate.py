@@ -15,10 +15,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from service.errors import Code, Status, short, status_of
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.security import Authorizer, Refusal
+
+if TYPE_CHECKING:
+    from service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class Call:
     expired: bool = False
     _timer: asyncio.TimerHandle | None = None
     gate: Gate | None = None  # whose sweep enforces a SWEEP deadline
+    span: Any = None  # its OpenTelemetry span, when the call is traced
 
     def limit(self, seconds: float, source: str, enforce: str = TIMER, fallback: bool = False) -> None:
         """Tighten the deadline to `seconds` from now: a later one changes nothing, unless what holds now is a
@@ -87,8 +92,12 @@ class Gate:
     """What every call shares. While draining (`drain()`), new calls are refused with UNAVAILABLE, except the ones
     an adapter does not count (health probes), and the counted calls still running are waited for."""
 
-    def __init__(self, metrics: Metrics, is_model: Callable[[str], bool], authorizer: Authorizer | None = None):
-        self.metrics, self.is_model, self.authorizer = metrics, is_model, authorizer
+    def __init__(
+        self, metrics: Metrics, is_model: Callable[[str], bool], authorizer: Authorizer | None = None,
+        tracing: Tracing | None = None,
+    ):  # fmt: skip
+        """`tracing`: the spans of calls that adapters trace (service/tracing.py); None, tracing is off."""
+        self.metrics, self.is_model, self.authorizer, self.tracing = metrics, is_model, authorizer, tracing
         self._children: dict[tuple[str, str, Code], tuple] = {}  # labels() per call costs more
         self.active = 0  # counted calls inside a handler
         self.last_arrival = 0.0  # time.monotonic() of the last counted call admitted
@@ -126,9 +135,13 @@ class Gate:
     # ---- one call ----------------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def run(self, frontend: str, method: str, model: str, counted: bool = True) -> AsyncIterator[Call]:
+    async def run(
+        self, frontend: str, method: str, model: str, counted: bool = True, trace: tuple[str, object] | None = None
+    ) -> AsyncIterator[Call]:
         """The handler runs inside; afterwards `call.status` holds the failure the adapter answers with (None: OK).
 
+        `trace` (span name, the wire's headers or metadata) makes the call a span; an adapter passes it only when
+        `self.tracing` is set, and never for probes and scrapes.
         Cancellation (the client left, the wire's deadline) passes through after it is counted; a deadline set with
         `Call.limit` ends the call here with DEADLINE_EXCEEDED. Any other exception becomes a Status, logged with its
         traceback when it maps to INTERNAL, never shown to the client.
@@ -136,6 +149,8 @@ class Gate:
         call = Call(frontend, method, model if model and self.is_model(model) else UNKNOWN_MODEL,
                     time.perf_counter(), asyncio.current_task(), gate=self)  # fmt: skip
         CURRENT.set(call)
+        if trace is not None:
+            call.span = self.tracing.start(frontend, trace[0], method, call.model, trace[1])
         self.active += counted
         try:
             yield call
@@ -169,6 +184,8 @@ class Gate:
             if not self.active and self._idle is not None:
                 self._idle.set()
             self.record(method, call.model, call.code or Code.UNKNOWN, call.start)
+            if call.span is not None:
+                self.tracing.end(call.span, call)
 
     def watch(self, call: Call) -> None:
         """Enforce `call`'s deadline by sweep; the sweep starts when needed and ends when no call needs it."""

@@ -38,7 +38,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @dataclass(frozen=True)
 class Route:
     """One HTTP route of a front end. `service`: the service whose role it needs when tokens are on; None: open to
-    all and not counted for the drain (health probes). `method` labels its metrics (`http.<method>`)."""
+    all and not counted for the drain (health probes). `method` labels its metrics (`http.<method>`). `traced`:
+    its calls make spans when tracing is on (never those of a probe: service None)."""
 
     name: str
     verb: str
@@ -46,6 +47,7 @@ class Route:
     handler: Handler
     service: str | None
     method: str = ""
+    traced: bool = True
 
 
 def error(status: Status) -> web.Response:
@@ -83,8 +85,13 @@ class Front:
         self.gate = gate
         self.app = web.Application(middlewares=[self.middleware], client_max_size=max_body_bytes)
         self.routes = {route.name: route for route in routes}
-        # Per route, what every call of it needs: its metrics label and the path its token is checked for.
-        self.labels = {r.name: (f"http.{r.method or r.name}", f"/{r.service}/{r.method or r.name}") for r in routes}
+        # Per route, what every call of it needs: its metrics label, the path its token is checked for, and its span
+        # name when it is traced.
+        self.labels = {
+            r.name: (f"http.{r.method or r.name}", f"/{r.service}/{r.method or r.name}",
+                     f"{r.verb} {r.path}" if r.traced and r.service is not None else None)
+            for r in routes
+        }  # fmt: skip
         self.default = (default_deadline_s, f"{DEFAULT} ({default_deadline_s:g} s)")
         for route in routes:
             self.app.router.add_route(route.verb, route.path, route.handler, name=route.name)
@@ -97,7 +104,7 @@ class Front:
                 return await handler(request)
             except web.HTTPException as e:
                 return error(Status(Code.NOT_FOUND if e.status == 404 else Code.INVALID_ARGUMENT, e.reason, e.status))
-        method, path = self.labels[route.name]
+        method, path, span = self.labels[route.name]
         counted = route.service is not None
         if counted:
             tokens = self.gate.authorizer is not None
@@ -105,7 +112,8 @@ class Front:
             refusal = self.gate.admit(path, headers, counted)
             if refusal is not None:
                 return error(self.gate.refuse(refusal, method, f"HTTP {request.method} {request.path}", request.remote))
-        async with self.gate.run("http", method, request.match_info.get("model", ""), counted) as call:
+        trace = None if span is None or self.gate.tracing is None else (span, request.headers)
+        async with self.gate.run("http", method, request.match_info.get("model", ""), counted, trace) as call:
             # Either replaces by a request's own deadline (OIP's timeout parameter). The default, long and on every
             # call, is swept rather than timed.
             if TIMEOUT_HEADER in request.headers:
@@ -120,6 +128,8 @@ class Front:
             except web.HTTPException as e:  # aiohttp's own refusals keep their status
                 code = Code.INTERNAL if e.status >= 500 else Code.INVALID_ARGUMENT
                 response, call.code = error(Status(code, e.reason, e.status)), code
+            if call.span is not None:
+                self.gate.tracing.answered(call.span, response.status)
         if call.status is not None:
             response = error(call.status)
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - call.start) * 1e3:.2f}"

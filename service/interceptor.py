@@ -141,7 +141,11 @@ class Gated(grpc.GenericRpcHandler):
     def _wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parse, send = lenient(handler.request_deserializer), handler.response_serializer
         method, counted = path.rsplit("/", 1)[-1], _service(path) not in self.open_during_drain
-        guard = functools.partial(self._guard, method, request_streaming=handler.request_streaming, counted=counted)
+        # Health and reflection, which do not count for the drain, are not traced either: probes make no spans.
+        span = path[1:] if counted else None
+        guard = functools.partial(
+            self._guard, method, request_streaming=handler.request_streaming, counted=counted, span=span
+        )
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), parse, send)
         if handler.unary_stream:
@@ -170,9 +174,9 @@ class Gated(grpc.GenericRpcHandler):
             return grpc.stream_unary_rpc_method_handler(answer, None, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(answer_stream, None, handler and handler.response_serializer)
 
-    def _guard(self, method: str, behavior, request_streaming: bool, counted: bool):
+    def _guard(self, method: str, behavior, request_streaming: bool, counted: bool, span: str | None):
         """The same behaviour inside `outcome`, of the same kind: gRPC tells streams by their function type."""
-        outcome = functools.partial(self._outcome, counted=counted)
+        outcome = functools.partial(self._outcome, counted=counted, span=span)
         if request_streaming and (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
             behavior = _checking_requests(behavior)
         if inspect.isasyncgenfunction(behavior):
@@ -207,10 +211,12 @@ class Gated(grpc.GenericRpcHandler):
         return sync_unary
 
     @contextlib.asynccontextmanager
-    async def _outcome(self, method: str, request, context, counted: bool) -> AsyncIterator[None]:
+    async def _outcome(self, method: str, request, context, counted: bool, span: str | None) -> AsyncIterator[None]:
+        """`span`: the call's span name ("pkg.Service/Method") when it is traced, None for one never traced."""
         CALL.set(context)
         name = getattr(request, "model", None) or getattr(request, "name", None) or getattr(request, "model_name", "")
-        async with self.gate.run("grpc", method, name if isinstance(name, str) else "", counted) as call:
+        trace = None if span is None or self.gate.tracing is None else (span, context.invocation_metadata())
+        async with self.gate.run("grpc", method, name if isinstance(name, str) else "", counted, trace) as call:
             remaining = context.time_remaining()
             if remaining is not None:  # gRPC itself cancels the call at its deadline
                 call.limit(remaining, "the call's deadline", WIRE)

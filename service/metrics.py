@@ -90,6 +90,10 @@ class Metrics:
             "gan_model_loads", "Model version loads, by result (success, failure).", ["model", "result"],
             registry=registry,
         )  # fmt: skip
+        self.repository_errors = Counter(
+            "gan_model_repository_errors", "Repository passes that could not reach the object store, by kind"
+            " (unreachable, denied, no_bucket, changed, error).", ["kind"], registry=registry,
+        )  # fmt: skip
         self.model_load_seconds = Histogram(
             "gan_model_load_seconds", "Time to load, validate and warm a model version.", ["model"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=registry,

@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from service import encode, profiles
-from service.batcher import NORMAL, Batcher, choose_batch_size
+from service.batcher import NORMAL, Batcher, Timing, choose_batch_size
 from service.config import BatchingConfig, ModelControl, RuntimeConfig
 from service.contract import ContractError, ModelSpec, read_spec
 from service.domain import VersionStatus
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, short
 from service.metrics import Metrics
-from service.repository import NAME, ModelDir, Stamp, VersionPolicy, scan
+from service.objectstore import StoreUnavailable
+from service.repository import NAME, ModelDir, Repository, Stamp, VersionPolicy
 from service.runtime import Session, usable_cores
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 # long (bench/README.md, "Fairness": pieces of 32 DCGAN images, ~4 ms, cut a 1-image p99 beside 1,024-image
 # requests from 56 to 20 ms at the same throughput; pieces of 128 images ran ~17 ms).
 PIECE_SECONDS = 0.005
+# After a pass that could not reach the store, the next is tried this long after, doubling up to RETRY_MAX.
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 LOADS = itertools.count()  # every version loaded gets the next number: a reload is never the same version twice
 AVAILABLE, LOADING, READY, UNLOADING, FAILED = "AVAILABLE", "LOADING", "READY", "UNLOADING", "FAILED"
 
@@ -71,11 +74,12 @@ class ModelVersion:
 
     async def run(
         self, z: np.ndarray, y: np.ndarray | None, deadline: float | None, priority: int = NORMAL,
-        admitted: bool = False, pixels: bool = False,
+        admitted: bool = False, pixels: bool = False, trace: list[Timing] | None = None,
     ) -> np.ndarray:  # fmt: skip
-        """The model's output for z (and y); with `pixels`, as uint8 images [n, H, W, C] (encode.to_uint8)."""
+        """The model's output for z (and y); with `pixels`, as uint8 images [n, H, W, C] (encode.to_uint8); with
+        `trace`, the batcher's timings of it (Batcher.submit)."""
         feeds = {"z": z} if y is None else {"z": z, "y": y}
-        return await self.batcher.submit(feeds, deadline, priority, admitted, pixels)
+        return await self.batcher.submit(feeds, deadline, priority, admitted, pixels, trace)
 
     async def released(self) -> None:
         """Returns once no request holds this version."""
@@ -101,7 +105,7 @@ class _Asked:
 class Registry:
     def __init__(
         self,
-        repository: Path,
+        repository: Repository,
         control: ModelControl,
         runtime: RuntimeConfig,
         batching: BatchingConfig,
@@ -110,7 +114,7 @@ class Registry:
         grace: float = 25.0,
         session_factory: Callable[[Path, RuntimeConfig], Session] = Session,
     ):
-        self.repository, self.control, self.runtime, self.batching = Path(repository), control, runtime, batching
+        self.repository, self.control, self.runtime, self.batching = repository, control, runtime, batching
         self.session_factory = session_factory  # how a version's file becomes a Session (tests inject fakes)
         self.policy = VersionPolicy.parse(control.version_policy, "version_policy")
         self.metrics, self._on_change, self.grace = metrics, on_change, grace  # grace: the longest a drain waits
@@ -119,7 +123,9 @@ class Registry:
         self._failed: dict[tuple[str, int], tuple[Stamp, str]] = {}  # tried again once the file changes
         self._loading: tuple[str, int] | None = None
         self._retiring: dict[ModelVersion, tuple[str, asyncio.Task]] = {}  # → why it left, its drain
-        self._skipped: set[str] = set()  # directory names already reported as not model names
+        self._skipped: set[str] = set()  # what the scan skipped and a warning already named
+        self._outage = 0  # passes in a row that could not reach the store
+        self._retry: asyncio.TimerHandle | None = None
         self._asked = {name: _Asked(load=True) for name in control.load_model}
         self._next: asyncio.Future[int] | None = None  # the pass the next trigger joins
         self._runner: asyncio.Task | None = None
@@ -199,7 +205,7 @@ class Registry:
         """LoadModel: serve `name` (by its policy), or also `version` of it; fails if what it asked for fails."""
         if not NAME.fullmatch(name):
             raise InvalidArgument(f"name: {short(name)} is not a model name (letters, digits, '.', '_', '-')")
-        found, _ = await asyncio.to_thread(scan, self.repository)
+        found, _ = await asyncio.to_thread(self.repository.scan)
         if name not in found:
             raise NotFound(f"name: no model {name!r} in the repository (models: {', '.join(sorted(found)) or 'none'})")
         if version and version not in found[name].files:
@@ -246,9 +252,13 @@ class Registry:
     # ---- one pass ----------------------------------------------------------------------------------
 
     async def _pass(self) -> int:
-        found, skipped = await asyncio.to_thread(scan, self.repository)
+        try:
+            found, skipped = await asyncio.to_thread(self.repository.scan)
+        except StoreUnavailable as e:  # nothing is known to have changed: everything serving goes on
+            self._unreachable(e)
+            return 0
         for name in sorted(set(skipped) - self._skipped):
-            log.warning("model repository: skipping %s: not a model name (letters, digits, '.', '_', '-')", short(name))
+            log.warning("model repository: skipping %s: %s", short(name), skipped[name])
         self._skipped = set(skipped)
         # A folder that could not be listed this time keeps what was known of it, with the reason.
         for name, model in found.items():
@@ -265,10 +275,38 @@ class Registry:
             missing = [(n, v) for n in found for v in sorted(self._wanted(n), reverse=True) if v not in live.get(n, {})]
             if not missing:
                 break
-            joined += await self._load(*missing[0])
+            try:
+                joined += await self._load(*missing[0])
+            except StoreUnavailable as e:  # a version that leaves for this one waits for the retry
+                self._unreachable(e)
+                self._on_change()
+                return joined
+        self._reachable()
         self._leave(replaced=True)
         self._on_change()
         return joined
+
+    def _unreachable(self, e: StoreUnavailable) -> None:
+        """One line when an outage starts (not one per retry), a count per failed pass, and a retry after a backoff."""
+        self._outage += 1
+        if self.metrics is not None:
+            self.metrics.repository_errors.labels(e.kind).inc()
+        if self._outage == 1:
+            log.error("model repository %s; serving what is loaded, and retrying", e)
+        if self._retry is None and not self._closing:
+            delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (self._outage - 1))
+            self._retry = asyncio.get_running_loop().call_later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if not self._closing:
+            task = asyncio.ensure_future(self.sync())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failure is logged by the pass
+
+    def _reachable(self) -> None:
+        if self._outage:
+            log.info("model repository %s answers again after %d failed pass(es)", self.repository, self._outage)
+        self._outage = 0
 
     def _leave(self, replaced: bool) -> None:
         """Retire serving versions that are no longer wanted, availability first. One that is merely outside the
@@ -322,18 +360,20 @@ class Registry:
     async def _load(self, name: str, version: int) -> int:
         """Load, validate and warm one version off the event loop; it joins only if all of that worked."""
         model = self._disk[name]
-        path, stamp = model.files[version], model.stamps[version]
+        stamp = model.stamps[version]
         self._loading = (name, version)
         start = time.perf_counter()
         try:
             # Off the event loop: serving goes on meanwhile. A thread cannot be interrupted, so a stop waits for it.
-            mv = await asyncio.get_running_loop().run_in_executor(None, self._open, name, version, path)
+            mv = await asyncio.get_running_loop().run_in_executor(None, self._open, model, version)
+        except StoreUnavailable:  # not the version's fault: it is tried again, not marked failed
+            raise
         except Exception as e:  # a corrupt file, wrong metadata, an ORT error, a file still being copied
             # Bounded, and without the server's own paths: it reaches RepositoryIndex and LoadModel's answer.
             reason = (str(e).splitlines() or [type(e).__name__])[0].replace(f"{self.repository}{os.sep}", "")[:300]
             self._failed[(name, version)] = (stamp, reason)
             self._count(name, "failure", start)
-            log.error("model %s version %d failed to load (%s): %s", name, version, path, reason)
+            log.error("model %s version %d failed to load (%s): %s", name, version, model.files[version], reason)
             return 0
         finally:
             self._loading = None
@@ -347,7 +387,8 @@ class Registry:
         log.info("model %s version %d ready on %s", name, version, mv.session.provider)
         return 1
 
-    def _open(self, name: str, version: int, path: Path) -> ModelVersion:
+    def _open(self, model: ModelDir, version: int) -> ModelVersion:
+        name, path = model.name, self.repository.fetch(model, version)
         session = self.session_factory(path, self.runtime)
         spec = served_spec(session)
         cfg = self.batching
@@ -434,6 +475,8 @@ class Registry:
     async def stop(self) -> None:
         """No more passes; a load under way finishes and is dropped; every version drains, then stops."""
         self._closing = True
+        if self._retry is not None:
+            self._retry.cancel()
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
         serving, self._serving = self._serving, {}

@@ -1,4 +1,5 @@
-"""The model repository on disk: its layout, version policies and per-model settings. Stdlib only; no loading.
+"""The model repository: its layout, version policies and per-model settings, and the kind in a local directory
+(service/objectstore.py is the s3:// kind). Stdlib only; no loading.
 
 Layout: <repository>/<name>/<version>/model.onnx, the version a positive integer written without leading zeros,
 and optionally <repository>/<name>/model.json, {"version_policy": "latest:2"}, which overrides the server's policy
@@ -16,6 +17,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 MODEL_FILE = "model.onnx"
 SETTINGS_FILE = "model.json"
@@ -69,7 +71,10 @@ class VersionPolicy:
         return "all"
 
 
-Stamp = tuple[int, int, int]  # size, mtime_ns, inode: a file that changes gets a new stamp
+# A version's identity as listed: (size, mtime_ns, inode) on disk, (size, ETag) in an object store. A file that
+# changes gets a new stamp, and a version that failed to load is tried again once its stamp changes.
+Stamp = tuple
+NOT_A_NAME = "not a model name (letters, digits, '.', '_', '-')"
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class ModelDir:
     """One model as found on disk."""
 
     name: str
-    files: dict[int, Path] = field(default_factory=dict)  # version → its model.onnx
+    files: dict[int, Path | str] = field(default_factory=dict)  # version → its model.onnx (a path, or an object key)
     stamps: dict[int, Stamp] = field(default_factory=dict)
     policy: VersionPolicy | None = None  # from model.json; None: the server's
     error: str = ""  # why model.json cannot be used, or the folder read ("" when all is well)
@@ -98,17 +103,49 @@ def check_root(root: Path) -> None:
         raise RepositoryError(f"{root}: cannot be read ({os.strerror(errno.EACCES)})")
 
 
-def scan(root: Path) -> tuple[dict[str, ModelDir], list[str]]:
-    """Every model under `root` by name, and the directory names skipped as not valid model names."""
+class Repository(Protocol):
+    """Where versions come from. The registry calls these off the event loop."""
+
+    def check(self) -> None:
+        """RepositoryError when it can never serve (a missing directory or bucket, credentials refused)."""
+
+    def scan(self) -> tuple[dict[str, ModelDir], dict[str, str]]:
+        """Every model by name, and what was skipped (→ why, for a warning)."""
+
+    def fetch(self, model: ModelDir, version: int) -> Path:
+        """A local file holding the version's model.onnx exactly as listed."""
+
+
+class LocalRepository:
+    """A model repository in a directory of this machine: files are opened where they lie."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def check(self) -> None:
+        check_root(self.root)
+
+    def scan(self) -> tuple[dict[str, ModelDir], dict[str, str]]:
+        return scan(self.root)
+
+    def fetch(self, model: ModelDir, version: int) -> Path:
+        return Path(model.files[version])
+
+
+def scan(root: Path) -> tuple[dict[str, ModelDir], dict[str, str]]:
+    """Every model under `root` by name, and what was skipped (a directory name → why)."""
     models: dict[str, ModelDir] = {}
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
     if not root.is_dir():
         return models, skipped
     for model_dir in sorted(root.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
             continue
         if not NAME.fullmatch(model_dir.name):
-            skipped.append(model_dir.name)
+            skipped[model_dir.name] = NOT_A_NAME
             continue
         try:
             files, stamps = _versions(model_dir)
@@ -154,6 +191,11 @@ def read_settings(path: Path) -> VersionPolicy | None:
         return None
     except OSError as e:
         raise RepositoryError(f"{where}: cannot be read ({os.strerror(e.errno or 0) or type(e).__name__})") from None
+    return parse_settings(raw, where)
+
+
+def parse_settings(raw: bytes, where: str) -> VersionPolicy | None:
+    """model.json's bytes (at most MAX_SETTINGS_BYTES + 1 of them read) as read_settings reads them."""
     if len(raw) > MAX_SETTINGS_BYTES:
         raise RepositoryError(f"{where}: larger than {MAX_SETTINGS_BYTES} bytes")
     try:

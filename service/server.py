@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
-from service import http
+from service import http, profiles
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.api.inference import grpc_predict_v2_pb2 as oip_pb
@@ -32,7 +32,7 @@ from service.api.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from service.cache import ResultCache
 from service.config import RuntimeConfig, ServerConfig
 from service.dataplane import DataPlane
-from service.domain import VersionStatus
+from service.domain import ACCEPTING_CALLS, VersionStatus
 from service.frontends.admin import ModelAdminServicer
 from service.frontends.ganserve import GeneratorServicer
 from service.frontends.oip_grpc import InferenceServicer
@@ -41,10 +41,12 @@ from service.frontends.pages import Pages
 from service.gate import Gate
 from service.interceptor import Gated
 from service.metrics import Metrics
+from service.objectstore import S3Repository, StoreUnavailable
 from service.registry import READY, Registry
-from service.repository import RepositoryError, check_root, scan
+from service.repository import LocalRepository, Repository, RepositoryError
 from service.runtime import Session
 from service.security import Authorizer, http_ssl_context, server_credentials
+from service.tracing import Tracing, TracingError, configure
 
 log = logging.getLogger(__name__)
 
@@ -176,24 +178,42 @@ def listen(server: grpc.aio.Server, flag: str, cfg: ServerConfig, port: int, cre
     return bound
 
 
-def nothing_served(root: Path, status: list[VersionStatus]) -> str:
+def open_repository(cfg: ServerConfig) -> Repository:
+    """--model-repository as a Repository: s3://BUCKET/PREFIX, or a local directory. StartupError naming the flag."""
+    try:
+        if not cfg.model_repository.startswith("s3://"):
+            return LocalRepository(cfg.model_repository)
+        store = cfg.store
+        cache = profiles.directory(store.model_cache)
+        downloads = cache / "models" if store.model_cache == "auto" else cache
+        return S3Repository(cfg.model_repository, downloads, store.max_model_bytes, store.s3_endpoint, store.s3_region)
+    except RepositoryError as e:
+        raise StartupError(f"--model-repository {e}") from None
+
+
+def nothing_served(repository: Repository, status: list[VersionStatus]) -> str:
     """The start-up warning for a repository that exists and serves nothing, naming what was skipped and why."""
-    models, skipped = scan(root)
-    found = [f"{name[:64]!r} (not a model name)" for name in skipped]
+    try:
+        models, skipped = repository.scan()
+    except StoreUnavailable as e:
+        return f"model repository {e}: nothing loaded yet"
+    found = [f"{name[:64]!r} ({why.partition(' (')[0]})" for name, why in skipped.items()]
     found += [f"{name} (no <version>/model.onnx)" for name, m in models.items() if m.readable and not m.files]
     found += [m.error for m in models.values() if not m.readable]
     found += [f"{s.name}/{s.version} ({s.state.lower()}: {s.reason[:120]})" for s in status if s.state != READY]
     listed = ", ".join(found[:MAX_LISTED]) + (f" and {len(found) - MAX_LISTED} more" if len(found) > MAX_LISTED else "")
-    return f"model repository {root}: no loadable model ({f'skipped: {listed}' if found else 'it is empty'})"
+    return f"model repository {repository}: no loadable model ({f'skipped: {listed}' if found else 'it is empty'})"
 
 
 class Server:
     def __init__(
         self, cfg: ServerConfig, metrics_registry: CollectorRegistry | None = None,
-        session_factory: Callable[[Path, RuntimeConfig], Session] = Session,
+        session_factory: Callable[[Path, RuntimeConfig], Session] = Session, tracing: Tracing | None = None,
     ):  # fmt: skip
-        """`session_factory` opens a model file (tests inject gated fakes; see the registry)."""
+        """`session_factory` opens a model file (tests inject gated fakes; see the registry). `tracing`: where spans
+        go (service/tracing.py; serve() builds it from OTEL_*), None for none; the server shuts it down at stop."""
         self.cfg = cfg
+        self.tracing = tracing
         sec = cfg.security
         self.metrics = Metrics(metrics_registry or CollectorRegistry())
         failed = self.metrics.credential_reload_failures.labels
@@ -205,14 +225,14 @@ class Server:
         if sec.auth_tokens_file:
             self.authorizer = Authorizer(sec.auth_tokens_file, ROLES, on_reload_failure=failed("tokens").inc)
         self.registry = Registry(
-            Path(cfg.model_repository), cfg.models, cfg.runtime, cfg.batching, self.metrics, self._registry_changed,
+            open_repository(cfg), cfg.models, cfg.runtime, cfg.batching, self.metrics, self._registry_changed,
             cfg.lifecycle.grace_seconds, session_factory,
         )  # fmt: skip
         self.encoder = ThreadPoolExecutor(cfg.limits.encoder_threads, thread_name_prefix="encode")
         cache = None
         if cfg.limits.response_cache_bytes:
             cache = ResultCache(cfg.limits.response_cache_bytes, *self.metrics.cache_hooks())
-        self.plane = DataPlane(self.registry, cfg.limits, self.encoder, cfg.security.full_metadata, cache)
+        self.plane = DataPlane(self.registry, cfg.limits, self.encoder, cfg.security.full_metadata, cache, tracing)
         self.health = health.aio.HealthServicer()
         # Every service, registered and listed for reflection from this one table.
         services = [
@@ -233,7 +253,7 @@ class Server:
         # Health, so that probes read NOT_SERVING, and reflection, whose streams tools hold open, neither count nor
         # are refused during a drain.
         open_streams = frozenset([HEALTH.full_name, REFLECTION.full_name, "grpc.reflection.v1.ServerReflection"])
-        self.gate = Gate(self.metrics, lambda name: name in self.registry.models, self.authorizer)
+        self.gate = Gate(self.metrics, lambda name: name in self.registry.models, self.authorizer, tracing)
         gated = Gated(self.gate, open_streams)
         for _, add, servicer in services:
             add(servicer, gated)
@@ -281,10 +301,13 @@ class Server:
         cannot be used; the repository is checked before any port opens, and ports already open are closed again."""
         cfg = self.cfg
         try:
-            check_root(Path(cfg.model_repository))
+            await asyncio.to_thread(self.registry.repository.check)
         except RepositoryError as e:
             raise StartupError(f"--model-repository {e}") from None
+        except StoreUnavailable as e:  # it may come back: serve (not ready) meanwhile, and keep trying
+            log.warning("model repository %s; starting anyway, and retrying", e)
         await self._set_health(False)
+        await self.health.set(ACCEPTING_CALLS, health_pb2.HealthCheckResponse.SERVING)  # until the drain
         try:
             await self._open()
         except Exception:
@@ -301,8 +324,8 @@ class Server:
                 log.warning("bearer tokens over plaintext gRPC on %s: anyone on the path can read them", cfg.host)
         loaded = await self.registry.sync()
         if not self.registry.ready:  # it serves on (NOT_SERVING) for a model to arrive, but should say why
-            root = Path(cfg.model_repository)
-            log.warning("%s", await asyncio.to_thread(nothing_served, root, self.registry.status()))
+            warning = await asyncio.to_thread(nothing_served, self.registry.repository, self.registry.status())
+            log.warning("%s", warning)
         await self._set_health(self.registry.ready)
         if cfg.models.mode == "poll":
             self._poller = self.spawn(self._poll(cfg.models.poll_seconds), "repository poll")
@@ -400,6 +423,8 @@ class Server:
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
                 self._metrics_server.server_close()
+            if self.tracing is not None:  # the spans still queued are exported before the process goes
+                await asyncio.to_thread(self.tracing.shutdown)
             self._stopped.set()
 
     async def wait(self) -> None:
@@ -408,7 +433,11 @@ class Server:
 
 async def serve(cfg: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain. SIGHUP rescans the model repository (and the tokens file)."""
-    server = Server(cfg)
+    try:
+        tracing = configure(os.environ)  # None unless OTEL_* ask for it: see service/tracing.py
+    except TracingError as e:
+        raise StartupError(str(e)) from None
+    server = Server(cfg, tracing=tracing)
     await server.start()
     # One machine-readable line on stdout: how scripts and tests learn the ports (0 in the config picks free ones).
     ready = {"event": "serving", "port": server.port, "http_port": server.http_port}

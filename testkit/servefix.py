@@ -17,6 +17,7 @@ from service.config import RuntimeConfig, ServerConfig
 from service.contract import ModelSpec
 from service.runtime import Session
 from service.server import Server
+from service.tracing import Tracing
 
 ECHO_LATENT, ECHO_CLASSES = 5, ("cat", "dog", "eel")
 
@@ -107,11 +108,14 @@ async def running(
     repository: Path,
     session_factory: Callable[[Path, RuntimeConfig], object] | None = None,
     measure: bool = False,
+    tracing: Tracing | None = None,
     **changes,
 ) -> AsyncIterator[tuple[Server, pb_grpc.GeneratorStub, grpc.aio.Channel]]:
     """A real server on free ports over `repository`, and a stub connected to it; `session_factory` (testkit.gated)
-    replaces the registry's way of opening model files, before any is opened."""
-    server = Server(server_config(repository, measure, **changes), session_factory=session_factory or Session)
+    replaces the registry's way of opening model files, before any is opened; `tracing` (service.tracing.configure)
+    is where its spans go."""
+    cfg = server_config(repository, measure, **changes)
+    server = Server(cfg, session_factory=session_factory or Session, tracing=tracing)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

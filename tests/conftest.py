@@ -27,14 +27,15 @@ TIERS = {
     "component": [
         "test_cache", "test_data", "test_evaluate", "test_export", "test_faults", "test_fuzz", "test_gate", "test_http",
         "test_interceptor", "test_lifecycle", "test_loop", "test_profiles", "test_protocol", "test_runtime", "test_security",
-        "test_service", "test_shipped_model",
+        "test_service", "test_shipped_model", "test_tracing",
     ],
     "process": [
-        "test_client_security", "test_oip", "test_proto", "test_service_process", "test_startup", "test_workers",
+        "test_client_security", "test_objectstore", "test_oip", "test_proto", "test_service_process", "test_startup", "test_workers",
     ],
     "browser": ["test_playground"],
     "ddp": ["test_ddp"],
     "image": ["test_deploy"],
+    "fleet": ["test_fleet"],
 }  # fmt: skip
 TIER_OF = {module: tier for tier, modules in TIERS.items() for module in modules}
 

@@ -26,6 +26,7 @@ from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.config import ENV_PREFIX, ServerConfig, flags, parse
 from service.contract import FORMAT_VERSION, READABLE_FORMATS
 from service.metrics import Metrics
+from service.objectstore import parse_url
 from service.server import SERVICE_NAME, server_options
 from testkit.servefix import plain_model, running
 from training.config import PRESETS
@@ -34,7 +35,7 @@ yaml = pytest.importorskip("yaml", reason="PyYAML comes with the dev extra: pip 
 
 ROOT = Path(__file__).resolve().parent.parent
 TLS = ("overlays/gpu-tls", "overlays/cpu-tls")  # the hardware overlays with components/tls (+ tls-cert-manager)
-SERVING = ("overlays/gpu", "overlays/cpu", *TLS)
+SERVING = ("overlays/gpu", "overlays/cpu", "overlays/cpu-s3", *TLS)
 GPU = "nvidia.com/gpu"
 CLIENT_VARIABLES = {"GAN_DATA_CACHE", "GAN_TOKEN"}  # read by training and by the client, not server settings
 
@@ -70,10 +71,13 @@ def server_container(resources: list[dict]) -> dict:
 
 def effective_config(resources: list[dict]) -> ServerConfig:
     """The ServerConfig the pods run with: the ConfigMap's GAN_* variables over the defaults, parsed by the server."""
-    container = server_container(resources)
-    (source,) = container["envFrom"]
-    data = one(resources, "ConfigMap", source["configMapRef"]["name"])["data"]
-    return parse([], environ=data)
+    return parse([], environ=config_map(resources))
+
+
+def config_map(resources: list[dict]) -> dict[str, str]:
+    """The server's ConfigMap data (its one configMapRef; a Secret may sit beside it)."""
+    (source,) = [s for s in server_container(resources)["envFrom"] if "configMapRef" in s]
+    return one(resources, "ConfigMap", source["configMapRef"]["name"])["data"]
 
 
 def test_every_kustomization_renders(rendered):
@@ -204,14 +208,17 @@ def test_gpu_limit_only_in_the_gpu_overlay(rendered):
 def test_settings_parse_and_the_drain_fits_the_termination_grace(rendered, overlay):
     resources = rendered[overlay]
     cfg, container = effective_config(resources), server_container(resources)
-    (source,) = container["envFrom"]
-    keys = one(resources, "ConfigMap", source["configMapRef"]["name"])["data"].keys()
+    keys = config_map(resources).keys()
     known = {ENV_PREFIX + flag.upper() for flag in flags()}
     assert set(keys) <= known, set(keys) - known
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert mounts[cfg.model_repository]["readOnly"] is True
-    assert cfg.lifecycle.max_connection_age_s > 0  # an L4 Service otherwise pins each client to one pod for good
     spec = one(resources, "Deployment")["spec"]["template"]["spec"]
+    if cfg.model_repository.startswith("s3://"):  # downloads go to a writable volume of the pod's own
+        empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        assert mounts[cfg.store.model_cache]["name"] in empty_dirs
+    else:
+        assert mounts[cfg.model_repository]["readOnly"] is True
+    assert cfg.lifecycle.max_connection_age_s > 0  # an L4 Service otherwise pins each client to one pod for good
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     # SIGTERM comes after preStop; the server then drains for grace_seconds and must exit before the SIGKILL.
     assert spec["terminationGracePeriodSeconds"] > pre_stop + cfg.lifecycle.grace_seconds
@@ -569,3 +576,22 @@ def test_health_probe_command_follows_the_server(tmp_path, capsys):
     assert asyncio.run(go()) == (1, [0, 0], 1)  # NOT_SERVING until a model loads; NOT_FOUND for a stranger
     assert "NOT_SERVING" in capsys.readouterr().err
     assert probe.main([], environ={"GAN_PORT": "1"}) == 1  # nothing listens there: UNKNOWN, exit 1
+
+
+def test_the_s3_overlay_reads_the_store_with_credentials_from_a_secret_only(rendered):
+    resources = rendered["overlays/cpu-s3"]
+    cfg, container = effective_config(resources), server_container(resources)
+    assert parse_url(cfg.model_repository) == ("gan-models", "repository/") and cfg.models.mode == "poll"
+    assert {"secretRef": {"name": "gan-serve-s3"}} in container["envFrom"]
+    assert not any("AWS" in key for key in config_map(resources))  # credentials never in the ConfigMap
+    spec = one(resources, "Deployment")["spec"]["template"]["spec"]
+    assert not any("persistentVolumeClaim" in v for v in spec["volumes"])
+    assert not any(r["kind"] == "PersistentVolumeClaim" for r in resources)
+
+
+def test_kserve_s3_downloads_the_storage_uri_with_the_accounts_secret(rendered):
+    resources = rendered["kserve-s3"]
+    predictor = one(resources, "InferenceService")["spec"]["predictor"]
+    assert parse_url(predictor["model"]["storageUri"])[0] == "gan-models"
+    account = one(resources, "ServiceAccount", predictor["serviceAccountName"])
+    assert account["secrets"] == [{"name": "gan-serve-s3"}] and account["automountServiceAccountToken"] is False

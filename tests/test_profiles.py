@@ -11,6 +11,7 @@ from pathlib import Path
 from service import profiles
 from service.config import BatchingConfig, ModelControl, RuntimeConfig
 from service.registry import Registry
+from service.repository import LocalRepository
 from service.runtime import Session
 from testkit.servefix import plain_model
 
@@ -30,7 +31,7 @@ def load(repo: Path, cache: Path | str, threads: int = 1) -> tuple[int, int]:
 
     async def go() -> int:
         runtime = RuntimeConfig(intra_op_threads=threads)
-        registry = Registry(repo, ModelControl(), runtime, BatchingConfig(max_batch_size=16, profile_cache=str(cache)),
+        registry = Registry(LocalRepository(repo), ModelControl(), runtime, BatchingConfig(max_batch_size=16, profile_cache=str(cache)),
                             session_factory=Counting)  # fmt: skip
         await registry.sync()
         try:

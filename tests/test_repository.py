@@ -41,7 +41,7 @@ def test_scan_reads_the_layout_and_skips_what_is_not_a_model(tmp_path):
     (tmp_path / "repo" / "a" / "3").mkdir()  # a version folder still empty
     (tmp_path / "repo" / "a" / "4" / "model.onnx").mkdir(parents=True)  # not a file
     models, skipped = scan(tmp_path / "repo")
-    assert set(models) == {"a"} and sorted(models["a"].files) == [1, 2] and skipped == ["bad name"]
+    assert set(models) == {"a"} and sorted(models["a"].files) == [1, 2] and list(skipped) == ["bad name"]
     assert models["a"].policy is None and models["a"].error == ""
 
 

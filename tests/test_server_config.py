@@ -74,7 +74,7 @@ DEFAULTS = {
     "health_port": -1, "tls_cert": "", "tls_key": "", "tls_client_ca": "", "auth_tokens_file": "", "reflection": True,
     "full_metadata": False, "model_control": "none", "poll_seconds": 10.0, "load_model": (), "version_policy": "latest:1",
     "admin_api": "auto", "reuse_grpc_port": False, "max_json_bytes": 8 << 20, "http_deadline_s": 60.0,
-    "header_timeout_s": 10.0,
+    "header_timeout_s": 10.0, "s3_endpoint": "", "s3_region": "", "model_cache": "auto", "max_model_bytes": 2 << 30,
 }  # fmt: skip
 
 
@@ -101,6 +101,7 @@ def test_every_default_is_the_documented_one():
             "tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file", "reflection", "full_metadata", "admin_api")},
         "model_control": cfg.models.mode, "poll_seconds": cfg.models.poll_seconds, "load_model": cfg.models.load_model,
         "version_policy": cfg.models.version_policy,
+        **{f: getattr(cfg.store, f) for f in ("s3_endpoint", "s3_region", "model_cache", "max_model_bytes")},
     }  # fmt: skip
     assert values == DEFAULTS
 

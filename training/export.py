@@ -3,7 +3,8 @@
 The file honours service/contract.py, the one contract between training and serving: its metadata is the
 checkpoint's ModelSpec, with what trained it (architecture, loss, dataset, steps, config, ...) as provenance.
 Image generators go to the serving repository, models/; 2-D point generators, which the service does not
-serve, to their run's folder, OUT/models. An explicit repository wins over both.
+serve, to their run's folder, OUT/models. An explicit repository wins over both; s3://BUCKET/PREFIX publishes the
+checked file to an object store as the next version there (service/objectstore.py), for a server that reads it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from service import objectstore
 from service.contract import ContractError, ModelSpec, read_spec, seed_latents
+from service.objectstore import StoreUnavailable
+from service.repository import RepositoryError
 from training.checkpoint import CheckpointError, load_checkpoint, spec_from_checkpoint
 from training.config import POINT_DATASETS, ConfigError, TrainConfig
 from training.data import sha256_file
@@ -189,8 +193,11 @@ def publish(staging: Path, root: Path) -> Path:
                 raise
 
 
-def export(checkpoint: Path, repository: Path | None, name: str, use_ema: bool = True, fp16: bool = False) -> Path:
-    """Export, check, then publish as the next version; a failed check publishes nothing.
+def export(
+    checkpoint: Path, repository: Path | str | None, name: str, use_ema: bool = True, fp16: bool = False
+) -> Path | str:
+    """Export, check, then publish as the next version; a failed check publishes nothing. Returns the published
+    model.onnx: a path, or an s3:// URL.
 
     `repository` None: default_repository() of the checkpoint's config.
     """
@@ -198,6 +205,12 @@ def export(checkpoint: Path, repository: Path | None, name: str, use_ema: bool =
     ck = load_checkpoint(checkpoint)
     g = generator_from_checkpoint(ck, use_ema)
     spec = model_spec(ck, g, checkpoint, use_ema, fp16)
+    if str(repository).startswith("s3://"):
+        with tempfile.TemporaryDirectory(prefix="export-") as staging:
+            path = Path(staging) / "model.onnx"
+            to_onnx(g, spec.prior, path, spec.to_metadata(), fp16)
+            check(g, spec, path, FP16_ATOL if fp16 else PARITY_ATOL)
+            return objectstore.publish(str(repository), name, path)
     root = Path(repository or default_repository(TrainConfig.from_dict(ck["config"]))) / name
     root.mkdir(parents=True, exist_ok=True)
     # Stage beside the versions (same filesystem), so that publishing is one atomic rename.
@@ -214,9 +227,10 @@ def export(checkpoint: Path, repository: Path | None, name: str, use_ema: bool =
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--repository", type=Path,
-                   help="model repository root (default: models/ for images; for 2-D points, which the service"
-                        " does not serve, the run's OUT/models)")  # fmt: skip
+    p.add_argument("--repository",
+                   help="model repository: a directory, or s3://BUCKET/PREFIX with the AWS_* variables (default:"
+                        " models/ for images; for 2-D points, which the service does not serve,"
+                        " the run's OUT/models)")  # fmt: skip
     p.add_argument("--name", required=True, help="model name: <repository>/<name>/<version>/model.onnx")
     p.add_argument("--raw", action="store_true", help="export the raw generator, not its EMA")
     p.add_argument(
@@ -227,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         path = export(args.checkpoint, args.repository, args.name, use_ema=not args.raw, fp16=args.fp16)
-    except (ExportError, CheckpointError, ContractError, ConfigError) as e:
+    except (ExportError, CheckpointError, ContractError, ConfigError, RepositoryError, StoreUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)

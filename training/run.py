@@ -33,9 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
                    help="resume from CKPT, or from the newest checkpoint under --out")  # fmt: skip
     p.add_argument("--no-export", action="store_true", help="do not export the final generator to ONNX")
-    p.add_argument("--repository", type=Path,
-                   help="model repository for the export (default: models/, which the service serves; for the 2-D"
-                        " presets ring8 and grid25, which it does not serve, OUT/models)")  # fmt: skip
+    p.add_argument("--repository",
+                   help="model repository for the export, a directory or s3://BUCKET/PREFIX (default: models/,"
+                        " which the service serves; for the 2-D presets ring8 and grid25, which it does not serve,"
+                        " OUT/models)")  # fmt: skip
     p.add_argument("--name", help="exported model name (default: the preset name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--evaluate", action="store_true",
@@ -110,7 +111,9 @@ def _train(args: argparse.Namespace, main: bool) -> int:
         if not args.no_export:
             path = export(final, args.repository, args.name or cfg.preset or Path(cfg.out).name)
             print(f"exported {path}")
-            if args.evaluate:
+            if args.evaluate and str(path).startswith("s3://"):
+                print("not evaluated: the export is in the object store; run training.evaluate on a copy")
+            elif args.evaluate:
                 result = evaluate.evaluate(path)
                 (Path(cfg.out) / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
                 print(evaluate.table(result))

@@ -38,7 +38,7 @@ class Pages:
             Route("models", "GET", "/v1/models", self.models, SERVICE),
             Route("images", "GET", "/v1/models/{model}/images.png", self.images, SERVICE),
             Route("interpolation", "GET", "/v1/models/{model}/interpolation.png", self.interpolation, SERVICE),
-            Route("metrics", "GET", "/metrics", self.prometheus, SERVICE),
+            Route("metrics", "GET", "/metrics", self.prometheus, SERVICE, traced=False),  # scrapes make no spans
             *pages,
         ]
 

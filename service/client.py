@@ -32,27 +32,33 @@ import grpc
 
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
-from service.domain import ACCEPTING_CALLS
 from service.frontends import text
 
 DEFAULT_TARGET = "localhost:50051"
 MAX_MESSAGE = 64 << 20
 TOKEN_ENV = "GAN_TOKEN"
-# Every call balanced over every address the target resolves to (round_robin), skipping a server from the moment it
-# drains (its ACCEPTING_CALLS health turns NOT_SERVING), and a generation tried again elsewhere on UNAVAILABLE, which
-# a server answers to a call it has not started (a drain that began meanwhile). Generating is idempotent (seeds fix
-# the output), so a retry never changes an answer; ModelAdmin calls are not retried.
-SERVICE_CONFIG = json.dumps({
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": ACCEPTING_CALLS},
-    "methodConfig": [{
-        "name": [{"service": "ganserve.v1.Generator"}, {"service": "inference.GRPCInferenceService"}],
-        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.01s", "maxBackoff": "0.2s", "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"]},
-    }],
-})  # fmt: skip
+GENERATOR = pb.DESCRIPTOR.services_by_name["Generator"].full_name
+# Every call balanced over every address the target resolves to (round_robin), and a generation tried again on
+# another on UNAVAILABLE, which a server answers to a call it has not started (a drain that began meanwhile).
+# Generating is idempotent (seeds fix the output), so a retry never changes an answer; ModelAdmin is not retried.
+RETRIES = {
+    "name": [{"service": GENERATOR}, {"service": "inference.GRPCInferenceService"}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.01s", "maxBackoff": "0.2s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}  # fmt: skip
 # How gRPC's details begin when no connection could be made (pick_first; round_robin).
 NOT_CONNECTED = ("failed to connect to all addresses", "connections to all backends failing")
+
+
+def service_config(target: str) -> str:
+    """The channel's service config. A target of several servers (dns:, or a list of addresses) also skips each one
+    whose Generator health is not SERVING: one that drains (it turns NOT_SERVING at once), or has no model yet. One
+    address (a server, a proxy) is not health-checked: behind a proxy its answer would speak for one server of many,
+    and an admin call must reach a server that has no model."""
+    config: dict = {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [RETRIES]}
+    if target.startswith("dns:") or (target.startswith(("ipv4:", "ipv6:")) and "," in target):
+        config["healthCheckConfig"] = {"serviceName": GENERATOR}
+    return json.dumps(config)
 
 
 def parse_ints(spec: str) -> list[int]:
@@ -216,7 +222,7 @@ class Client:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.service_config", SERVICE_CONFIG),
+            ("grpc.service_config", service_config(target)),
         ]
         credentials = channel_credentials(tls_ca, tls_cert, tls_key)
         # Metadata from an interceptor rather than call credentials, which gRPC sends over TLS only: a token

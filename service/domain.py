@@ -15,10 +15,6 @@ import numpy as np
 
 from service.contract import ModelSpec
 
-# A grpc.health.v1 entry SERVING from the server's start until its drain, models or not: what clients that balance
-# over several servers watch (service/client.py), so that they stop picking a server the moment it drains.
-ACCEPTING_CALLS = "ganserve.v1"
-
 
 class Format(enum.Enum):
     """How images are answered: PNG files, uint8 [n, H, W, C] pixels, or the model's float32 [n, C, H, W]."""

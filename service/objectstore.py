@@ -5,8 +5,9 @@ The keys follow the local layout: PREFIX/<name>/<version>/model.onnx and PREFIX/
 scan; a version exists once its model.onnx object does (an upload appears whole or not at all). When a version loads,
 its object is downloaded into a local directory, asked for by the ETag it was listed with (If-Match: an object
 replaced meanwhile is never mixed with the old one), checked against the listed size, the MD5 that a single-part
-ETag names and any checksum the store keeps, and only then renamed into place: a partial or failed download is
-never opened. A file already downloaded is checked the same way before it is used again.
+unencrypted upload's ETag names and any checksum the store keeps, and only then renamed into place: a partial or
+failed download is never opened. A file already downloaded is checked against its size and the MD5 recorded when it
+arrived before it is used again, and deleted once its version stops serving (`forget`).
 
 The client is boto3: it is the reference implementation of AWS's credential chain (AWS_ACCESS_KEY_ID and friends,
 AWS_PROFILE and the shared files, web identity as on EKS, container and instance roles) and of AWS_ENDPOINT_URL, and
@@ -21,6 +22,7 @@ refuses the credentials raises StoreUnavailable: the registry keeps serving what
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -45,7 +47,7 @@ from service.repository import (
 
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules
 SAFE_KEY = re.compile(r"[A-Za-z0-9._/-]{1,1024}")
-MAX_OBJECTS = 100_000  # listed per scan; a bucket with more is cut short, with a warning
+MAX_OBJECTS = 100_000  # listed per scan; a prefix with more is refused (each poll would list them all)
 CHUNK = 1 << 20
 LOCK_FILE = ".lock"
 DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
@@ -86,16 +88,26 @@ def connect(url: str, endpoint: str = "", region: str = ""):
         connect_timeout=3, read_timeout=30, retries={"mode": "standard", "max_attempts": 3},
         s3={"addressing_style": "path"} if custom else None,
     )  # fmt: skip
-    client = boto3.session.Session().client(
-        "s3", endpoint_url=endpoint or None, region_name=region or None, config=config
-    )
+    try:
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint or None, region_name=region or None, config=config
+        )
+    except Exception as e:  # a profile that does not exist, an endpoint that is not a URL: the settings, at start
+        raise RepositoryError(f"{url}: the S3 settings cannot be used ({type(e).__name__}: {str(e)[:200]})") from None
     host = urlsplit(client.meta.endpoint_url)
     return client, f"{host.scheme}://{host.hostname}" + (f":{host.port}" if host.port else "")
 
 
 def failure(e: Exception, store: str, bucket: str) -> StoreUnavailable:
     """What went wrong with `store`, in one line that never holds a credential."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
 
     if isinstance(e, StoreUnavailable):
         return e
@@ -111,9 +123,9 @@ def failure(e: Exception, store: str, bucket: str) -> StoreUnavailable:
         if code in ("PreconditionFailed", "NoSuchKey", "412", "ConditionalRequestConflict"):
             return StoreUnavailable(f"{store}: the object changed while it was used ({code})", "changed")
         return StoreUnavailable(f"{store}: the store answered {status} {code}", "error")
-    if isinstance(e, BotoCoreError):
+    if isinstance(e, ConnectionError | HTTPClientError | IncompleteReadError):  # timeouts and cut transfers too
         return StoreUnavailable(f"{store}: cannot reach the store ({type(e).__name__})", "unreachable")
-    return StoreUnavailable(f"{store}: {type(e).__name__}", "error")
+    return StoreUnavailable(f"{store}: {type(e).__name__}: {str(e)[:200]}", "error")
 
 
 def publish(url: str, name: str, model_file: Path) -> str:
@@ -131,8 +143,11 @@ def publish(url: str, name: str, model_file: Path) -> str:
     store = f"{url} at {endpoint}"
     for _ in range(100):
         try:
-            listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}{name}/", Delimiter="/")
-            taken = [p["Prefix"][len(prefix) + len(name) + 1 :].rstrip("/") for p in listed.get("CommonPrefixes", ())]
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=f"{prefix}{name}/", Delimiter="/"
+            )
+            folders = [p["Prefix"] for page in pages for p in page.get("CommonPrefixes", ())]
+            taken = [folder[len(prefix) + len(name) + 1 :].rstrip("/") for folder in folders]
             version = max((int(v) for v in taken if v.isdecimal()), default=0) + 1
             key = f"{prefix}{name}/{version}/{MODEL_FILE}"
             client.put_object(Bucket=bucket, Key=key, Body=body, ContentMD5=digest, IfNoneMatch="*")
@@ -177,9 +192,8 @@ class S3Repository:
         settings: dict[str, tuple[str, int, str]] = {}
         skipped: dict[str, str] = {}
         for count, (key, size, etag) in enumerate(self._list()):
-            if count == MAX_OBJECTS:
-                skipped[f"{self.prefix}…"] = f"more than {MAX_OBJECTS} objects: the rest are not looked at"
-                break
+            if count == MAX_OBJECTS:  # a partial listing would read as versions deleted
+                raise StoreUnavailable(f"{self}: more than {MAX_OBJECTS} objects under the prefix; narrow it", "error")
             rel = key[len(self.prefix) :]
             if rel.endswith("/") and not size:  # a "folder" marker that consoles create
                 continue
@@ -209,8 +223,7 @@ class S3Repository:
             files = {v: key for v, (key, _, _) in found.items()}
             stamps = {v: (size, etag) for v, (_, size, etag) in found.items()}
             models[name] = ModelDir(name, files, stamps, policy, error)
-        if f"{self.prefix}…" not in skipped:  # a listing cut short says nothing of what is gone
-            self._prune({(name, str(v)) for name, found in versions.items() for v in found})
+        self._prune({(name, str(v)) for name, found in versions.items() for v in found})
         return models, skipped
 
     def fetch(self, model: ModelDir, version: int) -> Path:
@@ -226,15 +239,18 @@ class S3Repository:
             # the one that waited finds the file in place and checks it.
             with self._lock, open(folder / LOCK_FILE, "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                if path.is_file() and self._intact(path, size, etag):
-                    return path
-                self._download(key, etag, size, path)
-                for old in folder.glob("*.onnx"):  # earlier uploads of this version; an open session keeps its own
-                    if old != path:
+                if not _intact(path, size):
+                    self._download(key, etag, size, path)
+                for old in folder.iterdir():  # earlier uploads of this version; an open session keeps its own
+                    if old.suffix in (".onnx", ".md5") and old.stem != path.stem:
                         old.unlink(missing_ok=True)
-        except OSError as e:  # the download directory, not the store
-            raise RepositoryError(f"download directory {folder}: {os.strerror(e.errno or 0)}") from None
+        except OSError as e:  # the download directory (full, say), not the version: tried again later
+            raise StoreUnavailable(f"download directory {folder}: {os.strerror(e.errno or 0)}", "disk") from None
         return path
+
+    def forget(self, name: str, version: int) -> None:
+        """Drop the download of a version that no longer serves, unless another process is using it right now."""
+        self._remove(self.downloads / name / str(version))
 
     # ---- the store ---------------------------------------------------------------------------------
 
@@ -252,12 +268,18 @@ class S3Repository:
 
     def _prune(self, listed: set[tuple[str, str]]) -> None:
         """Downloads of versions the store no longer lists: a session that opened one keeps it open."""
-        if not self.downloads.is_dir():
-            return
-        with self._lock:
-            for folder in self.downloads.glob("*/*"):
-                if (folder.parent.name, folder.name) not in listed:
-                    shutil.rmtree(folder, ignore_errors=True)
+        for folder in self.downloads.glob("*/*") if self.downloads.is_dir() else ():
+            if (folder.parent.name, folder.name) not in listed:
+                self._remove(folder)
+
+    def _remove(self, folder: Path) -> None:
+        """Delete a version's download folder, unless a download into it holds its lock (in any process)."""
+        with self._lock, contextlib.suppress(OSError), open(folder / LOCK_FILE, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _read_settings(self, name: str, key: str, size: int, etag: str) -> object:
         where = f"{name}/{SETTINGS_FILE}"
@@ -279,7 +301,8 @@ class S3Repository:
         return found
 
     def _download(self, key: str, etag: str, size: int, path: Path) -> None:
-        """The object as listed into `path`, or nothing there at all."""
+        """The object as listed into `path`, with its MD5 beside it (path.md5, for the check before each reuse), or
+        nothing there at all."""
         partial = path.with_name(f".{path.name}.{os.getpid()}.part")
         md5 = hashlib.md5(usedforsecurity=False)
         try:
@@ -294,26 +317,40 @@ class S3Repository:
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            if got != size or not _etag_matches(etag, md5.hexdigest()):
-                raise StoreUnavailable(f"{self.url}: {key[:200]}: the download does not match the listing", "changed")
-            os.replace(partial, path)
         except Exception as e:
             partial.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise
-            raise self.failure(e) from None
+            raise e if isinstance(e, OSError) else self.failure(e) from None
+        where = f"{self.url}: {key[:200]}"
+        if got != size:  # cut short: the transfer, not the object
+            partial.unlink(missing_ok=True)
+            raise StoreUnavailable(f"{where}: {got} bytes arrived of the {size} listed", "changed")
+        if _md5_etag(etag, answer) not in (None, md5.hexdigest()):  # the object itself: no retry makes it right
+            partial.unlink(missing_ok=True)
+            raise RepositoryError(f"{key[len(self.prefix) :][:200]}: its bytes do not match the MD5 its ETag names")
+        path.with_suffix(".md5").write_text(md5.hexdigest())
+        os.replace(partial, path)
 
-    def _intact(self, path: Path, size: int, etag: str) -> bool:
+
+def _md5_etag(etag: str, answer: dict) -> str | None:
+    """The MD5 an ETag names, or None where it names none: a multipart upload ("…-N"), or an object encrypted with
+    KMS or a customer's key, whose ETag is not the MD5 of its bytes (those are held by size, If-Match and the
+    store's checksum)."""
+    etag = etag.strip('"').lower()
+    if answer.get("SSECustomerAlgorithm") or answer.get("ServerSideEncryption", "AES256") != "AES256":
+        return None
+    return etag if re.fullmatch(r"[0-9a-f]{32}", etag) else None
+
+
+def _intact(path: Path, size: int) -> bool:
+    """A download as it was checked: its size, and the MD5 recorded when it arrived."""
+    try:
         if path.stat().st_size != size:
             return False
-        md5 = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                md5.update(chunk)
-        return _etag_matches(etag, md5.hexdigest())
-
-
-def _etag_matches(etag: str, md5: str) -> bool:
-    """A single-part upload's ETag is its MD5; a multipart one ("…-N") is not, and is held by size and If-Match."""
-    etag = etag.strip('"').lower()
-    return etag == md5 if re.fullmatch(r"[0-9a-f]{32}", etag) else True
+        recorded = path.with_suffix(".md5").read_text().strip()
+    except OSError:
+        return False
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            md5.update(chunk)
+    return md5.hexdigest() == recorded

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 PIECE_SECONDS = 0.005
 # After a pass that could not reach the store, the next is tried this long after, doubling up to RETRY_MAX.
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+STORE_WIDE = ("unreachable", "denied", "no_bucket")  # StoreUnavailable kinds that no other object would escape
 LOADS = itertools.count()  # every version loaded gets the next number: a reload is never the same version twice
 AVAILABLE, LOADING, READY, UNLOADING, FAILED = "AVAILABLE", "LOADING", "READY", "UNLOADING", "FAILED"
 
@@ -125,6 +126,7 @@ class Registry:
         self._retiring: dict[ModelVersion, tuple[str, asyncio.Task]] = {}  # → why it left, its drain
         self._skipped: set[str] = set()  # what the scan skipped and a warning already named
         self._outage = 0  # passes in a row that could not reach the store
+        self._store_failure: StoreUnavailable | None = None  # what the last of them met
         self._retry: asyncio.TimerHandle | None = None
         self._asked = {name: _Asked(load=True) for name in control.load_model}
         self._next: asyncio.Future[int] | None = None  # the pass the next trigger joins
@@ -220,6 +222,10 @@ class Registry:
             asked.dropped.clear()
         await self.sync()
         status = self.status(name)
+        if self._store_failure is not None and (
+            version not in self.versions(name) if version else not self.versions(name)
+        ):
+            raise Unavailable(f"name: model {name!r} cannot be loaded now: {self._store_failure}")
         failed = [s for s in status if s.state == FAILED and (s.version == version or not version)]
         if version in {s.version for s in failed} or (not version and failed and not self.versions(name)):
             # What it asked for did not load: as if it had not asked (a later fix of the file loads nothing unasked).
@@ -270,17 +276,24 @@ class Registry:
         joined = 0
         # Newest first, one at a time; a failure drops out of the policy's choice, and the next pass over the
         # wanted set picks the version after it (latest:1 with a corrupt v3 serves v2).
+        store_failure, postponed = None, set()
         while not self._closing:
             live = self._serving
-            missing = [(n, v) for n in found for v in sorted(self._wanted(n), reverse=True) if v not in live.get(n, {})]
+            missing = [(n, v) for n in found for v in sorted(self._wanted(n), reverse=True)
+                       if v not in live.get(n, {}) and (n, v) not in postponed]  # fmt: skip
             if not missing:
                 break
             try:
                 joined += await self._load(*missing[0])
-            except StoreUnavailable as e:  # a version that leaves for this one waits for the retry
-                self._unreachable(e)
-                self._on_change()
-                return joined
+            except StoreUnavailable as e:  # not the version's fault: tried again after a backoff, not marked failed
+                store_failure = store_failure or e
+                if e.kind in STORE_WIDE:  # nothing else would download either
+                    break
+                postponed.add(missing[0])  # this object only: the others load meanwhile
+        if store_failure is not None:  # a version that leaves for one postponed waits for the retry
+            self._unreachable(store_failure)
+            self._on_change()
+            return joined
         self._reachable()
         self._leave(replaced=True)
         self._on_change()
@@ -288,7 +301,7 @@ class Registry:
 
     def _unreachable(self, e: StoreUnavailable) -> None:
         """One line when an outage starts (not one per retry), a count per failed pass, and a retry after a backoff."""
-        self._outage += 1
+        self._outage, self._store_failure = self._outage + 1, e
         if self.metrics is not None:
             self.metrics.repository_errors.labels(e.kind).inc()
         if self._outage == 1:
@@ -306,7 +319,7 @@ class Registry:
     def _reachable(self) -> None:
         if self._outage:
             log.info("model repository %s answers again after %d failed pass(es)", self.repository, self._outage)
-        self._outage = 0
+        self._outage, self._store_failure = 0, None
 
     def _leave(self, replaced: bool) -> None:
         """Retire serving versions that are no longer wanted, availability first. One that is merely outside the
@@ -442,12 +455,14 @@ class Registry:
         self._retiring[mv] = (why, task)
         task.add_done_callback(lambda _: self._retiring.pop(mv, None))
 
-    async def _drain(self, mv: ModelVersion) -> None:
+    async def _drain(self, mv: ModelVersion, forget: bool = True) -> None:
         """Wait for the requests it holds, at most the grace period (a client that stops reading a stream must not
         pin a session for ever), then stop its batcher: queued work runs, later work gets UNAVAILABLE."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(mv.released(), self.grace)
         await mv.batcher.stop()
+        if forget and mv.version not in self._serving.get(mv.name, {}):  # a local copy of it is of no more use
+            await asyncio.to_thread(self.repository.forget, mv.name, mv.version)
         log.info("model %s version %d unloaded", mv.name, mv.version)
 
     # ---- state -------------------------------------------------------------------------------------
@@ -480,5 +495,6 @@ class Registry:
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
         serving, self._serving = self._serving, {}
-        draining = [self._drain(mv) for versions in serving.values() for mv in versions.values()]
+        # Their downloads stay (forget=False): the next start opens them without downloading again.
+        draining = [self._drain(mv, forget=False) for versions in serving.values() for mv in versions.values()]
         await asyncio.gather(*draining, *(task for _, task in self._retiring.values()))

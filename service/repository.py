@@ -115,6 +115,9 @@ class Repository(Protocol):
     def fetch(self, model: ModelDir, version: int) -> Path:
         """A local file holding the version's model.onnx exactly as listed."""
 
+    def forget(self, name: str, version: int) -> None:
+        """The version no longer serves: any local copy made for it may go."""
+
 
 class LocalRepository:
     """A model repository in a directory of this machine: files are opened where they lie."""
@@ -133,6 +136,9 @@ class LocalRepository:
 
     def fetch(self, model: ModelDir, version: int) -> Path:
         return Path(model.files[version])
+
+    def forget(self, name: str, version: int) -> None:
+        """Files are opened where they lie: there is no copy to drop."""
 
 
 def scan(root: Path) -> tuple[dict[str, ModelDir], dict[str, str]]:

@@ -32,7 +32,7 @@ from service.api.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from service.cache import ResultCache
 from service.config import RuntimeConfig, ServerConfig
 from service.dataplane import DataPlane
-from service.domain import ACCEPTING_CALLS, VersionStatus
+from service.domain import VersionStatus
 from service.frontends.admin import ModelAdminServicer
 from service.frontends.ganserve import GeneratorServicer
 from service.frontends.oip_grpc import InferenceServicer
@@ -307,7 +307,6 @@ class Server:
         except StoreUnavailable as e:  # it may come back: serve (not ready) meanwhile, and keep trying
             log.warning("model repository %s; starting anyway, and retrying", e)
         await self._set_health(False)
-        await self.health.set(ACCEPTING_CALLS, health_pb2.HealthCheckResponse.SERVING)  # until the drain
         try:
             await self._open()
         except Exception:

@@ -19,7 +19,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
-from service.domain import ACCEPTING_CALLS
 from service.runtime import Session
 from service.server import Server
 from testkit.gated import Gate, sessions
@@ -497,32 +496,3 @@ def test_the_admin_api_is_off_on_an_open_port_without_tokens_unless_asked(tmp_pa
         return await index_code(), await index_code(admin_api="on")
 
     assert run(go()) == (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.OK)
-
-
-def test_accepting_calls_is_serving_without_a_model_and_not_serving_once_the_drain_starts(tmp_path):
-    """The health entry balancing clients watch (service/client.py): it follows the drain, not the models."""
-    gate = Gate()
-
-    async def go():
-        async with running(tmp_path, session_factory=sessions(m=gate.wait)) as (server, stub, channel):
-            health = health_pb2_grpc.HealthStub(channel)
-
-            async def status(service: str) -> int:
-                return (await health.Check(health_pb2.HealthCheckRequest(service=service))).status
-
-            empty = [await status(s) for s in ("", ACCEPTING_CALLS)]  # nothing in the repository yet
-            plain_model(tmp_path / "m" / "1" / "model.onnx")
-            await server.reload()
-            held = asyncio.ensure_future(stub.Generate(generate("m")))
-            await gate.reached()  # a call in flight keeps the drain (and the port) open
-            stopping = asyncio.ensure_future(server.stop(grace=20))
-            await until(lambda: server.gate.draining)
-            draining = await status(ACCEPTING_CALLS)
-            gate.open()
-            await held
-            await stopping
-            return empty, draining
-
-    empty, draining = run(go())
-    assert empty == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
-    assert draining == health_pb2.HealthCheckResponse.NOT_SERVING

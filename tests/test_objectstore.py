@@ -11,10 +11,12 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
 from service.api.ganserve.v1 import generator_pb2 as pb
-from service.objectstore import S3Repository, StoreUnavailable, parse_url, publish
+from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.objectstore import S3Repository, StoreUnavailable, _md5_etag, parse_url, publish
 from service.repository import RepositoryError
 from testkit.process import ROOT
 from testkit.seaweed import SECRET_KEY, SeaweedFS
@@ -91,6 +93,9 @@ def test_versions_join_and_leave_as_in_a_directory(s3_env, prefix, tmp_path, mod
             store.publish(model_file, "m", 2, prefix)
             await server.reload()  # SIGHUP: latest:1 serves v2, and v1 leaves once v2 is ready
             assert server.registry.versions("m") == [2]
+            # Once drained, v1's download goes: a cache of every version ever served would fill the pod's volume.
+            downloads = tmp_path / "downloads"
+            await until(lambda: {p.name for p in downloads.glob("*/m/*")} == {"2"})
             client = store.client()
             client.put_object(Bucket=store.bucket, Key=f"{prefix}/m/model.json", Body=b'{"version_policy": "all"}')
             await server.reload()
@@ -184,6 +189,7 @@ def start_process(store, url: str, env: dict[str, str], tmp_path) -> subprocess.
         ("s3://models/x", {"AWS_SECRET_ACCESS_KEY": "wrong-secret-5d1e"}, "access denied (SignatureDoesNotMatch)"),
         ("s3://models/x", {"AWS_ACCESS_KEY_ID": "nobody"}, "access denied"),
         ("s3://no-such-bucket/x", {}, "no bucket named 'no-such-bucket'"),
+        ("s3://models/x", {"AWS_PROFILE": "no-such-profile"}, "the S3 settings cannot be used (ProfileNotFound"),
     ],
 )
 def test_refused_credentials_or_a_missing_bucket_stop_the_start_in_one_line_without_the_secret(
@@ -284,4 +290,54 @@ def test_downloads_of_one_version_at_once_share_one_file(s3_env, prefix, tmp_pat
     with ThreadPoolExecutor(6) as pool:
         paths = list(pool.map(lambda i: repos[i].fetch(models[i], 1), range(6)))
     assert len(set(paths)) == 1 and paths[0].read_bytes() == model_file.read_bytes()
-    assert sorted(p.name for p in paths[0].parent.iterdir()) == [".lock", paths[0].name]
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == [".lock", paths[0].stem + ".md5", paths[0].name]
+
+
+def test_one_version_that_cannot_be_downloaded_holds_up_no_other_and_loadmodel_says_why(
+    s3_env, prefix, tmp_path, model_file
+):
+    store = s3_env
+    for name in ("a", "b"):
+        store.publish(model_file, name, 1, prefix)
+    url = f"s3://{store.bucket}/{prefix}"
+    blocked = S3Repository(url, tmp_path / "downloads", 1 << 30).downloads / "a"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_bytes(b"")  # a file where a's download folder goes: its downloads fail, b's do not
+
+    async def go():
+        async with serve(store, prefix, tmp_path) as (server, _stub, channel):
+            assert server.registry.models.keys() == {"b"} and errors(server, "disk") >= 1
+            admin = pb_grpc.ModelAdminStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await admin.LoadModel(pb.LoadModelRequest(name="a"))
+            blocked.unlink()  # fixed: the retry after the backoff loads it, with no trigger
+            await until(lambda: server.registry.versions("a") == [1], timeout=20)
+            return refused.value
+
+    refused = asyncio.run(go())
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE and "cannot be loaded now" in refused.details()
+    assert "download directory" in refused.details()
+
+
+@pytest.mark.parametrize(
+    ("etag", "answer", "md5"),
+    [
+        ('"0cc175b9c0f1b6a831c399e269772661"', {}, "0cc175b9c0f1b6a831c399e269772661"),
+        ('"0cc175b9c0f1b6a831c399e269772661"', {"ServerSideEncryption": "AES256"}, "0cc175b9c0f1b6a831c399e269772661"),
+        ('"0cc175b9c0f1b6a831c399e269772661"', {"ServerSideEncryption": "aws:kms"}, None),  # not the bytes' MD5
+        ('"0cc175b9c0f1b6a831c399e269772661"', {"SSECustomerAlgorithm": "AES256"}, None),
+        ('"9b2cf535f27731c974343645a3985328-3"', {}, None),  # multipart
+    ],
+)
+def test_an_etag_names_the_md5_only_where_it_is_one(etag, answer, md5):
+    assert _md5_etag(etag, answer) == md5
+
+
+def test_training_refuses_a_bad_s3_repository_before_it_trains(tmp_path, capsys):
+    from training import run as run_mod
+
+    argv = ["--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "run"), "--repository", "s3://Bad_Bucket/x",
+            "--no-progress"]  # fmt: skip
+    assert run_mod.main(argv) == 2
+    assert "'Bad_Bucket' is not a bucket name" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained for an export that could not land

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, main: bool) -> int:
     from service.contract import ContractError
+    from service.objectstore import StoreUnavailable, parse_url
+    from service.repository import RepositoryError
     from training import evaluate
     from training.checkpoint import CheckpointError, find_checkpoint
     from training.classifier import ClassifierError
@@ -85,10 +87,13 @@ def _train(args: argparse.Namespace, main: bool) -> int:
     # User input that cannot be trained, exported or scored; anything else is a bug and keeps its traceback.
     domain_errors = (
         ConfigError, DataError, CheckpointError, ExportError, ContractError, evaluate.EvaluationError, ClassifierError,
+        RepositoryError, StoreUnavailable,
     )  # fmt: skip
     try:
         if args.evaluate and args.no_export:
             raise ConfigError("evaluate: scores the exported ONNX file, so it cannot go with --no-export")
+        if str(args.repository).startswith("s3://"):  # a bad URL is said now, not after the training
+            parse_url(args.repository)
         changes = overrides(args)
         if args.resume:
             base = TrainConfig.from_dict(PRESETS[args.preset].config.to_dict() | changes)

@@ -91,8 +91,8 @@ class Metrics:
             registry=registry,
         )  # fmt: skip
         self.repository_errors = Counter(
-            "gan_model_repository_errors", "Repository passes that could not reach the object store, by kind"
-            " (unreachable, denied, no_bucket, changed, error).", ["kind"], registry=registry,
+            "gan_model_repository_errors", "Repository passes cut short by the object store or the download directory,"
+            " by kind (unreachable, denied, no_bucket, changed, disk, error).", ["kind"], registry=registry,
         )  # fmt: skip
         self.model_load_seconds = Histogram(
             "gan_model_load_seconds", "Time to load, validate and warm a model version.", ["model"],

@@ -55,11 +55,12 @@ CREDENTIALS = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the pod'
 
 
 class StoreUnavailable(Unavailable):
-    """The store cannot answer now (unreachable, credentials refused, the object changed): try again later."""
+    """The store cannot answer now (unreachable, credentials refused, the object changed), or the download directory
+    cannot take a version (full): try again later."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
-        self.kind = kind  # a bounded metric label: unreachable, denied, no_bucket, changed, error
+        self.kind = kind  # a bounded metric label: unreachable, denied, no_bucket, changed, disk, error
 
 
 def parse_url(url: str) -> tuple[str, str]:

@@ -222,10 +222,6 @@ class Registry:
             asked.dropped.clear()
         await self.sync()
         status = self.status(name)
-        if self._store_failure is not None and (
-            version not in self.versions(name) if version else not self.versions(name)
-        ):
-            raise Unavailable(f"name: model {name!r} cannot be loaded now: {self._store_failure}")
         failed = [s for s in status if s.state == FAILED and (s.version == version or not version)]
         if version in {s.version for s in failed} or (not version and failed and not self.versions(name)):
             # What it asked for did not load: as if it had not asked (a later fix of the file loads nothing unasked).
@@ -236,6 +232,9 @@ class Registry:
             raise FailedPrecondition(
                 "name: " + "; ".join(f"model {name!r} version {s.version} failed to load: {s.reason}" for s in failed)
             )
+        missing = version not in self.versions(name) if version else not self.versions(name)
+        if missing and self._store_failure is not None:  # the store, not the file: asked, and retried by itself
+            raise Unavailable(f"name: model {name!r} cannot be loaded now: {self._store_failure}")
         return status
 
     async def unload_model(self, name: str, version: int = 0) -> list[VersionStatus]:

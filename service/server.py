@@ -35,6 +35,7 @@ from service.dataplane import DataPlane
 from service.domain import VersionStatus
 from service.frontends.admin import ModelAdminServicer
 from service.frontends.ganserve import GeneratorServicer
+from service.frontends.images import ImagesApi
 from service.frontends.oip_grpc import InferenceServicer
 from service.frontends.oip_rest import OipRest
 from service.frontends.pages import Pages
@@ -356,6 +357,7 @@ class Server:
             rest = OipRest(self.plane, limits.max_message_bytes, limits.max_json_bytes, self.encoder,
                            lambda: self.gate.draining)  # fmt: skip
             routes = rest.routes() + Pages(self.plane, exposed_registry(self.metrics.registry)).routes()
+            routes += ImagesApi(self.plane, limits.max_json_bytes).routes()
             if self.authorizer is not None:  # the gate checks an HTTP route as /<its service>/<its method>
                 paths = {f"/{r.service}/{r.method or r.name}" for r in routes if r.service}
                 self.authorizer.known_methods |= paths

@@ -41,7 +41,7 @@ def test_the_check_sees_what_it_must_refuse():
 
 
 SERVICE = ROOT / "service"
-FRONT_ENDS = ("ganserve", "admin", "oip_grpc", "oip_rest", "pages")
+FRONT_ENDS = ("ganserve", "admin", "oip_grpc", "oip_rest", "pages", "images")
 # What each layer of the service may not import: the data plane speaks no wire, the gate knows no transport, the
 # two transport adapters know neither each other nor a front end, and no front end imports another.
 LAYERS = {

@@ -101,8 +101,11 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Loopback by default: a fresh machine's first server is reachable from that machine only, and its admin API works as
+# the README's examples call it. `make serve SERVE_ARGS=` binds every interface, as the server itself does.
+SERVE_ARGS ?= --host 127.0.0.1
 serve: $(SERVE_STAMP)
-	$(PY) -m service
+	$(PY) -m service $(SERVE_ARGS)
 
 train: setup
 	$(PY) -m training.run --preset $(PRESET) $(ARGS)

@@ -35,6 +35,7 @@ from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.frontends import text
 
 DEFAULT_TARGET = "localhost:50051"
+PSI_HELP = "truncation ψ in (0, 1]: nearer 0, more typical and less varied images (default 0: none)"
 MAX_MESSAGE = 64 << 20
 TOKEN_ENV = "GAN_TOKEN"
 GENERATOR = pb.DESCRIPTOR.services_by_name["Generator"].full_name
@@ -245,27 +246,29 @@ class Client:
     def models(self) -> list[pb.ModelInfo]:
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
 
-    def generate(self, model: str, seeds: list[int], labels: list[pb.Label] = (), **output) -> pb.GenerateResponse:
-        request = pb.GenerateRequest(
-            model=model, seeds=pb.SeedList(seeds=seeds), labels=labels, output=pb.OutputOptions(**output)
-        )
+    def generate(
+        self, model: str, seeds: list[int], labels: list[pb.Label] = (), psi: float = 0.0, **output
+    ) -> pb.GenerateResponse:
+        """`psi`: truncation ψ in (0, 1], 0 for none."""
+        request = pb.GenerateRequest(model=model, seeds=pb.SeedList(seeds=seeds), labels=labels, truncation=psi,
+                                     output=pb.OutputOptions(**output))  # fmt: skip
         return self.stub.Generate(request, timeout=self.timeout)
 
     def stream(
-        self, model: str, seeds: list[int], labels: list[pb.Label] = (), **output
+        self, model: str, seeds: list[int], labels: list[pb.Label] = (), psi: float = 0.0, **output
     ) -> Iterator[pb.GenerateResponse]:
-        request = pb.GenerateRequest(
-            model=model, seeds=pb.SeedList(seeds=seeds), labels=labels, output=pb.OutputOptions(**output)
-        )
+        request = pb.GenerateRequest(model=model, seeds=pb.SeedList(seeds=seeds), labels=labels, truncation=psi,
+                                     output=pb.OutputOptions(**output))  # fmt: skip
         return self.stub.GenerateStream(request, timeout=self.timeout)
 
     def interpolate(
-        self, model: str, seeds: list[int], steps: int, labels: list[pb.Label] = (), method: str = "slerp", **output
-    ) -> pb.GenerateResponse:
+        self, model: str, seeds: list[int], steps: int, labels: list[pb.Label] = (), method: str = "slerp",
+        psi: float = 0.0, **output,
+    ) -> pb.GenerateResponse:  # fmt: skip
         keys = [pb.Keyframe(seed=s, label=labels[i]) if labels else pb.Keyframe(seed=s) for i, s in enumerate(seeds)]
         request = pb.InterpolateRequest(
             model=model, keyframes=keys, steps=steps, method=pb.InterpolationMethod.Value(method.upper()),
-            output=pb.OutputOptions(**output),
+            truncation=psi, output=pb.OutputOptions(**output),
         )  # fmt: skip
         return self.stub.Interpolate(request, timeout=self.timeout)
 
@@ -307,6 +310,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     s.add_argument("--grid", type=Path, help="write one grid PNG here")
     s.add_argument("--columns", type=int, default=0, help="grid columns (default: one per label, else square)")
     s.add_argument("--out", type=Path, help="write every image as a PNG into this folder (streamed)")
+    s.add_argument("--psi", type=float, default=0.0, help=PSI_HELP)
     i = sub.add_parser("interpolate", help="frames between keyframe seeds")
     i.add_argument("--model", required=True)
     i.add_argument("--seeds", type=parse_ints, required=True, help="keyframe seeds, e.g. 3,7")
@@ -314,6 +318,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     i.add_argument("--steps", type=int, default=16, help="frames per segment")
     i.add_argument("--method", choices=("slerp", "lerp"), default="slerp")
     i.add_argument("--out", type=Path, required=True, help="the strip PNG")
+    i.add_argument("--psi", type=float, default=0.0, help=PSI_HELP)
     args = p.parse_args(argv)
     if getattr(args, "labels", None) and all(re.fullmatch(r"\d+(-\d+)?", lab) for lab in args.labels):
         args.labels = [str(v) for v in parse_ints(",".join(args.labels))]  # index ranges: 0-4,7
@@ -335,17 +340,18 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
                 labels = labels_for(args.labels, len(args.seeds))
                 if args.grid:
                     cols = args.columns or (len(args.labels) if args.labels else 0)
-                    r = client.generate(args.model, args.seeds, labels, grid=True, grid_columns=cols, grid_only=True)
+                    r = client.generate(args.model, args.seeds, labels, args.psi, grid=True, grid_columns=cols,
+                                        grid_only=True)  # fmt: skip
                     args.grid.write_bytes(r.grid_png)
                     print(f"wrote {args.grid}")
                 if args.out:
-                    for part in client.stream(args.model, args.seeds, labels):
+                    for part in client.stream(args.model, args.seeds, labels, args.psi):
                         _save_images(part, args.out, part.offset)
                     print(f"wrote {len(args.seeds)} images to {args.out}")
             else:
                 labels = labels_for(args.labels, len(args.seeds)) if args.labels else []
                 r = client.interpolate(
-                    args.model, args.seeds, args.steps, labels, args.method, grid=True, grid_only=True
+                    args.model, args.seeds, args.steps, labels, args.method, args.psi, grid=True, grid_only=True
                 )
                 args.out.write_bytes(r.grid_png)
                 print(f"wrote {args.out}")

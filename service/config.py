@@ -8,9 +8,14 @@ Imports nothing heavy, so that `python -m service.probe` starts fast.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import math
 import os
+import sys
+import tokenize
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -81,7 +86,7 @@ class RuntimeConfig:
     cuda_graph: bool = False
     tensorrt_cache: str = ""  # TensorRT provider: directory of its engine and timing caches ("" = no cache)
     intra_op_threads: int = 1  # threads per run; 0 = ONNX Runtime's default, one per physical core
-    inter_op_threads: int = 1
+    inter_op_threads: int = 1  # threads running a graph's independent nodes side by side; 0 = ORT's default
     # Spinning threads burn the cores the gRPC threads need on small machines (measured: +15% throughput
     # for a batching server on 2 vCPUs with it off), so it is off unless asked for.
     allow_spinning: bool = False
@@ -114,7 +119,7 @@ class Limits:
     max_images: int = 1024  # per Generate / Interpolate request
     max_stream_images: int = 65536  # per GenerateStream request
     stream_chunk: int = 64  # images per streamed message (fewer when they would not fit in half a message)
-    max_message_bytes: int = 64 << 20
+    max_message_bytes: int = 64 << 20  # a gRPC message or HTTP body, either way
     # JSON request bodies over HTTP: parsing JSON costs far more per byte than binary tensors, which
     # max_message_bytes bounds, so JSON gets a limit of its own, well below it.
     max_json_bytes: int = JSON_BYTES
@@ -167,7 +172,7 @@ class ModelControl:
     # none: what the repository holds at start; poll: rescan every poll_seconds;
     # explicit: only what load_model names and the ModelAdmin service asks for.
     mode: str = field(default="none", metadata=_flag("model_control"))
-    poll_seconds: float = 10.0
+    poll_seconds: float = 10.0  # poll mode: the time between two rescans
     load_model: tuple[str, ...] = ()  # explicit mode: models loaded at start (the flag repeats)
     # all | latest:N | specific:1,3 — the default for every model; <repository>/<name>/model.json may override it.
     # latest:1, as TF Serving and Triton: a new version replaces the old one once it is ready, and memory stays at
@@ -234,7 +239,7 @@ class Security:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model_repository: str = "models"
+    model_repository: str = "models"  # a directory, or s3://BUCKET/PREFIX (README, "Models in object storage")
     host: str = "[::]"  # the gRPC, HTTP and metrics endpoints all bind here
     port: int = 50051  # 0 picks a free port
     # HTTP: Open Inference Protocol REST, PNG endpoints, the playground and /metrics. 0 picks a free port; -1: off.
@@ -318,9 +323,36 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def comments() -> dict[str, str]:
+    """Each setting's comment in this file, by flag: the one on its line, else the lines just above it. It is what
+    `--help` says of the flag, so that the defaults, their reasons and the help text live in one place."""
+    source = inspect.getsource(sys.modules[__name__])
+    lines = source.splitlines()
+    fields: dict[tuple[str, str], str] = {}
+    for cls in ast.parse(source).body:
+        for node in cls.body if isinstance(cls, ast.ClassDef) else ():
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            words = [t.string for t in tokenize.generate_tokens(io.StringIO(lines[node.lineno - 1]).readline)
+                     if t.type == tokenize.COMMENT]  # fmt: skip
+            above, block = node.lineno - 2, []
+            while above >= 0 and lines[above].strip().startswith("#"):
+                block.insert(0, lines[above].strip())
+                above -= 1
+            words = words or block
+            fields[(cls.name, node.target.id)] = " ".join(w.lstrip("#").strip() for w in words)
+    hints = typing.get_type_hints(ServerConfig)
+    owner = {f.name: hints[f.name].__name__ for f in dataclasses.fields(ServerConfig)}
+    return {flag: fields.get((owner.get(section, "ServerConfig"), name), "") for flag, section, name, _ in _leaves()}
+
+
 def parse(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ) -> ServerConfig:
     """Flags override GAN_* environment variables, which override the defaults."""
-    p = argparse.ArgumentParser(prog="python -m service", description="Serve ONNX GAN generators over gRPC.")
+    p = argparse.ArgumentParser(
+        prog="python -m service", description="Serve ONNX GAN generators over gRPC and HTTP.",
+        epilog="Every flag also reads its GAN_<FLAG> environment variable; a flag given wins. README.md explains each.",
+    )  # fmt: skip
+    said = comments()
     repeats: dict[str, tuple[str, ...]] = {}
     for flag, section, name, kind in _leaves():
         env = ENV_PREFIX + flag.upper()
@@ -335,13 +367,15 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ
             except ValueError as e:
                 raise SystemExit(f"error: {env}: {e}") from None
         option = "--" + flag.replace("_", "-")
+        what = f"{said[flag].rstrip('.')}. ".replace("%", "%%") if said[flag] else ""  # argparse formats help with %
         if repeated:
-            p.add_argument(option, action="append", default=None, help=f"env {env} (comma-separated); repeatable")
+            p.add_argument(option, action="append", default=None, help=f"{what}env {env} (comma-separated); repeatable")
             repeats[flag] = default
         elif kind is bool:
-            p.add_argument(option, action=argparse.BooleanOptionalAction, default=default, help=f"env {env}")
+            p.add_argument(option, action=argparse.BooleanOptionalAction, default=default, help=f"{what}env {env}")
         else:
-            p.add_argument(option, type=kind, default=default, help=f"env {env} (default {default})")
+            shown = repr(default) if isinstance(default, str) else default
+            p.add_argument(option, type=kind, default=default, help=f"{what}env {env} (default {shown})")
     args = vars(p.parse_args(argv))
     for flag, default in repeats.items():  # flags given replace the variable's list, as for every other setting
         args[flag] = tuple(args[flag]) if args[flag] is not None else default

@@ -33,7 +33,7 @@ from service.cache import ResultCache
 from service.config import RuntimeConfig, ServerConfig
 from service.dataplane import DataPlane
 from service.domain import VersionStatus
-from service.frontends.admin import ModelAdminServicer
+from service.frontends.admin import AdminOff, ModelAdminServicer
 from service.frontends.ganserve import GeneratorServicer
 from service.frontends.images import ImagesApi
 from service.frontends.oip_grpc import InferenceServicer
@@ -244,13 +244,12 @@ class Server:
         admin = sec.admin_api == "on" or (sec.admin_api == "auto" and (self.authorizer or is_loopback(cfg.host)))
         if admin:
             services.insert(1, (ADMIN, pb_grpc.add_ModelAdminServicer_to_server, ModelAdminServicer(self.registry)))
-        else:
-            log.info(
-                "ganserve.v1.ModelAdmin is off: %s",
-                "--admin-api off"
-                if sec.admin_api == "off"
-                else f"no tokens, and {cfg.host} is not loopback (--admin-api on)",
-            )
+        else:  # still answered: a call says why it is off
+            why = ("--admin-api off" if sec.admin_api == "off" else
+                   f"no tokens, and --host {cfg.host} is not loopback (serve on 127.0.0.1, add --auth-tokens-file,"
+                   " or --admin-api on)")  # fmt: skip
+            services.insert(1, (ADMIN, pb_grpc.add_ModelAdminServicer_to_server, AdminOff(why)))
+            log.info("ganserve.v1.ModelAdmin is off: %s", why)
         # Health, so that probes read NOT_SERVING, and reflection, whose streams tools hold open, neither count nor
         # are refused during a drain.
         open_streams = frozenset([HEALTH.full_name, REFLECTION.full_name, "grpc.reflection.v1.ServerReflection"])

@@ -480,19 +480,23 @@ def test_a_request_that_never_ends_holds_a_leaving_version_for_the_grace_period_
 def test_the_admin_api_is_off_on_an_open_port_without_tokens_unless_asked(tmp_path):
     plain_model(tmp_path / "m" / "1" / "model.onnx")
 
-    async def index_code(**flags) -> grpc.StatusCode:
+    async def index_code(**flags) -> tuple[grpc.StatusCode, str]:
         server = Server(server_config(tmp_path, host="0.0.0.0", http_port=-1, **flags))
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 await pb_grpc.ModelAdminStub(channel).RepositoryIndex(pb.RepositoryIndexRequest())
-                return grpc.StatusCode.OK
+                return grpc.StatusCode.OK, ""
         except grpc.aio.AioRpcError as e:
-            return e.code()
+            return e.code(), e.details()
         finally:
             await server.stop(grace=1)
 
     async def go():
-        return await index_code(), await index_code(admin_api="on")
+        return await index_code(), await index_code(admin_api="on"), await index_code(admin_api="off")
 
-    assert run(go()) == (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.OK)
+    (off, why), (on, _), (asked_off, said) = run(go())
+    assert (off, on, asked_off) == (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.OK, grpc.StatusCode.UNIMPLEMENTED)
+    # A call to it says why it is off and how to turn it on, not gRPC's bare "Method not found!".
+    assert why.startswith("ganserve.v1.ModelAdmin is off on this server: no tokens, and --host 0.0.0.0")
+    assert "--admin-api on" in why and said.endswith("--admin-api off")

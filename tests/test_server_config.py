@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.config import ServerConfig, flags, parse
+from service.config import ServerConfig, comments, flags, parse
 
 # The flags users and deployments already use: the tree may be reshaped, these names may not change.
 FLAGS = [
@@ -162,3 +162,15 @@ def test_the_http_and_port_settings_come_from_flags_and_variables():
     assert parse(["--reuse-grpc-port"], environ={}).reuse_grpc_port
     # Left at its default, the JSON limit follows a smaller message limit rather than refuse it.
     assert parse(["--max-message-bytes", "4096"], environ={}).limits.max_json_bytes == 4096
+
+
+def test_help_says_what_every_flag_does_from_its_comment(capsys):
+    """`python -m service --help` describes each flag with its comment in service/config.py, where its default is."""
+    said = comments()
+    assert all(said.values()), [flag for flag, text in said.items() if not text]
+    with pytest.raises(SystemExit) as done:
+        parse(["--help"], environ={})
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert done.value.code == 0
+    assert "poll mode: the time between two rescans. env GAN_POLL_SECONDS (default 10.0)" in out
+    assert "none: what the repository holds at start; poll: rescan every poll_seconds; explicit:" in out

@@ -74,6 +74,10 @@ def test_client_cli_writes_a_grid_of_digits(server_process, tmp_path, capsys):
     assert client_cli.main(args) == 0
     im = np.asarray(Image.open(grid))
     assert im.shape == (2 * 30 + 2, 10 * 30 + 2) and 0.05 < (im > 128).mean() < 0.4
+    # --psi truncates: ψ = 1 leaves z as it is (the same bytes as without it), ψ = 0.5 draws other images.
+    for psi in ("1", "0.5"):
+        assert client_cli.main([*args[:-1], str(tmp_path / f"psi-{psi}.png"), "--psi", psi]) == 0
+    assert (tmp_path / "psi-1.png").read_bytes() == grid.read_bytes() != (tmp_path / "psi-0.5.png").read_bytes()
     strip = tmp_path / "strip.png"
     args = ["--target", target, "interpolate", "--model", "mnist-cdcgan", "--seeds", "3,7", "--labels", "3,8",
             "--steps", "8", "--out", str(strip)]  # fmt: skip

@@ -32,3 +32,16 @@ class ModelAdminServicer(pb_grpc.ModelAdminServicer):
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.ModelStatus:
         statuses = await self.registry.unload_model(request.name, request.version)
         return pb.ModelStatus(name=request.name, versions=from_statuses(statuses))
+
+
+class AdminOff(pb_grpc.ModelAdminServicer):
+    """ModelAdmin where it is off: every call answers UNIMPLEMENTED with why and how to turn it on, rather than
+    gRPC's bare "Method not found!"."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    async def RepositoryIndex(self, request, context):
+        raise NotImplementedError(f"ganserve.v1.ModelAdmin is off on this server: {self.why}")
+
+    LoadModel = UnloadModel = RepositoryIndex

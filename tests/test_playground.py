@@ -164,6 +164,13 @@ def test_page_draws_a_grid_a_class_psi_and_an_interpolation(driver, base_url, tm
     assert driver.find_element("id", "psi-value").text == "0.50"
     looser = _drawn(driver, "grid", seq, "ψ 0.50")
     np.testing.assert_array_equal(looser, _server_png(base_url, "images.png?seeds=0-15&label=7&psi=0.50&columns=4"))
+    # The slider stops at 0.30, and below 0.40 it says that images may fade (1s and 9s lose their ink at 0.2).
+    note = driver.find_element("id", "psi-note")
+    assert not note.is_displayed()
+    _keys(driver, "psi", *[Keys.ARROW_LEFT] * 6)
+    assert driver.find_element("id", "psi-value").text == "0.30" and note.is_displayed()
+    _keys(driver, "psi", *[Keys.ARROW_RIGHT] * 4)
+    assert driver.find_element("id", "psi-value").text == "0.50" and not note.is_displayed()
 
     # Blended with a 1, half and half (the blend slider's default): soft weights over all ten classes.
     seq = _seq(driver, "grid")

@@ -208,6 +208,21 @@ def test_page_draws_a_grid_a_class_psi_and_an_interpolation(driver, base_url, tm
     assert _severe(driver) == []  # console errors, CSP violations among them
 
 
+def test_a_new_token_keeps_the_classes_picked(driver, base_url):
+    """Typing a token reloads the model list; the class, the blend and its slider's state stay as they were."""
+    driver.get(f"{base_url}/")
+    _drawn(driver, "grid", 0)
+    _select(driver, "label", "7")
+    _select(driver, "blend-label", "1")
+    seq = _seq(driver, "grid")
+    _keys(driver, "token", "a-token", Keys.TAB)  # "change" fires as the field loses focus
+    _drawn(driver, "grid", seq, "7 50% + 1 50%")  # the list came back and the grid was drawn again, blend and all
+    picked = [Select(driver.find_element("id", e)).first_selected_option.text for e in ("label", "blend-label")]
+    assert picked == ["7", "1"] and driver.find_element("id", "blend").is_enabled()
+    _select(driver, "blend-label", "none")
+    assert not driver.find_element("id", "blend").is_enabled()
+
+
 def test_page_shows_the_api_error(driver, base_url):
     driver.get(f"{base_url}/")
     _drawn(driver, "grid", 0)
@@ -219,6 +234,9 @@ def test_page_shows_the_api_error(driver, base_url):
     """)  # fmt: skip
     error = _wait(lambda: driver.find_element("id", "error").text, "the error line")
     assert error == "Grid: columns: must be >= 0 (got -1)"
+    # The grid under the banner is the last one that worked, not the answer: it is faded.
+    grid = driver.find_element("id", "grid")
+    assert grid.get_attribute("data-state") == "error" and float(grid.value_of_css_property("opacity")) < 0.5
     # The browser logs the failed request itself, and nothing else.
     assert all("400 (Bad Request)" in message for message in _severe(driver))
 
@@ -248,3 +266,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=screenshot.__doc__)
     parser.add_argument("--screenshot", type=Path, required=True, help="PNG to write, e.g. docs/playground.png")
     screenshot(parser.parse_args().screenshot)
+
+
+def test_at_phone_width_the_seed_field_has_room_for_a_long_seed(driver, base_url):
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 420, "height": 900, "deviceScaleFactor": 1, "mobile": True})  # fmt: skip
+    driver.get(f"{base_url}/")
+    seed = driver.find_element("id", "seed")
+    # A 10-digit seed (what "Random" gives) at the page's font needs about 7.5 rem; a third of 420 px had 60 px.
+    assert seed.size["width"] >= 120, seed.size

@@ -8,7 +8,7 @@ const DEBOUNCE_MS = 200; // sliders fire on every pixel of travel; one request p
 const FPS = 12;
 const CANVAS_SIDE = 256; // the animation's frame is scaled up by a whole factor to about this size
 
-const state = { models: [], model: null, errors: {}, strip: null, frame: 0, direction: 1, timer: 0 };
+const state = { models: [], model: null, errors: {}, strip: null, frame: 0, direction: 1, timer: 0, classNames: "" };
 const views = {
   grid: { img: $("grid"), caption: $("grid-caption"), timing: $("grid-timing"), download: $("grid-download") },
   strip: { img: $("strip"), caption: $("strip-caption"), timing: $("strip-timing"), download: $("strip-download") },
@@ -66,11 +66,17 @@ function pickModel() {
   const names = model.class_names;
   $("classes").hidden = names.length === 0;
   for (const el of document.querySelectorAll(".class-only")) el.hidden = names.length === 0;
+  // Rebuilt for the model; a choice still offered survives (a new token reloads the list, not the user's picks).
+  const kept = Object.fromEntries(["label", "from-label", "to-label", "blend-label"].map((id) => [id, $(id).value]));
+  const same = state.classNames === names.join("\n");
+  state.classNames = names.join("\n");
   for (const id of ["label", "from-label", "to-label"]) {
     $(id).replaceChildren(...names.map((name, i) => new Option(name, i)));
   }
   $("blend-label").replaceChildren(new Option("none", ""), ...names.map((name, i) => new Option(name, i)));
-  if (names.length > 1) $("to-label").value = "1";
+  if (same) for (const [id, value] of Object.entries(kept)) $(id).value = value;
+  else if (names.length > 1) $("to-label").value = "1";
+  showValues(); // the blend slider is off while its partner is "none"
   if (model.kind !== "image") {
     setError("model", `${model.name} generates 2-D points; the playground draws image models only.`);
     return;

@@ -44,6 +44,8 @@ from service.registry import ModelVersion, Registry
 METHODS = ("slerp", "lerp")
 SEEDS_ON_LOOP = 64  # ~12 µs a seed: more would stall every other caller on the event loop
 PNGS_ON_LOOP = 1  # ~150 µs a PNG (Pillow, 28x28)
+DEFAULT_FPS, MIN_FPS, MAX_FPS = 12.0, 1.0, 50.0  # GIF counts frame times in hundredths of a second
+MAX_LOOPS = 65535  # what GIF's and APNG's loop fields hold
 
 
 class DataPlane:
@@ -218,9 +220,41 @@ class DataPlane:
             raise InvalidArgument(f"{names('steps')}: {frames} frames requested, the limit per request is {limit}")
         y = _keyframe_labels(mv, req.keyframes, req.steps, names)
         z = latents.path(_keyframe_latents(mv, req.keyframes, names), req.steps, req.method)
+        if req.animation is not None:
+            return await self._animate(mv, req, _truncate(z, _truncation(req.truncation, names)), y, deadline)
         strip = output if output.grid_columns else dataclasses.replace(output, grid_columns=frames)
         self._check_size(mv, frames, strip, "steps", names)
         return await self._run(mv, _truncate(z, _truncation(req.truncation, names)), y, strip, deadline)
+
+    async def _animate(
+        self, mv: ModelVersion, req: Interpolate, z: np.ndarray, y: np.ndarray | None, deadline: float | None
+    ) -> Result:
+        """The interpolation's frames as one animated image, encoded off the event loop."""
+        names, anim = req.names, req.animation
+        if anim.format not in encode.ANIMATIONS:
+            given = short(anim.format) if anim.format else "required"
+            raise InvalidArgument(f"{names('animation.format')}: {given} (formats: {', '.join(encode.ANIMATIONS)})")
+        fps = anim.fps or DEFAULT_FPS
+        if not (math.isfinite(fps) and MIN_FPS <= fps <= MAX_FPS):
+            raise InvalidArgument(
+                f"{names('animation.fps')}: from {MIN_FPS} to {MAX_FPS} frames a second (got {fps:g})"
+            )
+        if not 0 <= anim.loops <= MAX_LOOPS:
+            raise InvalidArgument(f"{names('animation.loops')}: from 0 (for ever) to {MAX_LOOPS} (got {anim.loops})")
+        result = await self._run(mv, z, y, Output(Format.UINT8), deadline)
+        data = await asyncio.get_running_loop().run_in_executor(
+            self.encoder, encode.animation, result.pixels, anim.format, fps, anim.ping_pong, anim.loops
+        )
+        limit = self.limits.max_message_bytes
+        if len(data) > limit:
+            smaller = "fewer steps" + (", or webp, the smallest" if anim.format != "webp" else "")
+            raise InvalidArgument(
+                f"{names('animation')}: the {anim.format} animation is {len(data):,} bytes, over the {limit:,}-byte"
+                f" message limit; ask for {smaller}"
+            )
+        return dataclasses.replace(
+            result, pixels=None, animation=data, animation_type=encode.ANIMATIONS[anim.format][1]
+        )
 
     async def _latents(self, mv: ModelVersion, spec: Seeds | SeedRange, start: int, stop: int) -> np.ndarray:
         """Samples start..stop-1 by the seed contract, [n, latent_dim] float32 (the seeds were checked by _count)."""

@@ -118,6 +118,16 @@ class Keyframe:
 
 
 @dataclass(frozen=True)
+class Animation:
+    """Interpolation frames as one animated image (encode.ANIMATIONS)."""
+
+    format: str = ""  # gif | apng | webp
+    fps: float = 0.0  # 0: 12
+    ping_pong: bool = False
+    loops: int = 0  # 0: for ever
+
+
+@dataclass(frozen=True)
 class Interpolate:
     model: str
     version: int = 0
@@ -127,6 +137,7 @@ class Interpolate:
     truncation: float = 0.0
     output: Output = Output()
     names: Names = NO_NAMES
+    animation: Animation | None = None  # set: one animated image instead of `output`'s
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,8 @@ class Result:
     latents: np.ndarray | None = None
     offset: int = 0  # streams: this chunk's first image in the whole request
     image_shape: tuple[int, ...] = ()  # one image: [H, W, C]; [C, H, W] for float32
+    animation: bytes = b""  # Interpolate with an Animation: the animated image
+    animation_type: str = ""  # its media type
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,27 @@ def png_bound(h: int, w: int, c: int) -> int:
     deflated = raw + (raw >> 12) + (raw >> 14) + (raw >> 25) + 13  # zlib's compressBound
     chunks = deflated // 8192 + 1  # IDAT chunks, 12 bytes each; Pillow writes them 64 KiB at a time
     return 8 + 25 + 12 * chunks + deflated + 12  # signature, IHDR, IDATs, IEND
+
+
+ANIMATIONS = {"gif": ("GIF", "image/gif"), "apng": ("PNG", "image/apng"), "webp": ("WEBP", "image/webp")}
+
+
+def animation(frames: np.ndarray, kind: str, fps: float, ping_pong: bool = False, loops: int = 0) -> bytes:
+    """uint8 frames [N, H, W, C] (C = 1 or 3) as an animated GIF, APNG or WebP, every frame lossless: each decodes to
+    exactly its pixels (GIF too, for up to 256 colours: MNIST's greys). `ping_pong` plays them back again, without
+    repeating the ends; `loops` 0 plays for ever."""
+    if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or frames.dtype != np.uint8 or not len(frames):
+        raise ValueError(f"expected uint8 frames [N, H, W, 1|3], got {frames.dtype} {frames.shape}")
+    order = list(range(len(frames)))
+    if ping_pong and len(frames) > 2:
+        order += order[-2:0:-1]
+    images = [Image.fromarray(frames[i, ..., 0] if frames.shape[-1] == 1 else frames[i]) for i in order]
+    pil_format, _ = ANIMATIONS[kind]
+    options = {"save_all": True, "append_images": images[1:], "duration": round(1000 / fps), "loop": loops}
+    if kind == "webp":
+        options |= {"lossless": True, "quality": 100, "method": 4}
+    if kind == "gif":  # one palette for all frames, and no frame merged into the one before it
+        options |= {"optimize": False, "disposal": 1}
+    buf = io.BytesIO()
+    images[0].save(buf, format=pil_format, **options)
+    return buf.getvalue()

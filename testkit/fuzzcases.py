@@ -318,9 +318,16 @@ def interpolate_requests(draw) -> pb.InterpolateRequest:
         method=draw(weighted((4, st.sampled_from([0, 1, 2])), (1, I32))),
         truncation=draw(TRUNCATIONS),
         output=draw(OUTPUTS),
+        animation=draw(st.none() | ANIMATIONS),
     )
 
 
+# Every format (and numbers past the enum), frame rates in and out of range, NaN and infinities, loop counts.
+ANIMATIONS = st.builds(
+    pb.AnimationOptions, format=weighted((4, st.sampled_from([0, 1, 2, 3])), (1, I32)),
+    fps=weighted((4, st.floats(0, 60, width=32)), (1, st.floats(width=32))), ping_pong=st.booleans(),
+    loops=weighted((4, st.integers(0, 3)), (1, U32)),
+)  # fmt: skip
 P = oip.InferParameter
 OIP_VERSIONS = weighted((6, st.just("")), (1, st.sampled_from(["1", "2", "3", "0", "-1", "01", "x", "1.0"])),
                         (1, st.text(max_size=6)))  # fmt: skip

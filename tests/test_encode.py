@@ -31,3 +31,20 @@ def test_png_round_trip(channels):
 def test_png_rejects_bad_shapes():
     with pytest.raises(ValueError, match="uint8 image"):
         encode.png(np.zeros((4, 4, 2), np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["gif", "apng", "webp"])
+def test_animation_frames_decode_to_exactly_their_pixels_forward_and_back(kind):
+    from PIL import ImageSequence
+
+    frames = np.random.default_rng(3).integers(0, 256, (4, 6, 5, 1), dtype=np.uint8)  # noise: nothing to merge
+    data = encode.animation(frames, kind, fps=10, ping_pong=True)
+    shown = [np.asarray(f.convert("L")) for f in ImageSequence.Iterator(Image.open(io.BytesIO(data)))]
+    assert [f.tobytes() for f in shown] == [frames[i, ..., 0].tobytes() for i in (0, 1, 2, 3, 2, 1)]
+
+
+def test_animation_refuses_what_is_not_uint8_frames():
+    with pytest.raises(ValueError, match="expected uint8 frames"):
+        encode.animation(np.zeros((2, 4, 4, 1), np.float32), "gif", 10)
+    with pytest.raises(ValueError, match="expected uint8 frames"):
+        encode.animation(np.zeros((0, 4, 4, 1), np.uint8), "gif", 10)

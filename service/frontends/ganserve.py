@@ -20,6 +20,8 @@ F = dm.Format
 FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: F.PNG, pb.PNG: F.PNG, pb.RAW_UINT8: F.UINT8, pb.RAW_FLOAT32: F.FLOAT32}
 FORMAT_ENUMS = {F.PNG: pb.PNG, F.UINT8: pb.RAW_UINT8, F.FLOAT32: pb.RAW_FLOAT32}
 METHODS = {pb.INTERPOLATION_METHOD_UNSPECIFIED: "slerp", pb.SLERP: "slerp", pb.LERP: "lerp"}
+ANIMATIONS = {pb.ANIMATION_FORMAT_UNSPECIFIED: "", pb.ANIMATION_FORMAT_GIF: "gif", pb.ANIMATION_FORMAT_APNG: "apng",
+              pb.ANIMATION_FORMAT_WEBP: "webp"}  # fmt: skip
 NAMES = dm.Names({"hint:stream": "use GenerateStream"})
 
 
@@ -78,9 +80,13 @@ def to_keyframe(msg: pb.Keyframe) -> dm.Keyframe:
 
 
 def to_interpolate(msg: pb.InterpolateRequest) -> dm.Interpolate:
+    animation = None
+    if msg.HasField("animation"):
+        a = msg.animation
+        animation = dm.Animation(ANIMATIONS.get(a.format, str(a.format)), a.fps, a.ping_pong, a.loops)
     return dm.Interpolate(
         msg.model, msg.version, Converted(msg.keyframes, to_keyframe), msg.steps,
-        METHODS.get(msg.method, str(msg.method)), msg.truncation, to_output(msg.output), NAMES,
+        METHODS.get(msg.method, str(msg.method)), msg.truncation, to_output(msg.output), NAMES, animation,
     )  # fmt: skip
 
 
@@ -113,6 +119,8 @@ def from_result(result: dm.Result) -> pb.GenerateResponse:
         grid_png=result.grid_png,
         latents=[] if result.latents is None else result.latents.ravel(),
         offset=result.offset,
+        animation=result.animation,
+        animation_type=result.animation_type,
     )
 
 

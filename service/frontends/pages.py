@@ -24,6 +24,8 @@ PLAYGROUND = {"/": ("index.html", "text/html"), "/playground.js": ("playground.j
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'"
 IMAGE_QUERY = ("seeds", "label", "soft", "psi", "columns", "version")
 STRIP_QUERY = ("from", "to", "steps", "from_label", "to_label", "from_soft", "to_soft", "psi", "method", "version")
+ANIMATION_QUERY = ("fps", "ping_pong", "loops")  # interpolation.gif, .apng and .webp
+INTERPOLATION = "/v1/models/{model}/interpolation.{kind:png|gif|apng|webp}"  # a strip, or the frames animated
 GRID = dm.Output(dm.Format.PNG, grid=True, grid_only=True)
 
 
@@ -37,7 +39,7 @@ class Pages:
         return [
             Route("models", "GET", "/v1/models", self.models, SERVICE),
             Route("images", "GET", "/v1/models/{model}/images.png", self.images, SERVICE),
-            Route("interpolation", "GET", "/v1/models/{model}/interpolation.png", self.interpolation, SERVICE),
+            Route("interpolation", "GET", INTERPOLATION, self.interpolation, SERVICE),
             Route("metrics", "GET", "/metrics", self.prometheus, SERVICE, traced=False),  # scrapes make no spans
             *pages,
         ]
@@ -63,8 +65,10 @@ class Pages:
         return _png(await self.plane.generate(generate, gate.deadline()))
 
     async def interpolation(self, request: web.Request) -> web.Response:
-        """A PNG strip of frames from seed to seed: ?from=0&to=1&steps=8&from_label=3&to_label=5&psi=0.7."""
-        q = _query(request, STRIP_QUERY)
+        """A PNG strip of frames from seed to seed: ?from=0&to=1&steps=8&from_label=3&to_label=5&psi=0.7; as
+        interpolation.gif, .apng or .webp, the frames animated (&fps=12&ping_pong=1&loops=0)."""
+        kind = request.match_info["kind"]
+        q = _query(request, STRIP_QUERY + (ANIMATION_QUERY if kind != "png" else ()))
         ends = ("from", "to")
         keys = [
             dm.Keyframe(seed=text.integer(q.get(end, str(i)), end), label=_label(q, f"{end}_label", f"{end}_soft"))
@@ -75,13 +79,24 @@ class Pages:
         lacking = given["to"] if given["from"] in q else given["from"]
         names = {"model": "model", "version": "version", "keyframes[0]": "from", "keyframes[1]": "to",
                  "keyframes": given["from"], "truncation": "psi", "keyframes.label[0]": given["from"],
-                 "keyframes.label[1]": given["to"], "keyframes.label": lacking}  # fmt: skip
+                 "keyframes.label[1]": given["to"], "keyframes.label": lacking, "animation": "steps",
+                 "animation.fps": "fps", "animation.loops": "loops"}  # fmt: skip
+        animation = None
+        if kind != "png":
+            fps, loops = text.number(q.get("fps", "0"), "fps"), text.integer(q.get("loops", "0"), "loops")
+            animation = dm.Animation(kind, fps, _flag(q.get("ping_pong", "0"), "ping_pong"), loops)
         interpolate = dm.Interpolate(
             request.match_info["model"], text.version(q.get("version", ""), "version"), keys,
             text.integer(q.get("steps", "8"), "steps"), q.get("method", "slerp"), text.number(q.get("psi", "0"), "psi"),
-            GRID, dm.Names(names),
+            GRID, dm.Names(names), animation,
         )  # fmt: skip
-        return _png(await self.plane.interpolate(interpolate, gate.deadline()))
+        result = await self.plane.interpolate(interpolate, gate.deadline())
+        if animation is None:
+            return _png(result)
+        return web.Response(
+            body=result.animation, content_type=result.animation_type,
+            headers={"X-Model": result.model, "X-Model-Version": str(result.version)},
+        )  # fmt: skip
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -121,6 +136,12 @@ def _query(request: web.Request, known: tuple[str, ...]) -> Mapping[str, str]:
         if len(request.query.getall(key)) > 1:
             raise InvalidArgument(f"{key}: given more than once")
     return request.query
+
+
+def _flag(value: str, field: str) -> bool:
+    if value not in ("0", "1", "true", "false"):
+        raise InvalidArgument(f"{field}: 0, 1, true or false (got {short(value, 16)})")
+    return value in ("1", "true")
 
 
 def _label(q: Mapping[str, str], name: str, soft: str) -> dm.Label | None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'service/api/ganserve/v1/generator.proto\x12\x0bganserve.v1\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.ganserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\xbb\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x12\n\nlatent_dim\x18\x05 \x01(\r\x12\r\n\x05prior\x18\x06 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x07 \x03(\t\x12\x13\n\x0bimage_shape\x18\x08 \x03(\r\x12\x12\n\noutput_min\x18\t \x01(\x02\x12\x12\n\noutput_max\x18\n \x01(\x02\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\x36\n\x08metadata\x18\x0c \x03(\x0b\x32$.ganserve.v1.ModelInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x08SeedList\x12\r\n\x05seeds\x18\x01 \x03(\x04\")\n\tSeedRange\x12\r\n\x05start\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x1c\n\nLatentRows\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x1c\n\tSoftLabel\x12\x0f\n\x07weights\x18\x01 \x03(\x02\"X\n\x05Label\x12\x0f\n\x05index\x18\x01 \x01(\rH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x12&\n\x04soft\x18\x03 \x01(\x0b\x32\x16.ganserve.v1.SoftLabelH\x00\x42\x06\n\x04kind\"\x89\x01\n\rOutputOptions\x12)\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x19.ganserve.v1.OutputFormat\x12\x0c\n\x04grid\x18\x02 \x01(\x08\x12\x14\n\x0cgrid_columns\x18\x03 \x01(\r\x12\x16\n\x0ereturn_latents\x18\x04 \x01(\x08\x12\x11\n\tgrid_only\x18\x05 \x01(\x08\"\x9f\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x05seeds\x18\x03 \x01(\x0b\x32\x15.ganserve.v1.SeedListH\x00\x12,\n\nseed_range\x18\x04 \x01(\x0b\x32\x16.ganserve.v1.SeedRangeH\x00\x12\'\n\x04rows\x18\x05 \x01(\x0b\x32\x17.ganserve.v1.LatentRowsH\x00\x12\"\n\x06labels\x18\x06 \x03(\x0b\x32\x12.ganserve.v1.Label\x12\x12\n\ntruncation\x18\x07 \x01(\x02\x12*\n\x06output\x18\x08 \x01(\x0b\x32\x1a.ganserve.v1.OutputOptionsB\t\n\x07latents\"\xb5\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12)\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x19.ganserve.v1.OutputFormat\x12\x13\n\x0bimage_shape\x18\x04 \x03(\r\x12\x0e\n\x06images\x18\x05 \x03(\x0c\x12\x10\n\x08grid_png\x18\x06 \x01(\x0c\x12\x0f\n\x07latents\x18\x07 \x03(\x02\x12\x0e\n\x06offset\x18\x08 \x01(\r\"o\n\x08Keyframe\x12\x0e\n\x04seed\x18\x01 \x01(\x04H\x00\x12&\n\x03row\x18\x02 \x01(\x0b\x32\x17.ganserve.v1.LatentRowsH\x00\x12!\n\x05label\x18\x03 \x01(\x0b\x32\x12.ganserve.v1.LabelB\x08\n\x06latent\"\xdf\x01\n\x12InterpolateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12(\n\tkeyframes\x18\x03 \x03(\x0b\x32\x15.ganserve.v1.Keyframe\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x30\n\x06method\x18\x05 \x01(\x0e\x32 .ganserve.v1.InterpolationMethod\x12\x12\n\ntruncation\x18\x06 \x01(\x02\x12*\n\x06output\x18\x07 \x01(\x0b\x32\x1a.ganserve.v1.OutputOptions\"h\n\rVersionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.ganserve.v1.VersionState\x12\x0e\n\x06reason\x18\x04 \x01(\t\",\n\x16RepositoryIndexRequest\x12\x12\n\nready_only\x18\x01 \x01(\x08\"G\n\x17RepositoryIndexResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.ganserve.v1.VersionStatus\"1\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"I\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08versions\x18\x02 \x03(\x0b\x32\x1a.ganserve.v1.VersionStatus*V\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x07\n\x03PNG\x10\x01\x12\r\n\tRAW_UINT8\x10\x02\x12\x0f\n\x0bRAW_FLOAT32\x10\x03*P\n\x13InterpolationMethod\x12$\n INTERPOLATION_METHOD_UNSPECIFIED\x10\x00\x12\t\n\x05SLERP\x10\x01\x12\x08\n\x04LERP\x10\x02*\xb5\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERSION_STATE_AVAILABLE\x10\x01\x12\x19\n\x15VERSION_STATE_LOADING\x10\x02\x12\x17\n\x13VERSION_STATE_READY\x10\x03\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x04\x12\x18\n\x14VERSION_STATE_FAILED\x10\x05\x32\x85\x03\n\tGenerator\x12M\n\nListModels\x12\x1e.ganserve.v1.ListModelsRequest\x1a\x1f.ganserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.ganserve.v1.GetModelRequest\x1a\x16.ganserve.v1.ModelInfo\x12G\n\x08Generate\x12\x1c.ganserve.v1.GenerateRequest\x1a\x1d.ganserve.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.ganserve.v1.GenerateRequest\x1a\x1d.ganserve.v1.GenerateResponse0\x01\x12M\n\x0bInterpolate\x12\x1f.ganserve.v1.InterpolateRequest\x1a\x1d.ganserve.v1.GenerateResponse2\xfa\x01\n\nModelAdmin\x12\\\n\x0fRepositoryIndex\x12#.ganserve.v1.RepositoryIndexRequest\x1a$.ganserve.v1.RepositoryIndexResponse\x12\x44\n\tLoadModel\x12\x1d.ganserve.v1.LoadModelRequest\x1a\x18.ganserve.v1.ModelStatus\x12H\n\x0bUnloadModel\x12\x1f.ganserve.v1.UnloadModelRequest\x1a\x18.ganserve.v1.ModelStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'service/api/ganserve/v1/generator.proto\x12\x0bganserve.v1\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.ganserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\xbb\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x12\n\nlatent_dim\x18\x05 \x01(\r\x12\r\n\x05prior\x18\x06 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x07 \x03(\t\x12\x13\n\x0bimage_shape\x18\x08 \x03(\r\x12\x12\n\noutput_min\x18\t \x01(\x02\x12\x12\n\noutput_max\x18\n \x01(\x02\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\x36\n\x08metadata\x18\x0c \x03(\x0b\x32$.ganserve.v1.ModelInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x08SeedList\x12\r\n\x05seeds\x18\x01 \x03(\x04\")\n\tSeedRange\x12\r\n\x05start\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x1c\n\nLatentRows\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x1c\n\tSoftLabel\x12\x0f\n\x07weights\x18\x01 \x03(\x02\"X\n\x05Label\x12\x0f\n\x05index\x18\x01 \x01(\rH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x12&\n\x04soft\x18\x03 \x01(\x0b\x32\x16.ganserve.v1.SoftLabelH\x00\x42\x06\n\x04kind\"\x89\x01\n\rOutputOptions\x12)\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x19.ganserve.v1.OutputFormat\x12\x0c\n\x04grid\x18\x02 \x01(\x08\x12\x14\n\x0cgrid_columns\x18\x03 \x01(\r\x12\x16\n\x0ereturn_latents\x18\x04 \x01(\x08\x12\x11\n\tgrid_only\x18\x05 \x01(\x08\"\x9f\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x05seeds\x18\x03 \x01(\x0b\x32\x15.ganserve.v1.SeedListH\x00\x12,\n\nseed_range\x18\x04 \x01(\x0b\x32\x16.ganserve.v1.SeedRangeH\x00\x12\'\n\x04rows\x18\x05 \x01(\x0b\x32\x17.ganserve.v1.LatentRowsH\x00\x12\"\n\x06labels\x18\x06 \x03(\x0b\x32\x12.ganserve.v1.Label\x12\x12\n\ntruncation\x18\x07 \x01(\x02\x12*\n\x06output\x18\x08 \x01(\x0b\x32\x1a.ganserve.v1.OutputOptionsB\t\n\x07latents\"\xe0\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12)\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x19.ganserve.v1.OutputFormat\x12\x13\n\x0bimage_shape\x18\x04 \x03(\r\x12\x0e\n\x06images\x18\x05 \x03(\x0c\x12\x10\n\x08grid_png\x18\x06 \x01(\x0c\x12\x0f\n\x07latents\x18\x07 \x03(\x02\x12\x0e\n\x06offset\x18\x08 \x01(\r\x12\x11\n\tanimation\x18\t \x01(\x0c\x12\x16\n\x0e\x61nimation_type\x18\n \x01(\t\"o\n\x08Keyframe\x12\x0e\n\x04seed\x18\x01 \x01(\x04H\x00\x12&\n\x03row\x18\x02 \x01(\x0b\x32\x17.ganserve.v1.LatentRowsH\x00\x12!\n\x05label\x18\x03 \x01(\x0b\x32\x12.ganserve.v1.LabelB\x08\n\x06latent\"\x91\x02\n\x12InterpolateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12(\n\tkeyframes\x18\x03 \x03(\x0b\x32\x15.ganserve.v1.Keyframe\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x30\n\x06method\x18\x05 \x01(\x0e\x32 .ganserve.v1.InterpolationMethod\x12\x12\n\ntruncation\x18\x06 \x01(\x02\x12*\n\x06output\x18\x07 \x01(\x0b\x32\x1a.ganserve.v1.OutputOptions\x12\x30\n\tanimation\x18\x08 \x01(\x0b\x32\x1d.ganserve.v1.AnimationOptions\"o\n\x10\x41nimationOptions\x12,\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1c.ganserve.v1.AnimationFormat\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x02\x12\x11\n\tping_pong\x18\x03 \x01(\x08\x12\r\n\x05loops\x18\x04 \x01(\r\"h\n\rVersionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.ganserve.v1.VersionState\x12\x0e\n\x06reason\x18\x04 \x01(\t\",\n\x16RepositoryIndexRequest\x12\x12\n\nready_only\x18\x01 \x01(\x08\"G\n\x17RepositoryIndexResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.ganserve.v1.VersionStatus\"1\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"3\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"I\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08versions\x18\x02 \x03(\x0b\x32\x1a.ganserve.v1.VersionStatus*V\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x07\n\x03PNG\x10\x01\x12\r\n\tRAW_UINT8\x10\x02\x12\x0f\n\x0bRAW_FLOAT32\x10\x03*P\n\x13InterpolationMethod\x12$\n INTERPOLATION_METHOD_UNSPECIFIED\x10\x00\x12\t\n\x05SLERP\x10\x01\x12\x08\n\x04LERP\x10\x02*\x83\x01\n\x0f\x41nimationFormat\x12 \n\x1c\x41NIMATION_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41NIMATION_FORMAT_GIF\x10\x01\x12\x19\n\x15\x41NIMATION_FORMAT_APNG\x10\x02\x12\x19\n\x15\x41NIMATION_FORMAT_WEBP\x10\x03*\xb5\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERSION_STATE_AVAILABLE\x10\x01\x12\x19\n\x15VERSION_STATE_LOADING\x10\x02\x12\x17\n\x13VERSION_STATE_READY\x10\x03\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x04\x12\x18\n\x14VERSION_STATE_FAILED\x10\x05\x32\x85\x03\n\tGenerator\x12M\n\nListModels\x12\x1e.ganserve.v1.ListModelsRequest\x1a\x1f.ganserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.ganserve.v1.GetModelRequest\x1a\x16.ganserve.v1.ModelInfo\x12G\n\x08Generate\x12\x1c.ganserve.v1.GenerateRequest\x1a\x1d.ganserve.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.ganserve.v1.GenerateRequest\x1a\x1d.ganserve.v1.GenerateResponse0\x01\x12M\n\x0bInterpolate\x12\x1f.ganserve.v1.InterpolateRequest\x1a\x1d.ganserve.v1.GenerateResponse2\xfa\x01\n\nModelAdmin\x12\\\n\x0fRepositoryIndex\x12#.ganserve.v1.RepositoryIndexRequest\x1a$.ganserve.v1.RepositoryIndexResponse\x12\x44\n\tLoadModel\x12\x1d.ganserve.v1.LoadModelRequest\x1a\x18.ganserve.v1.ModelStatus\x12H\n\x0bUnloadModel\x12\x1f.ganserve.v1.UnloadModelRequest\x1a\x18.ganserve.v1.ModelStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_METADATAENTRY']._loaded_options = None
   _globals['_MODELINFO_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_OUTPUTFORMAT']._serialized_start=2084
-  _globals['_OUTPUTFORMAT']._serialized_end=2170
-  _globals['_INTERPOLATIONMETHOD']._serialized_start=2172
-  _globals['_INTERPOLATIONMETHOD']._serialized_end=2252
-  _globals['_VERSIONSTATE']._serialized_start=2255
-  _globals['_VERSIONSTATE']._serialized_end=2436
+  _globals['_OUTPUTFORMAT']._serialized_start=2290
+  _globals['_OUTPUTFORMAT']._serialized_end=2376
+  _globals['_INTERPOLATIONMETHOD']._serialized_start=2378
+  _globals['_INTERPOLATIONMETHOD']._serialized_end=2458
+  _globals['_ANIMATIONFORMAT']._serialized_start=2461
+  _globals['_ANIMATIONFORMAT']._serialized_end=2592
+  _globals['_VERSIONSTATE']._serialized_start=2595
+  _globals['_VERSIONSTATE']._serialized_end=2776
   _globals['_LISTMODELSREQUEST']._serialized_start=56
   _globals['_LISTMODELSREQUEST']._serialized_end=75
   _globals['_LISTMODELSRESPONSE']._serialized_start=77
@@ -64,25 +66,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=868
   _globals['_GENERATEREQUEST']._serialized_end=1155
   _globals['_GENERATERESPONSE']._serialized_start=1158
-  _globals['_GENERATERESPONSE']._serialized_end=1339
-  _globals['_KEYFRAME']._serialized_start=1341
-  _globals['_KEYFRAME']._serialized_end=1452
-  _globals['_INTERPOLATEREQUEST']._serialized_start=1455
-  _globals['_INTERPOLATEREQUEST']._serialized_end=1678
-  _globals['_VERSIONSTATUS']._serialized_start=1680
-  _globals['_VERSIONSTATUS']._serialized_end=1784
-  _globals['_REPOSITORYINDEXREQUEST']._serialized_start=1786
-  _globals['_REPOSITORYINDEXREQUEST']._serialized_end=1830
-  _globals['_REPOSITORYINDEXRESPONSE']._serialized_start=1832
-  _globals['_REPOSITORYINDEXRESPONSE']._serialized_end=1903
-  _globals['_LOADMODELREQUEST']._serialized_start=1905
-  _globals['_LOADMODELREQUEST']._serialized_end=1954
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1956
-  _globals['_UNLOADMODELREQUEST']._serialized_end=2007
-  _globals['_MODELSTATUS']._serialized_start=2009
-  _globals['_MODELSTATUS']._serialized_end=2082
-  _globals['_GENERATOR']._serialized_start=2439
-  _globals['_GENERATOR']._serialized_end=2828
-  _globals['_MODELADMIN']._serialized_start=2831
-  _globals['_MODELADMIN']._serialized_end=3081
+  _globals['_GENERATERESPONSE']._serialized_end=1382
+  _globals['_KEYFRAME']._serialized_start=1384
+  _globals['_KEYFRAME']._serialized_end=1495
+  _globals['_INTERPOLATEREQUEST']._serialized_start=1498
+  _globals['_INTERPOLATEREQUEST']._serialized_end=1771
+  _globals['_ANIMATIONOPTIONS']._serialized_start=1773
+  _globals['_ANIMATIONOPTIONS']._serialized_end=1884
+  _globals['_VERSIONSTATUS']._serialized_start=1886
+  _globals['_VERSIONSTATUS']._serialized_end=1990
+  _globals['_REPOSITORYINDEXREQUEST']._serialized_start=1992
+  _globals['_REPOSITORYINDEXREQUEST']._serialized_end=2036
+  _globals['_REPOSITORYINDEXRESPONSE']._serialized_start=2038
+  _globals['_REPOSITORYINDEXRESPONSE']._serialized_end=2109
+  _globals['_LOADMODELREQUEST']._serialized_start=2111
+  _globals['_LOADMODELREQUEST']._serialized_end=2160
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2162
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2213
+  _globals['_MODELSTATUS']._serialized_start=2215
+  _globals['_MODELSTATUS']._serialized_end=2288
+  _globals['_GENERATOR']._serialized_start=2779
+  _globals['_GENERATOR']._serialized_end=3168
+  _globals['_MODELADMIN']._serialized_start=3171
+  _globals['_MODELADMIN']._serialized_end=3421
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,13 @@ class InterpolationMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SLERP: _ClassVar[InterpolationMethod]
     LERP: _ClassVar[InterpolationMethod]
 
+class AnimationFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ANIMATION_FORMAT_UNSPECIFIED: _ClassVar[AnimationFormat]
+    ANIMATION_FORMAT_GIF: _ClassVar[AnimationFormat]
+    ANIMATION_FORMAT_APNG: _ClassVar[AnimationFormat]
+    ANIMATION_FORMAT_WEBP: _ClassVar[AnimationFormat]
+
 class VersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     VERSION_STATE_UNSPECIFIED: _ClassVar[VersionState]
@@ -35,6 +42,10 @@ RAW_FLOAT32: OutputFormat
 INTERPOLATION_METHOD_UNSPECIFIED: InterpolationMethod
 SLERP: InterpolationMethod
 LERP: InterpolationMethod
+ANIMATION_FORMAT_UNSPECIFIED: AnimationFormat
+ANIMATION_FORMAT_GIF: AnimationFormat
+ANIMATION_FORMAT_APNG: AnimationFormat
+ANIMATION_FORMAT_WEBP: AnimationFormat
 VERSION_STATE_UNSPECIFIED: VersionState
 VERSION_STATE_AVAILABLE: VersionState
 VERSION_STATE_LOADING: VersionState
@@ -166,7 +177,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., seeds: _Optional[_Union[SeedList, _Mapping]] = ..., seed_range: _Optional[_Union[SeedRange, _Mapping]] = ..., rows: _Optional[_Union[LatentRows, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., truncation: _Optional[float] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("model", "version", "format", "image_shape", "images", "grid_png", "latents", "offset")
+    __slots__ = ("model", "version", "format", "image_shape", "images", "grid_png", "latents", "offset", "animation", "animation_type")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +186,8 @@ class GenerateResponse(_message.Message):
     GRID_PNG_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ANIMATION_FIELD_NUMBER: _ClassVar[int]
+    ANIMATION_TYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     format: OutputFormat
@@ -183,7 +196,9 @@ class GenerateResponse(_message.Message):
     grid_png: bytes
     latents: _containers.RepeatedScalarFieldContainer[float]
     offset: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[bytes]] = ..., grid_png: _Optional[bytes] = ..., latents: _Optional[_Iterable[float]] = ..., offset: _Optional[int] = ...) -> None: ...
+    animation: bytes
+    animation_type: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[bytes]] = ..., grid_png: _Optional[bytes] = ..., latents: _Optional[_Iterable[float]] = ..., offset: _Optional[int] = ..., animation: _Optional[bytes] = ..., animation_type: _Optional[str] = ...) -> None: ...
 
 class Keyframe(_message.Message):
     __slots__ = ("seed", "row", "label")
@@ -196,7 +211,7 @@ class Keyframe(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., row: _Optional[_Union[LatentRows, _Mapping]] = ..., label: _Optional[_Union[Label, _Mapping]] = ...) -> None: ...
 
 class InterpolateRequest(_message.Message):
-    __slots__ = ("model", "version", "keyframes", "steps", "method", "truncation", "output")
+    __slots__ = ("model", "version", "keyframes", "steps", "method", "truncation", "output", "animation")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KEYFRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +219,7 @@ class InterpolateRequest(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ANIMATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     keyframes: _containers.RepeatedCompositeFieldContainer[Keyframe]
@@ -211,7 +227,20 @@ class InterpolateRequest(_message.Message):
     method: InterpolationMethod
     truncation: float
     output: OutputOptions
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keyframes: _Optional[_Iterable[_Union[Keyframe, _Mapping]]] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., truncation: _Optional[float] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ...) -> None: ...
+    animation: AnimationOptions
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keyframes: _Optional[_Iterable[_Union[Keyframe, _Mapping]]] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., truncation: _Optional[float] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., animation: _Optional[_Union[AnimationOptions, _Mapping]] = ...) -> None: ...
+
+class AnimationOptions(_message.Message):
+    __slots__ = ("format", "fps", "ping_pong", "loops")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    PING_PONG_FIELD_NUMBER: _ClassVar[int]
+    LOOPS_FIELD_NUMBER: _ClassVar[int]
+    format: AnimationFormat
+    fps: float
+    ping_pong: bool
+    loops: int
+    def __init__(self, format: _Optional[_Union[AnimationFormat, str]] = ..., fps: _Optional[float] = ..., ping_pong: bool = ..., loops: _Optional[int] = ...) -> None: ...
 
 class VersionStatus(_message.Message):
     __slots__ = ("name", "version", "state", "reason")

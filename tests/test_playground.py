@@ -204,6 +204,12 @@ def test_page_draws_a_grid_a_class_psi_and_an_interpolation(driver, base_url, tm
     assert [p.name for p in saved] == [f"{MODEL}-v{shipped_version()}-seed0-to-seed1.png"]
     with urllib.request.urlopen(f"{base_url}/v1/models/{MODEL}/interpolation.png?{STRIP}") as response:
         assert saved[0].read_bytes() == response.read()
+    # And as an animated GIF: what the server animates from the same frames, there and back.
+    driver.find_element("id", "animation-download").click()
+    gif = _wait(lambda: list(tmp_path.glob("*.gif")), "the animation's download")
+    assert [p.name for p in gif] == [f"{MODEL}-v{shipped_version()}-seed0-to-seed1.gif"]
+    with urllib.request.urlopen(f"{base_url}/v1/models/{MODEL}/interpolation.gif?{STRIP}&fps=12&ping_pong=1") as r:
+        assert gif[0].read_bytes() == r.read()
 
     assert _severe(driver) == []  # console errors, CSP violations among them
 

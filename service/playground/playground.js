@@ -8,7 +8,7 @@ const DEBOUNCE_MS = 200; // sliders fire on every pixel of travel; one request p
 const FPS = 12;
 const CANVAS_SIDE = 256; // the animation's frame is scaled up by a whole factor to about this size
 
-const state = { models: [], model: null, errors: {}, strip: null, frame: 0, direction: 1, timer: 0, classNames: "" };
+const state = { models: [], model: null, errors: {}, strip: null, frame: 0, direction: 1, timer: 0, classNames: "", animation: null };
 const views = {
   grid: { img: $("grid"), caption: $("grid-caption"), timing: $("grid-timing"), download: $("grid-download") },
   strip: { img: $("strip"), caption: $("strip-caption"), timing: $("strip-timing"), download: $("strip-download") },
@@ -187,6 +187,8 @@ async function renderStrip() {
     const name = `${state.model.name}-v{version}-seed${from}-to-seed${to}.png`;
     const strip = await show("strip", path, params, what.join(" · "), name);
     if (strip) startAnimation(strip);
+    state.animation = strip ? { path: path.replace(/\.png$/, ".gif"), params, name: name.replace(/\.png$/, ".gif") } : null;
+    $("animation-download").disabled = !strip;
   } catch (e) {
     setError("strip", e.message);
   }
@@ -252,6 +254,23 @@ function debounce(fn) {
   };
 }
 
+// The server animates the strip's frames itself (interpolation.gif): the same pixels, played there and back.
+async function downloadAnimation() {
+  const asked = state.animation;
+  if (!asked) return;
+  try {
+    const { blob, response } = await request(asked.path, { ...asked.params, fps: 12, ping_pong: 1 });
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = asked.name.replace("{version}", response.headers.get("X-Model-Version") || "");
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+    setError("animation", "");
+  } catch (e) {
+    setError("animation", `Animation: ${e.message}`);
+  }
+}
+
 function download(view) {
   const link = document.createElement("a");
   link.href = view.url;
@@ -296,6 +315,7 @@ $("frame-slider").addEventListener("input", () => {
 });
 $("grid-download").addEventListener("click", () => download(views.grid));
 $("strip-download").addEventListener("click", () => download(views.strip));
+$("animation-download").addEventListener("click", downloadAnimation);
 
 $("token").value = sessionStorage.getItem(TOKEN_KEY) || "";
 showValues();

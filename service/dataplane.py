@@ -215,21 +215,34 @@ class DataPlane:
         if req.steps < 1:
             raise InvalidArgument(f"{names('steps')}: must be >= 1")
         frames = (keys - 1) * req.steps + 1
-        if frames > self.limits.max_images:
+        paths = [("keyframes", req.keyframes)]
+        paths += [(f"more_paths[{p}].keyframes", path) for p, path in enumerate(req.more_paths)]
+        if frames * len(paths) > self.limits.max_images:
             limit = self.limits.max_images
-            raise InvalidArgument(f"{names('steps')}: {frames} frames requested, the limit per request is {limit}")
-        y = _keyframe_labels(mv, req.keyframes, req.steps, names)
-        z = latents.path(_keyframe_latents(mv, req.keyframes, names), req.steps, req.method)
+            raise InvalidArgument(
+                f"{names('steps')}: {frames * len(paths)} frames requested, the limit per request is {limit}"
+            )
+        for field, path in paths[1:]:
+            if len(path) != keys:  # in step: every path has the first one's frames
+                raise InvalidArgument(f"{names(field)}: {len(path)} given, as many as keyframes ({keys}) needed")
+        ys = [_keyframe_labels(mv, path, req.steps, names, field) for field, path in paths]
+        y = None if ys[0] is None else np.concatenate(ys)
+        z = np.concatenate([
+            latents.path(_keyframe_latents(mv, path, names, field), req.steps, req.method) for field, path in paths
+        ])  # fmt: skip
+        z = _truncate(z, _truncation(req.truncation, names))
         if req.animation is not None:
-            return await self._animate(mv, req, _truncate(z, _truncation(req.truncation, names)), y, deadline)
+            return await self._animate(mv, req, z, y, len(paths), deadline)
         strip = output if output.grid_columns else dataclasses.replace(output, grid_columns=frames)
-        self._check_size(mv, frames, strip, "steps", names)
-        return await self._run(mv, _truncate(z, _truncation(req.truncation, names)), y, strip, deadline)
+        self._check_size(mv, frames * len(paths), strip, "steps", names)
+        return await self._run(mv, z, y, strip, deadline)
 
     async def _animate(
-        self, mv: ModelVersion, req: Interpolate, z: np.ndarray, y: np.ndarray | None, deadline: float | None
-    ) -> Result:
-        """The interpolation's frames as one animated image, encoded off the event loop."""
+        self, mv: ModelVersion, req: Interpolate, z: np.ndarray, y: np.ndarray | None, paths: int,
+        deadline: float | None,
+    ) -> Result:  # fmt: skip
+        """The interpolation's frames as one animated image, encoded off the event loop; several paths side by side,
+        each animation frame a grid of their frames at that moment."""
         names, anim = req.names, req.animation
         if anim.format not in encode.ANIMATIONS:
             given = short(anim.format) if anim.format else "required"
@@ -242,8 +255,13 @@ class DataPlane:
         if not 0 <= anim.loops <= MAX_LOOPS:
             raise InvalidArgument(f"{names('animation.loops')}: from 0 (for ever) to {MAX_LOOPS} (got {anim.loops})")
         result = await self._run(mv, z, y, Output(Format.UINT8), deadline)
+        frames = result.pixels
+        if paths > 1:  # [path, t] → one grid per moment
+            by_path = frames.reshape(paths, -1, *frames.shape[1:])
+            columns = req.output.grid_columns or math.ceil(math.sqrt(paths))
+            frames = np.stack([encode.grid(by_path[:, t], columns) for t in range(by_path.shape[1])])
         data = await asyncio.get_running_loop().run_in_executor(
-            self.encoder, encode.animation, result.pixels, anim.format, fps, anim.ping_pong, anim.loops
+            self.encoder, encode.animation, frames, anim.format, fps, anim.ping_pong, anim.loops
         )
         limit = self.limits.max_message_bytes
         if len(data) > limit:
@@ -456,38 +474,40 @@ def _label_row(class_names: tuple[str, ...], label: Label, field: str, names: Na
     return row
 
 
-def _keyframe_latents(mv: ModelVersion, keyframes: Sequence[Keyframe], names: Names) -> np.ndarray:
+def _keyframe_latents(
+    mv: ModelVersion, keyframes: Sequence[Keyframe], names: Names, field: str = "keyframes"
+) -> np.ndarray:
     """[k, latent_dim]: each keyframe's seed by the seed contract, or its one explicit row."""
     d = mv.spec.latent_dim
     keys = []
     for i, key in enumerate(keyframes):
         if (key.seed is None) == (key.row is None):
-            raise InvalidArgument(f"{names(f'keyframes[{i}]')}: give a seed or a row")
+            raise InvalidArgument(f"{names(f'{field}[{i}]')}: give a seed or a row")
         if key.row is None:
-            _check_seed(key.seed, f"keyframes[{i}].seed", names)
+            _check_seed(key.seed, f"{field}[{i}].seed", names)
             keys.append(contract.seed_latent(key.seed, d, mv.spec.prior))
             continue
-        path = f"keyframes[{i}].row.values"
+        path = f"{field}[{i}].row.values"
         if len(key.row) != d:
             raise InvalidArgument(f"{names(path)}: exactly one row of {d} values (got {len(key.row)})")
         keys.append(_rows(key.row, mv, path, names)[0])
     return np.stack(keys)
 
 
-def _keyframe_labels(mv: ModelVersion, keyframes: Sequence[Keyframe], steps: int, names: Names) -> np.ndarray | None:
+def _keyframe_labels(
+    mv: ModelVersion, keyframes: Sequence[Keyframe], steps: int, names: Names, field: str = "keyframes"
+) -> np.ndarray | None:
     """Labels at the keyframes, blended linearly between them (soft labels between classes)."""
     given = [key.label for key in keyframes if key.label is not None]
     if not given:
         if mv.spec.num_classes:
-            raise InvalidArgument(
-                f"{names('keyframes')}: every keyframe of conditional model {mv.name!r} needs a label"
-            )
+            raise InvalidArgument(f"{names(field)}: every keyframe of conditional model {mv.name!r} needs a label")
         return None
     if not mv.spec.num_classes:
-        raise InvalidArgument(f"{names('keyframes.label')}: model {mv.name!r} is unconditional and takes no labels")
+        raise InvalidArgument(f"{names(f'{field}.label')}: model {mv.name!r} is unconditional and takes no labels")
     if len(given) != len(keyframes):
-        raise InvalidArgument(f"{names('keyframes.label')}: give a label for every keyframe or for none")
-    y_keys = _label_vectors(mv, given, len(given), len(given), names, field="keyframes.label")
+        raise InvalidArgument(f"{names(f'{field}.label')}: give a label for every keyframe or for none")
+    y_keys = _label_vectors(mv, given, len(given), len(given), names, field=f"{field}.label")
     return latents.path(y_keys, steps, "lerp")
 
 

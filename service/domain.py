@@ -138,6 +138,7 @@ class Interpolate:
     output: Output = Output()
     names: Names = NO_NAMES
     animation: Animation | None = None  # set: one animated image instead of `output`'s
+    more_paths: Sequence[Sequence[Keyframe]] = ()  # more interpolations in step with `keyframes`
 
 
 @dataclass(frozen=True)

@@ -319,6 +319,12 @@ def interpolate_requests(draw) -> pb.InterpolateRequest:
         truncation=draw(TRUNCATIONS),
         output=draw(OUTPUTS),
         animation=draw(st.none() | ANIMATIONS),
+        more_paths=draw(
+            weighted(
+                (4, st.just([])),
+                (1, st.lists(st.builds(pb.KeyframePath, keyframes=st.lists(key, min_size=1, max_size=4)), max_size=3)),
+            )
+        ),
     )
 
 

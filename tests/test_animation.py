@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service import encode
 from service.api.ganserve.v1 import generator_pb2 as pb
 from testkit.process import ROOT, shipped_version
 from testkit.servefix import running
@@ -154,3 +155,44 @@ def test_bad_http_animation_queries_name_the_parameter(repo, path, message):
 
     status, error = asyncio.run(go())
     assert status == 400 and error["error"].startswith(message), error
+
+
+def test_several_interpolations_animate_side_by_side_in_step(repo):
+    second = pb.KeyframePath(keyframes=[pb.Keyframe(seed=5, label=pb.Label(index=5)),
+                                        pb.Keyframe(seed=9, label=pb.Label(index=2))])  # fmt: skip
+    still = request(steps=4)
+    still.more_paths.append(second)
+    moving = request(steps=4, format=pb.ANIMATION_FORMAT_APNG)
+    moving.more_paths.append(second)
+    moving.output.grid_columns = 2
+
+    async def go():
+        async with running(repo) as (_server, stub, _):
+            return await stub.Interpolate(still), await stub.Interpolate(moving)
+
+    still_answer, moving_answer = asyncio.run(go())
+    frames = static_frames(still_answer)
+    assert len(frames) == 10  # five of the first path, then five of the second
+    expected = [encode.grid(np.stack([frames[t], frames[5 + t]])[..., None], 2)[..., 0] for t in range(5)]
+    shown, _ = frames_of(moving_answer.animation)
+    assert [f.tobytes() for f in collapsed(shown)] == [f.tobytes() for f in collapsed(expected)]
+
+
+def test_every_path_needs_as_many_keyframes_and_all_count_against_the_limit(repo):
+    uneven = request(steps=4)
+    uneven.more_paths.append(pb.KeyframePath(keyframes=[*KEYS, pb.Keyframe(seed=1, label=pb.Label(index=1))]))
+    many = request(steps=300)
+    many.more_paths.extend([pb.KeyframePath(keyframes=KEYS)] * 3)  # 4 paths of 301 frames: over 1,024
+
+    async def go():
+        async with running(repo) as (_server, stub, _):
+            refused = []
+            for req in (uneven, many):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Interpolate(req)
+                refused.append(e.value.details())
+            return refused
+
+    uneven_error, many_error = asyncio.run(go())
+    assert uneven_error == "more_paths[0].keyframes: 3 given, as many as keyframes (2) needed"
+    assert many_error == "steps: 1204 frames requested, the limit per request is 1024"

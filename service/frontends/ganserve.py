@@ -87,6 +87,7 @@ def to_interpolate(msg: pb.InterpolateRequest) -> dm.Interpolate:
     return dm.Interpolate(
         msg.model, msg.version, Converted(msg.keyframes, to_keyframe), msg.steps,
         METHODS.get(msg.method, str(msg.method)), msg.truncation, to_output(msg.output), NAMES, animation,
+        Converted(msg.more_paths, lambda path: Converted(path.keyframes, to_keyframe)),
     )  # fmt: skip
 
 

@@ -211,7 +211,7 @@ class Keyframe(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., row: _Optional[_Union[LatentRows, _Mapping]] = ..., label: _Optional[_Union[Label, _Mapping]] = ...) -> None: ...
 
 class InterpolateRequest(_message.Message):
-    __slots__ = ("model", "version", "keyframes", "steps", "method", "truncation", "output", "animation")
+    __slots__ = ("model", "version", "keyframes", "steps", "method", "truncation", "output", "animation", "more_paths")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KEYFRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,7 @@ class InterpolateRequest(_message.Message):
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     ANIMATION_FIELD_NUMBER: _ClassVar[int]
+    MORE_PATHS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     keyframes: _containers.RepeatedCompositeFieldContainer[Keyframe]
@@ -228,7 +229,14 @@ class InterpolateRequest(_message.Message):
     truncation: float
     output: OutputOptions
     animation: AnimationOptions
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keyframes: _Optional[_Iterable[_Union[Keyframe, _Mapping]]] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., truncation: _Optional[float] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., animation: _Optional[_Union[AnimationOptions, _Mapping]] = ...) -> None: ...
+    more_paths: _containers.RepeatedCompositeFieldContainer[KeyframePath]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keyframes: _Optional[_Iterable[_Union[Keyframe, _Mapping]]] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., truncation: _Optional[float] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., animation: _Optional[_Union[AnimationOptions, _Mapping]] = ..., more_paths: _Optional[_Iterable[_Union[KeyframePath, _Mapping]]] = ...) -> None: ...
+
+class KeyframePath(_message.Message):
+    __slots__ = ("keyframes",)
+    KEYFRAMES_FIELD_NUMBER: _ClassVar[int]
+    keyframes: _containers.RepeatedCompositeFieldContainer[Keyframe]
+    def __init__(self, keyframes: _Optional[_Iterable[_Union[Keyframe, _Mapping]]] = ...) -> None: ...
 
 class AnimationOptions(_message.Message):
     __slots__ = ("format", "fps", "ping_pong", "loops")

@@ -196,3 +196,27 @@ def test_every_path_needs_as_many_keyframes_and_all_count_against_the_limit(repo
     uneven_error, many_error = asyncio.run(go())
     assert uneven_error == "more_paths[0].keyframes: 3 given, as many as keyframes (2) needed"
     assert many_error == "steps: 1204 frames requested, the limit per request is 1024"
+
+
+def test_the_http_route_takes_several_seeds_as_several_interpolations(repo):
+    query = "from=3,5&to=11,9&from_label=3,5&to_label=8,2&steps=4"
+    moving = request(steps=4, format=pb.ANIMATION_FORMAT_APNG)
+    moving.more_paths.append(pb.KeyframePath(keyframes=[pb.Keyframe(seed=5, label=pb.Label(index=5)),
+                                                        pb.Keyframe(seed=9, label=pb.Label(index=2))]))  # fmt: skip
+    moving.output.grid_columns = 2
+
+    async def go():
+        async with running(repo) as (server, stub, _), aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{server.http_port}/v1/models/{MODEL}"
+            async with http.get(f"{base}/interpolation.apng?{query}&columns=2") as r:
+                animated = await r.read()
+            async with http.get(f"{base}/interpolation.png?{query}") as r:
+                strip = await r.read()
+            async with http.get(f"{base}/interpolation.png?from=3,5&to=11&from_label=3&to_label=8") as r:
+                uneven = r.status, await r.json()
+            return animated, strip, uneven, (await stub.Interpolate(moving)).animation
+
+    animated, strip, uneven, over_grpc = asyncio.run(go())
+    assert animated == over_grpc
+    assert Image.open(io.BytesIO(strip)).size == (5 * 30 + 2, 2 * 30 + 2)  # a row of five frames per path
+    assert uneven == (400, {"error": "to: 1 seeds, as many as from (2) needed"})

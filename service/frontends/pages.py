@@ -4,6 +4,7 @@ request whose Names are the query's own parameters, so that errors name what the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from importlib import resources
 
@@ -24,7 +25,7 @@ PLAYGROUND = {"/": ("index.html", "text/html"), "/playground.js": ("playground.j
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'"
 IMAGE_QUERY = ("seeds", "label", "soft", "psi", "columns", "version")
 STRIP_QUERY = ("from", "to", "steps", "from_label", "to_label", "from_soft", "to_soft", "psi", "method", "version")
-ANIMATION_QUERY = ("fps", "ping_pong", "loops")  # interpolation.gif, .apng and .webp
+ANIMATION_QUERY = ("fps", "ping_pong", "loops", "columns")  # interpolation.gif, .apng and .webp
 INTERPOLATION = "/v1/models/{model}/interpolation.{kind:png|gif|apng|webp}"  # a strip, or the frames animated
 GRID = dm.Output(dm.Format.PNG, grid=True, grid_only=True)
 
@@ -66,13 +67,18 @@ class Pages:
 
     async def interpolation(self, request: web.Request) -> web.Response:
         """A PNG strip of frames from seed to seed: ?from=0&to=1&steps=8&from_label=3&to_label=5&psi=0.7; as
-        interpolation.gif, .apng or .webp, the frames animated (&fps=12&ping_pong=1&loops=0)."""
+        interpolation.gif, .apng or .webp, the frames animated (&fps=12&ping_pong=1&loops=0). Several seeds
+        (from=3,5&to=11,9, and a class each or one for all) make several interpolations, a row each in the strip
+        and side by side in the animation (&columns=2)."""
         kind = request.match_info["kind"]
         q = _query(request, STRIP_QUERY + (ANIMATION_QUERY if kind != "png" else ()))
         ends = ("from", "to")
-        keys = [
-            dm.Keyframe(seed=text.integer(q.get(end, str(i)), end), label=_label(q, f"{end}_label", f"{end}_soft"))
-            for i, end in enumerate(ends)
+        seeds = {end: [text.integer(v, end) for v in q.get(end, str(i)).split(",")] for i, end in enumerate(ends)}
+        if len(seeds["to"]) != len(seeds["from"]):
+            raise InvalidArgument(f"to: {len(seeds['to'])} seeds, as many as from ({len(seeds['from'])}) needed")
+        labels = {end: _labels(q, end, len(seeds[end])) for end in ends}
+        paths = [
+            [dm.Keyframe(seed=seeds[end][p], label=labels[end][p]) for end in ends] for p in range(len(seeds["from"]))
         ]
         given = {end: f"{end}_soft" if f"{end}_soft" in q else f"{end}_label" for end in ends}
         # A label at one end only: the message names the end that lacks one.
@@ -80,15 +86,17 @@ class Pages:
         names = {"model": "model", "version": "version", "keyframes[0]": "from", "keyframes[1]": "to",
                  "keyframes": given["from"], "truncation": "psi", "keyframes.label[0]": given["from"],
                  "keyframes.label[1]": given["to"], "keyframes.label": lacking, "animation": "steps",
-                 "animation.fps": "fps", "animation.loops": "loops"}  # fmt: skip
+                 "animation.fps": "fps", "animation.loops": "loops", "output.grid_columns": "columns",
+                 "more_paths": "from"}  # fmt: skip
         animation = None
         if kind != "png":
             fps, loops = text.number(q.get("fps", "0"), "fps"), text.integer(q.get("loops", "0"), "loops")
             animation = dm.Animation(kind, fps, _flag(q.get("ping_pong", "0"), "ping_pong"), loops)
+        columns = text.integer(q.get("columns", "0"), "columns")
         interpolate = dm.Interpolate(
-            request.match_info["model"], text.version(q.get("version", ""), "version"), keys,
+            request.match_info["model"], text.version(q.get("version", ""), "version"), paths[0],
             text.integer(q.get("steps", "8"), "steps"), q.get("method", "slerp"), text.number(q.get("psi", "0"), "psi"),
-            GRID, dm.Names(names), animation,
+            dataclasses.replace(GRID, grid_columns=columns), dm.Names(names), animation, paths[1:],
         )  # fmt: skip
         result = await self.plane.interpolate(interpolate, gate.deadline())
         if animation is None:
@@ -136,6 +144,18 @@ def _query(request: web.Request, known: tuple[str, ...]) -> Mapping[str, str]:
         if len(request.query.getall(key)) > 1:
             raise InvalidArgument(f"{key}: given more than once")
     return request.query
+
+
+def _labels(q: Mapping[str, str], end: str, n: int) -> list[dm.Label | None]:
+    """One end's class for each of n paths: `{end}_label` as one class for all or a comma-separated one each, or
+    `{end}_soft` (one set of weights, for all)."""
+    name = f"{end}_label"
+    if name in q and "," in q[name] and f"{end}_soft" not in q:
+        given = [text.label(v.strip()) for v in q[name].split(",")]
+        if len(given) != n:
+            raise InvalidArgument(f"{name}: {len(given)} classes for {n} seeds: give one, or one per seed")
+        return given
+    return [_label(q, name, f"{end}_soft")] * n
 
 
 def _flag(value: str, field: str) -> bool:

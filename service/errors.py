@@ -75,6 +75,10 @@ class FailedPrecondition(ServiceError):
     """The request is well formed, but the system's state refuses it (a model version that fails to load)."""
 
 
+class Disabled(ServiceError):
+    """A service this server has turned off by its settings; the message says why and what turns it on."""
+
+
 CODES: dict[type[BaseException], Code] = {
     InvalidArgument: Code.INVALID_ARGUMENT,
     NotFound: Code.NOT_FOUND,
@@ -83,6 +87,7 @@ CODES: dict[type[BaseException], Code] = {
     Unavailable: Code.UNAVAILABLE,
     DeadlineExceeded: Code.DEADLINE_EXCEEDED,
     FailedPrecondition: Code.FAILED_PRECONDITION,
+    Disabled: Code.UNIMPLEMENTED,
     NotImplementedError: Code.UNIMPLEMENTED,  # what generated servicer stubs raise for a missing method
 }
 

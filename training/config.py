@@ -198,6 +198,11 @@ _POINTS = dict(
     checkpoint_every=10_000,
 )  # fmt: skip
 
+# The shipped conditional DCGAN's networks, losses and optimiser, shared by mnist-cdcgan and mnist-quick.
+_CDCGAN = dict(
+    conditional=True, d_cond="concat", d_norm="spectral", loss="hinge", lr_g=1e-4, lr_d=4e-4, betas=(0.0, 0.9),
+)  # fmt: skip
+
 PRESETS: dict[str, Preset] = dict(
     [
         _preset(
@@ -217,13 +222,7 @@ PRESETS: dict[str, Preset] = dict(
             "mnist-cdcgan",
             "conditional DCGAN on mnist5k: conditional-BatchNorm G; spectral-norm D with the label maps concatenated;"
             " hinge loss, TTUR, EMA",
-            conditional=True,
-            d_cond="concat",
-            d_norm="spectral",
-            loss="hinge",
-            lr_g=1e-4,
-            lr_d=4e-4,
-            betas=(0.0, 0.9),
+            **_CDCGAN,
             steps=30_000,
             sample_every=5000,
             checkpoint_every=5000,
@@ -232,14 +231,8 @@ PRESETS: dict[str, Preset] = dict(
             "mnist-quick",
             "a few minutes: mnist-cdcgan's networks with a matching-aware D (GAN-CLS), which learns the labels fast,"
             " stopped early; recognisable digits to see the whole loop, not a model to serve",
-            conditional=True,
-            d_cond="concat",
-            d_norm="spectral",
+            **_CDCGAN,
             d_mismatch=0.5,
-            loss="hinge",
-            lr_g=1e-4,
-            lr_d=4e-4,
-            betas=(0.0, 0.9),
             steps=3000,
             sample_every=1000,
             checkpoint_every=1000,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from service import domain as dm
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.errors import Disabled
 from service.registry import Registry
 
 STATES = {name: pb.VersionState.Value(f"VERSION_STATE_{name}") for name in
@@ -42,6 +43,6 @@ class AdminOff(pb_grpc.ModelAdminServicer):
         self.why = why
 
     async def RepositoryIndex(self, request, context):
-        raise NotImplementedError(f"ganserve.v1.ModelAdmin is off on this server: {self.why}")
+        raise Disabled(f"ganserve.v1.ModelAdmin is off on this server: {self.why}")
 
     LoadModel = UnloadModel = RepositoryIndex

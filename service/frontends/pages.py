@@ -91,7 +91,7 @@ class Pages:
         animation = None
         if kind != "png":
             fps, loops = text.number(q.get("fps", "0"), "fps"), text.integer(q.get("loops", "0"), "loops")
-            animation = dm.Animation(kind, fps, _flag(q.get("ping_pong", "0"), "ping_pong"), loops)
+            animation = dm.Animation(kind, fps, text.boolean(q.get("ping_pong", "0"), "ping_pong"), loops)
         columns = text.integer(q.get("columns", "0"), "columns")
         interpolate = dm.Interpolate(
             request.match_info["model"], text.version(q.get("version", ""), "version"), paths[0],
@@ -156,12 +156,6 @@ def _labels(q: Mapping[str, str], end: str, n: int) -> list[dm.Label | None]:
             raise InvalidArgument(f"{name}: {len(given)} classes for {n} seeds: give one, or one per seed")
         return given
     return [_label(q, name, f"{end}_soft")] * n
-
-
-def _flag(value: str, field: str) -> bool:
-    if value not in ("0", "1", "true", "false"):
-        raise InvalidArgument(f"{field}: 0, 1, true or false (got {short(value, 16)})")
-    return value in ("1", "true")
 
 
 def _label(q: Mapping[str, str], name: str, soft: str) -> dm.Label | None:

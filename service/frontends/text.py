@@ -27,6 +27,13 @@ def integer(text: str, field: str) -> int:
     return int(text)
 
 
+def boolean(text: str, field: str) -> bool:
+    """0, 1, true or false."""
+    if text not in ("0", "1", "true", "false"):
+        raise InvalidArgument(f"{field}: 0, 1, true or false (got {short(text, 16)})")
+    return text in ("1", "true")
+
+
 def number(text: str, field: str) -> float:
     """A finite decimal number."""
     try:

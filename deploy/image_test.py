@@ -9,7 +9,7 @@ from wheelhouse/ (`make wheelhouse ORT_PACKAGE=onnxruntime`, which `make image-t
  3. build      `serve` with ONNX Runtime's CPU build, and `train`, offline (--no-index) from the wheelhouse;
  4. train      the train image as uid 10001 on a read-only root, no capabilities, `--preset tiny`, exporting into
                a mounted volume (models/tiny/1/model.onnx);
- 5. serve      the serve image the same way, plus a tmpfs /tmp, on the baked-in model (mnist-cdcgan/3) and on
+ 5. serve      the serve image the same way, plus a tmpfs /tmp, on the baked-in model (mnist-cdcgan/4) and on
                that export, mounted beside it; SERVING through the image's own HEALTHCHECK command;
  6. inside     uid 10001 and no capabilities in PID 1, a read-only root, and `import torch` failing;
  7. generate   Generate on both models from this machine with the project's client; the PNGs decode;
@@ -239,8 +239,8 @@ def client(port: int, *args: str) -> list[str]:
 
 def generate(port: int, work: Path) -> str:
     listed = run(client(port, "models"), cwd=ROOT).stdout
-    if not all(f"{name}  versions [{version}]" in listed for name, version in (("mnist-cdcgan", 3), ("tiny", 1))):
-        raise StepFailed(f"want mnist-cdcgan version 3 (baked in) and tiny version 1 (trained); the server lists:\n"
+    if not all(f"{name}  versions [{version}]" in listed for name, version in (("mnist-cdcgan", 4), ("tiny", 1))):
+        raise StepFailed(f"want mnist-cdcgan version 4 (baked in) and tiny version 1 (trained); the server lists:\n"
                          f"{listed}")  # fmt: skip
     shapes = []
     for model in ("mnist-cdcgan", "tiny"):

@@ -32,6 +32,7 @@ import grpc
 
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
+from service.errors import InvalidArgument
 from service.frontends import text
 
 DEFAULT_TARGET = "localhost:50051"
@@ -68,6 +69,14 @@ def parse_ints(spec: str) -> list[int]:
         return text.ints(spec)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected numbers and ranges like 0-63,70; {e}") from None
+
+
+def parse_numbers(spec: str) -> list[float]:
+    """'-3,0,3' → [-3.0, 0.0, 3.0]."""
+    try:
+        return text.numbers(spec, "strengths")
+    except InvalidArgument as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("strengths: ")) from None
 
 
 def labels_for(spec: list[str] | None, n: int) -> list[pb.Label]:
@@ -272,6 +281,14 @@ class Client:
         )  # fmt: skip
         return self.stub.Interpolate(request, timeout=self.timeout)
 
+    def edit(
+        self, model: str, seeds: list[int], direction: str, strengths: list[float], labels: list[pb.Label] = (),
+        psi: float = 0.0, **output,
+    ) -> pb.GenerateResponse:  # fmt: skip
+        request = pb.EditRequest(model=model, seeds=pb.SeedList(seeds=seeds), labels=labels, direction=direction,
+                                 strengths=strengths, truncation=psi, output=pb.OutputOptions(**output))  # fmt: skip
+        return self.stub.Edit(request, timeout=self.timeout)
+
 
 def _save_images(response: pb.GenerateResponse, directory: Path, first: int) -> None:
     from PIL import Image  # here, so the probe (which shares the channel code) does not load it
@@ -319,6 +336,15 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     i.add_argument("--method", choices=("slerp", "lerp"), default="slerp")
     i.add_argument("--out", type=Path, required=True, help="the strip PNG")
     i.add_argument("--psi", type=float, default=0.0, help=PSI_HELP)
+    e = sub.add_parser("edit", help="seeds moved along a direction: a row per seed, a column per strength")
+    e.add_argument("--model", required=True)
+    e.add_argument("--seeds", type=parse_ints, required=True, help="e.g. 0-3")
+    e.add_argument("--labels", type=lambda t: t.split(","), help="class indices/names, cycled over the seeds")
+    e.add_argument("--direction", required=True, help="a name from `models` (e.g. slant)")
+    e.add_argument("--strengths", type=parse_numbers, default=text.STRENGTHS,
+                   help="comma-separated (default %(default)s)")  # fmt: skip
+    e.add_argument("--out", type=Path, required=True, help="the grid PNG")
+    e.add_argument("--psi", type=float, default=0.0, help=PSI_HELP)
     args = p.parse_args(argv)
     if getattr(args, "labels", None) and all(re.fullmatch(r"\d+(-\d+)?", lab) for lab in args.labels):
         args.labels = [str(v) for v in parse_ints(",".join(args.labels))]  # index ranges: 0-4,7
@@ -336,6 +362,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
                         f"{m.name}  versions {list(m.versions)}  z{m.latent_dim} {m.prior}  {shape}  {classes}"
                         f"  {m.provider}"
                     )
+                    if m.directions:
+                        print(f"  directions: {', '.join(d.name for d in m.directions)}")
             elif args.command == "sample":
                 labels = labels_for(args.labels, len(args.seeds))
                 if args.grid:
@@ -348,6 +376,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
                     for part in client.stream(args.model, args.seeds, labels, args.psi):
                         _save_images(part, args.out, part.offset)
                     print(f"wrote {len(args.seeds)} images to {args.out}")
+            elif args.command == "edit":
+                labels = labels_for(args.labels, len(args.seeds)) if args.labels else []
+                r = client.edit(args.model, args.seeds, args.direction, args.strengths, labels, args.psi, grid=True,
+                                grid_only=True)  # fmt: skip
+                args.out.write_bytes(r.grid_png)
+                print(f"wrote {args.out}")
             else:
                 labels = labels_for(args.labels, len(args.seeds)) if args.labels else []
                 r = client.interpolate(

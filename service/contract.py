@@ -5,6 +5,7 @@ An exported generator is one `model.onnx` file with
   output    images float32 [batch, *output_shape], within output_range when it has one
   metadata  `metadata_props`, all strings (JSON where structured): the spec keys written by
             ModelSpec.to_metadata() and read back by ModelSpec.from_metadata(), plus provenance keys.
+            Format 3 adds `directions`: named unit vectors in z (editing directions, README "Latent directions").
 Only the batch axis is dynamic. The exporter, the service's registry and the evaluator all go through here;
 nothing else parses metadata_props.
 
@@ -17,21 +18,23 @@ so a sample depends on its own seed only, never on the rest of the batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-FORMAT_VERSION = 2  # 2 added `kind` and `seed_contract`; version 1 files are still read
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3  # 2 added `kind` and `seed_contract`, 3 `directions`; older files are still read
+READABLE_FORMATS = (1, 2, 3)
 SEED_CONTRACT = 1
 PRIORS = ("normal", "uniform")
 KINDS = ("image", "points")  # image: [C, H, W] with C = 1 or 3; points: [2] (the 2-D toy generators)
 SPEC_KEYS = (
     "format_version", "kind", "seed_contract", "latent_dim", "prior", "num_classes", "class_names", "image_shape",
-    "output_range",
+    "output_range", "directions",
 )  # fmt: skip
 # What the exporter records about training. All but `config` (the whole training configuration) are documented,
 # and are what the server shows by default.
@@ -39,13 +42,72 @@ PROVENANCE_KEYS = (
     "architecture", "loss", "dataset", "preset", "steps", "ema", "precision", "parity_atol", "torch_version",
     "onnx_version", "checkpoint_sha256", "created", "config",
 )  # fmt: skip
-DOCUMENTED_KEYS = (*SPEC_KEYS, *(k for k in PROVENANCE_KEYS if k != "config"))
+# `directions` (tens of kilobytes of numbers) is described by its own fields on every wire, not as metadata.
+DOCUMENTED_KEYS = (*(k for k in SPEC_KEYS if k != "directions"), *(k for k in PROVENANCE_KEYS if k != "config"))
+DIRECTION_KINDS = ("sefa", "attribute")  # closed-form from the weights (SeFa); fitted to an image statistic
+DIRECTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_DIRECTIONS = 64
 MAX_SEED = 2**64 - 1
 _SQRT3 = np.float32(math.sqrt(3.0))
 
 
 class ContractError(ValueError):
     """A model file, or a spec, that does not honour the contract; the message says which key and how."""
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A named direction in z: z + s·vector moves one thing about the image as s grows (README "Latent
+    directions"). `vector` has unit length; `per_class`, when given, holds one unit vector per class, for
+    conditional models whose classes move the same attribute along different directions."""
+
+    name: str
+    kind: str  # one of DIRECTION_KINDS
+    description: str
+    vector: tuple[float, ...]
+    per_class: tuple[tuple[float, ...], ...] = ()
+
+    def check(self, where: str, latent_dim: int, num_classes: int) -> None:
+        if not DIRECTION_NAME.fullmatch(self.name):
+            raise ContractError(f"{where}.name: {self.name[:40]!r} is not a name of [a-z0-9_], at most 32 long")
+        if self.kind not in DIRECTION_KINDS:
+            raise ContractError(f"{where}.kind: {self.kind[:40]!r} is not one of {', '.join(DIRECTION_KINDS)}")
+        if self.per_class and len(self.per_class) != num_classes:
+            raise ContractError(f"{where}.per_class: {len(self.per_class)} vectors for {num_classes} classes")
+        for i, v in enumerate((self.vector, *self.per_class)):
+            path = f"{where}.vector" if i == 0 else f"{where}.per_class[{i - 1}]"
+            a = np.asarray(v, np.float64)
+            if a.shape != (latent_dim,) or not np.all(np.isfinite(a)) or abs(np.linalg.norm(a) - 1) > 1e-3:
+                raise ContractError(f"{path}: needs {latent_dim} finite numbers of unit length")
+
+    def along(self, y: np.ndarray | None) -> np.ndarray:
+        """float32 [n, latent_dim]: the direction for each label row of y [n, num_classes] (soft labels blend the
+        classes' vectors, then the blend is made unit length again), or [1, latent_dim] when it is shared."""
+        if not self.per_class or y is None:
+            return self._vectors[:1]
+        v = y @ self._vectors[1:]
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), np.float32(1e-12))
+
+    @functools.cached_property
+    def _vectors(self) -> np.ndarray:
+        return np.asarray((self.vector, *self.per_class), np.float32)
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "kind": self.kind, "description": self.description, "vector": list(self.vector)}
+        return out | ({"per_class": [list(v) for v in self.per_class]} if self.per_class else {})
+
+    @classmethod
+    def from_json(cls, value: object, where: str) -> Direction:
+        if not isinstance(value, dict) or not {"name", "kind", "vector"} <= set(value):
+            raise ContractError(f"{where}: needs an object with name, kind and vector")
+        try:
+            return cls(
+                str(value["name"]), str(value["kind"]), str(value.get("description", ""))[:200],
+                tuple(float(x) for x in value["vector"]),
+                tuple(tuple(float(x) for x in v) for v in value.get("per_class", ())),
+            )  # fmt: skip
+        except (TypeError, ValueError) as e:
+            raise ContractError(f"{where}: unreadable numbers ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -58,6 +120,7 @@ class ModelSpec:
     class_names: tuple[str, ...]
     output_shape: tuple[int, ...]  # one sample: [C, H, W] for images, [2] for points
     output_range: tuple[float, float] | None  # None: unbounded (points)
+    directions: tuple[Direction, ...] = ()
     provenance: Mapping[str, str] = field(default_factory=dict, compare=False)  # training facts, not the contract
 
     def __post_init__(self) -> None:
@@ -80,6 +143,12 @@ class ModelSpec:
             lo, hi = self.output_range
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ContractError(f"output_range: needs finite lo < hi (got {list(self.output_range)})")
+        if len(self.directions) > MAX_DIRECTIONS:
+            raise ContractError(f"directions: {len(self.directions)} given, at most {MAX_DIRECTIONS}")
+        for i, d in enumerate(self.directions):
+            d.check(f"directions[{i}]", self.latent_dim, self.num_classes)
+        if len({d.name for d in self.directions}) != len(self.directions):
+            raise ContractError("directions: names must be distinct")
         clash = sorted(set(SPEC_KEYS) & set(self.provenance))
         if clash:
             raise ContractError(f"provenance: may not set the spec keys {', '.join(clash)}")
@@ -100,6 +169,7 @@ class ModelSpec:
             "class_names": json.dumps(list(self.class_names)),
             "image_shape": json.dumps(list(self.output_shape)),
             "output_range": json.dumps(None if self.output_range is None else list(self.output_range)),
+            **({"directions": json.dumps([d.to_json() for d in self.directions])} if self.directions else {}),
             **self.provenance,
         }
 
@@ -140,8 +210,16 @@ class ModelSpec:
             out_range = parse("output_range", lambda v: tuple(float(x) for x in _json_list(v)))
             if len(out_range) != 2:
                 raise ContractError(f"output_range: needs [lo, hi] (got {list(out_range)})")
+        directions = ()
+        if "directions" in meta:
+            if int(version) < 3:
+                raise ContractError(f"directions: format {version} files have none; format 3 added them")
+            listed = parse("directions", _json_list)
+            if len(listed) > MAX_DIRECTIONS:
+                raise ContractError(f"directions: {len(listed)} given, at most {MAX_DIRECTIONS}")
+            directions = tuple(Direction.from_json(d, f"directions[{i}]") for i, d in enumerate(listed))
         provenance = {k: v for k, v in meta.items() if k not in SPEC_KEYS}
-        return cls(kind, parse("latent_dim", int), need("prior"), class_names, shape, out_range, provenance)
+        return cls(kind, parse("latent_dim", int), need("prior"), class_names, shape, out_range, directions, provenance)
 
     def check_signature(self, inputs: Mapping[str, tuple[str, Sequence]], outputs: Mapping[str, tuple[str, Sequence]]):
         """Check the graph against the spec: inputs and outputs as {name: (type, shape)}, as ONNX Runtime has them."""

@@ -24,6 +24,7 @@ from service.cache import ResultCache
 from service.config import Limits
 from service.domain import (
     NO_NAMES,
+    Edit,
     Format,
     Generate,
     Infer,
@@ -46,6 +47,8 @@ SEEDS_ON_LOOP = 64  # ~12 µs a seed: more would stall every other caller on the
 PNGS_ON_LOOP = 1  # ~150 µs a PNG (Pillow, 28x28)
 DEFAULT_FPS, MIN_FPS, MAX_FPS = 12.0, 1.0, 50.0  # GIF counts frame times in hundredths of a second
 MAX_LOOPS = 65535  # what GIF's and APNG's loop fields hold
+MAX_STRENGTHS = 64
+MAX_STRENGTH = 100.0  # standard deviations of the prior along a unit direction: far past any useful edit
 
 
 class DataPlane:
@@ -82,7 +85,7 @@ class DataPlane:
             metadata = {k: v for k, v in metadata.items() if k in contract.DOCUMENTED_KEYS}
         return ModelInfo(mv.name, mv.version, versions, mv.spec, mv.session.provider, metadata)
 
-    def _use(self, req: Generate | Interpolate | Infer) -> contextlib.AbstractContextManager[ModelVersion]:
+    def _use(self, req: Generate | Interpolate | Infer | Edit) -> contextlib.AbstractContextManager[ModelVersion]:
         """The version held for the request: if it leaves meanwhile, the request still finishes on it."""
         if not req.model:
             raise InvalidArgument(f"{req.names('model')}: required")
@@ -112,8 +115,10 @@ class DataPlane:
                 self.cache.put(key, result)
             return result
 
-    async def run(self, req: Generate | Infer, deadline: float | None = None) -> Result:
-        """A Generate or an Infer, whichever the front end made."""
+    async def run(self, req: Generate | Infer | Edit, deadline: float | None = None) -> Result:
+        """A Generate, an Infer or an Edit, whichever the front end made."""
+        if isinstance(req, Edit):
+            return await self.edit(req, deadline)
         return await (self.infer(req, deadline) if isinstance(req, Infer) else self.generate(req, deadline))
 
     async def infer(self, req: Infer, deadline: float | None = None) -> Result:
@@ -237,12 +242,43 @@ class DataPlane:
         self._check_size(mv, frames * len(paths), strip, "steps", names)
         return await self._run(mv, z, y, strip, deadline)
 
+    async def edit(self, req: Edit, deadline: float | None = None) -> Result:
+        names = req.names
+        with self._use(req) as mv:
+            output = _check_output(req.output, names)
+            strengths = _strengths(req.strengths, names)
+            d, limit = mv.spec.latent_dim, self.limits.max_images
+            rows = _count(req.latents, d, limit, names)
+            n = rows * len(strengths)
+            if n > limit:
+                raise InvalidArgument(
+                    f"{names('strengths')}: {rows} latents × {len(strengths)} strengths make {n} images, the limit per"
+                    f" request is {limit}"
+                )
+            y = _label_vectors(mv, req.labels, rows, limit, names)
+            along = _direction(mv, req, y, names)
+            psi = _truncation(req.truncation, names)
+            mv.batcher.check_room(n)
+            spec = req.latents
+            z = _rows(spec.values, mv, "rows.values", names) if isinstance(spec, Rows) else None
+            z = _truncate(z if z is not None else await self._latents(mv, spec, 0, rows), psi)
+            with np.errstate(over="ignore", invalid="ignore"):  # a caller's huge vector: refused just below
+                z = (z[:, None, :] + strengths[None, :, None] * along[:, None, :]).reshape(n, d)
+            _check_finite(z, "vector.values" if req.vector is not None else "strengths", names)
+            y = None if y is None else np.repeat(y, len(strengths), 0)
+            if req.animation is not None:
+                return await self._animate(mv, req, z, y, rows, deadline, "fewer strengths")
+            table = output if output.grid_columns else dataclasses.replace(output, grid_columns=len(strengths))
+            self._check_size(mv, n, table, "strengths", names)
+            return await self._run(mv, z, y, table, deadline, urgent=req.urgent)
+
     async def _animate(
-        self, mv: ModelVersion, req: Interpolate, z: np.ndarray, y: np.ndarray | None, paths: int,
-        deadline: float | None,
+        self, mv: ModelVersion, req: Interpolate | Edit, z: np.ndarray, y: np.ndarray | None, paths: int,
+        deadline: float | None, fewer: str = "fewer steps",
     ) -> Result:  # fmt: skip
-        """The interpolation's frames as one animated image, encoded off the event loop; several paths side by side,
-        each animation frame a grid of their frames at that moment."""
+        """The frames as one animated image, encoded off the event loop: z holds `paths` runs of frames (an
+        interpolation's; an edit's strengths for one latent), shown side by side, each animation frame a grid of
+        their frames at that moment."""
         names, anim = req.names, req.animation
         if anim.format not in encode.ANIMATIONS:
             given = short(anim.format) if anim.format else "required"
@@ -265,7 +301,7 @@ class DataPlane:
         )
         limit = self.limits.max_message_bytes
         if len(data) > limit:
-            smaller = "fewer steps" + (", or webp, the smallest" if anim.format != "webp" else "")
+            smaller = fewer + (", or webp, the smallest" if anim.format != "webp" else "")
             raise InvalidArgument(
                 f"{names('animation')}: the {anim.format} animation is {len(data):,} bytes, over the {limit:,}-byte"
                 f" message limit; ask for {smaller}"
@@ -426,6 +462,39 @@ def _truncation(psi: float, names: Names) -> float | None:
 
 def _truncate(z: np.ndarray, psi: float | None) -> np.ndarray:
     return z if psi is None else latents.truncate(z, psi)
+
+
+def _strengths(strengths: Sequence[float], names: Names) -> np.ndarray:
+    if not 1 <= len(strengths) <= MAX_STRENGTHS:
+        raise InvalidArgument(f"{names('strengths')}: {len(strengths)} given, from 1 to {MAX_STRENGTHS} needed")
+    values = np.asarray(strengths, np.float32)
+    if not np.all(np.abs(values) <= MAX_STRENGTH):  # NaN fails too
+        raise InvalidArgument(f"{names('strengths')}: each a finite number within ±{MAX_STRENGTH:g}")
+    return values
+
+
+def _direction(mv: ModelVersion, req: Edit, y: np.ndarray | None, names: Names) -> np.ndarray:
+    """[rows or 1, latent_dim]: the named direction (for each row's label, if it has a vector per class), or the
+    caller's own vector."""
+    if req.vector is not None:
+        if req.direction:
+            raise InvalidArgument(f"{names('direction')}: give a direction or a vector, not both")
+        d = mv.spec.latent_dim
+        if len(req.vector) != d:
+            raise InvalidArgument(f"{names('vector.values')}: exactly one row of {d} values (got {len(req.vector)})")
+        return _rows(req.vector, mv, "vector.values", names)
+    listed = {d.name: d for d in mv.spec.directions}
+    if not req.direction:
+        raise InvalidArgument(f"{names('direction')}: required: a direction the model lists, or a vector")
+    if not listed:
+        raise InvalidArgument(
+            f"{names('direction')}: model {mv.name!r} version {mv.version} lists no directions (its file predates"
+            " them; `python -m training.directions add` adds them); give a vector"
+        )
+    if req.direction not in listed:
+        known = ", ".join(listed)
+        raise InvalidArgument(f"{names('direction')}: unknown direction {short(req.direction)} (directions: {known})")
+    return listed[req.direction].along(y)
 
 
 def _label_vectors(

@@ -142,6 +142,24 @@ class Interpolate:
 
 
 @dataclass(frozen=True)
+class Edit:
+    """Latents moved along a direction: row i, column j is ψ·z_i + strengths[j]·direction."""
+
+    model: str
+    version: int = 0
+    latents: Seeds | SeedRange | Rows | None = None
+    labels: Sequence[Label] = ()  # one for all latents, or one each
+    direction: str = ""  # a name the model lists, or
+    vector: Sequence[float] | None = None  # one row of latent_dim, used as given
+    strengths: Sequence[float] = ()
+    truncation: float = 0.0
+    output: Output = Output()  # grid_columns 0: one column per strength
+    names: Names = NO_NAMES
+    animation: Animation | None = None  # set: the strengths as frames, each a grid of the latents
+    urgent: bool = False
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """One serving model version, described once: every front end renders this and nothing else."""
 

@@ -328,6 +328,31 @@ def interpolate_requests(draw) -> pb.InterpolateRequest:
     )
 
 
+DIRECTIONS = weighted((4, st.sampled_from(["first", "per_class", "ink", "slant", "sefa1"])), (1, NAMES))
+STRENGTH_LISTS = weighted(
+    (4, st.lists(FINITE, min_size=1, max_size=8)), (1, st.lists(st.floats(width=32), max_size=70))
+)
+
+
+@st.composite
+def edit_requests(draw) -> pb.EditRequest:
+    """Generate's latents, labels and output, a direction by name or a vector (or neither, or both), strengths."""
+    base = draw(generate_requests())
+    request = pb.EditRequest(
+        model=base.model, version=base.version, labels=base.labels, truncation=base.truncation, output=base.output,
+        strengths=draw(STRENGTH_LISTS), animation=draw(weighted((4, st.none()), (1, ANIMATIONS))),
+    )  # fmt: skip
+    kind = base.WhichOneof("latents")
+    if kind:
+        getattr(request, kind).CopyFrom(getattr(base, kind))
+    along = draw(weighted((4, st.just("direction")), (2, st.just("vector")), (1, st.none())))
+    if along == "direction":
+        request.direction = draw(DIRECTIONS)
+    elif along == "vector":
+        request.vector.values.extend(draw(latent_values(st.just(1))))
+    return request
+
+
 # Every format (and numbers past the enum), frame rates in and out of range, NaN and infinities, loop counts.
 ANIMATIONS = st.builds(
     pb.AnimationOptions, format=weighted((4, st.sampled_from([0, 1, 2, 3])), (1, I32)),
@@ -341,12 +366,13 @@ PARAMETERS = st.one_of(
     st.builds(P, bool_param=st.booleans()), st.builds(P, int64_param=st.integers(-(2**63), 2**63 - 1)),
     st.builds(P, uint64_param=U64), st.builds(P, double_param=st.floats()),
     st.builds(P, string_param=st.one_of(st.sampled_from(["0-3", "1,5,9", "7", "0-70", "3,x", "9-2", "0-1,2-3", "cat",
-                                                        "0," * 40, "18446744073709551615"]), st.text(max_size=12))),
+                                                        "0," * 40, "18446744073709551615", "first", "ink", "-3,0,3",
+                                                        "1e9", "nan"]), st.text(max_size=12))),
     st.just(P()),
 )  # fmt: skip
 PARAMETER_KEYS = weighted(
     (6, st.sampled_from(["seeds", "seed_start", "count", "labels", "truncation"])),
-    (1, st.sampled_from(["binary_data_output", "priority", "seed"])),
+    (1, st.sampled_from(["binary_data_output", "priority", "seed", "direction", "strengths"])),
     (1, st.text(max_size=8)),
 )
 DATATYPES = weighted((5, st.just("FP32")), (1, st.sampled_from(["UINT8", "INT64", "FP16", "BYTES", "", "fp32"])))
@@ -389,6 +415,7 @@ REQUESTS: dict[str, st.SearchStrategy[message.Message]] = {
     "ganserve.v1.GetModelRequest": st.builds(pb.GetModelRequest, name=NAMES, version=VERSIONS),
     "ganserve.v1.GenerateRequest": generate_requests(),
     "ganserve.v1.InterpolateRequest": interpolate_requests(),
+    "ganserve.v1.EditRequest": edit_requests(),
     "ganserve.v1.RepositoryIndexRequest": st.builds(pb.RepositoryIndexRequest, ready_only=st.booleans()),
     "ganserve.v1.LoadModelRequest": st.builds(pb.LoadModelRequest, name=NAMES, version=VERSIONS),
     # Never the models the rest of the fuzz needs: unloading them would leave nothing to fuzz.
@@ -424,6 +451,9 @@ VALID = {
     "ganserve.v1.GenerateRequest": SEEDS_1_2,
     "ganserve.v1.InterpolateRequest": pb.InterpolateRequest(
         model="plain", keyframes=[pb.Keyframe(seed=1), pb.Keyframe(seed=2)], steps=2
+    ),
+    "ganserve.v1.EditRequest": pb.EditRequest(
+        model="echo", seeds=pb.SeedList(seeds=[1]), labels=[pb.Label(index=0)], direction="first", strengths=[1]
     ),
     "ganserve.v1.LoadModelRequest": pb.LoadModelRequest(name=SPARE),
     "inference.ModelReadyRequest": oip.ModelReadyRequest(name="plain"),

@@ -14,12 +14,18 @@ from onnx import TensorProto, helper
 
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.config import RuntimeConfig, ServerConfig
-from service.contract import ModelSpec
+from service.contract import Direction, ModelSpec
 from service.runtime import Session
 from service.server import Server
 from service.tracing import Tracing
 
 ECHO_LATENT, ECHO_CLASSES = 5, ("cat", "dog", "eel")
+_AXES = np.eye(ECHO_LATENT)
+# Edits show in the echo model's images: `first` moves z[0] for every class, `per_class` z[1 + class].
+ECHO_DIRECTIONS = (
+    Direction("first", "sefa", "z[0]", tuple(_AXES[0])),
+    Direction("per_class", "attribute", "z[1 + class]", tuple(_AXES[4]), tuple(tuple(_AXES[1 + c]) for c in range(3))),
+)
 
 
 def _save(graph: onnx.GraphProto, path: Path, spec: ModelSpec) -> Path:
@@ -31,12 +37,15 @@ def _save(graph: onnx.GraphProto, path: Path, spec: ModelSpec) -> Path:
     return path
 
 
-def _spec(latent: int, classes: tuple[str, ...], shape: tuple[int, ...], prior: str = "normal") -> ModelSpec:
-    return ModelSpec("image", latent, prior, classes, shape, (-1.0, 1.0))
+def _spec(
+    latent: int, classes: tuple[str, ...], shape: tuple[int, ...], prior: str = "normal", directions=()
+) -> ModelSpec:
+    return ModelSpec("image", latent, prior, classes, shape, (-1.0, 1.0), directions)
 
 
 def echo_model(path: Path) -> Path:
-    """Conditional: images [n, 1, 2, 4] = concat(clip(z, −1, 1) [n, 5], y [n, 3]) — output shows its inputs."""
+    """Conditional: images [n, 1, 2, 4] = concat(clip(z, −1, 1) [n, 5], y [n, 3]) — output shows its inputs. Its
+    directions are ECHO_DIRECTIONS."""
     lo, hi = (
         helper.make_tensor("lo", TensorProto.FLOAT, [], [-1.0]),
         helper.make_tensor("hi", TensorProto.FLOAT, [], [1.0]),
@@ -54,7 +63,7 @@ def echo_model(path: Path) -> Path:
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 4])],
         initializer=[lo, hi, shape],
     )  # fmt: skip
-    return _save(graph, path, _spec(ECHO_LATENT, ECHO_CLASSES, (1, 2, 4)))
+    return _save(graph, path, _spec(ECHO_LATENT, ECHO_CLASSES, (1, 2, 4), directions=ECHO_DIRECTIONS))
 
 
 def plain_model(path: Path, shape: tuple[int, int, int] = (1, 2, 4), prior: str = "normal", gain: float = 1.0) -> Path:

@@ -1,14 +1,30 @@
 """service/contract.py: the metadata an exported generator carries, its signature, and the seed contract."""
 
+import dataclasses
+import json
 import math
 
 import numpy as np
 import pytest
 
-from service.contract import FORMAT_VERSION, SEED_CONTRACT, ContractError, ModelSpec, seed_latent, seed_latents
+from service.contract import (
+    FORMAT_VERSION,
+    SEED_CONTRACT,
+    ContractError,
+    Direction,
+    ModelSpec,
+    seed_latent,
+    seed_latents,
+)
 
-IMAGE = ModelSpec("image", 16, "normal", tuple("0123456789"), (1, 28, 28), (-1.0, 1.0), {"preset": "tiny"})
-POINTS = ModelSpec("points", 8, "uniform", (), (2,), None, {"dataset": "ring8"})
+IMAGE = ModelSpec("image", 16, "normal", tuple("0123456789"), (1, 28, 28), (-1.0, 1.0), provenance={"preset": "tiny"})
+POINTS = ModelSpec("points", 8, "uniform", (), (2,), None, provenance={"dataset": "ring8"})
+AXES = np.eye(16)
+SHARED = Direction("sefa1", "sefa", "the first axis", tuple(AXES[0]))
+PER_CLASS = Direction(
+    "ink", "attribute", "an axis per class", tuple(AXES[15]), tuple(tuple(AXES[c]) for c in range(10))
+)
+EDITABLE = dataclasses.replace(IMAGE, directions=(SHARED, PER_CLASS))
 
 
 def _signature(spec: ModelSpec, **changes) -> tuple[dict, dict]:
@@ -21,11 +37,12 @@ def _signature(spec: ModelSpec, **changes) -> tuple[dict, dict]:
     return inputs, outputs
 
 
-@pytest.mark.parametrize("spec", [IMAGE, POINTS], ids=["image", "points"])
+@pytest.mark.parametrize("spec", [IMAGE, POINTS, EDITABLE], ids=["image", "points", "directions"])
 def test_metadata_round_trip(spec):
     meta = spec.to_metadata()
     assert all(isinstance(v, str) for v in meta.values())
-    assert meta["format_version"] == str(FORMAT_VERSION) == "2" and meta["seed_contract"] == str(SEED_CONTRACT)
+    assert meta["format_version"] == str(FORMAT_VERSION) == "3" and meta["seed_contract"] == str(SEED_CONTRACT)
+    assert ("directions" in meta) == bool(spec.directions)
     again = ModelSpec.from_metadata(meta)
     assert again == spec and again.provenance == spec.provenance
     assert again.kind == spec.kind and again.output_range == spec.output_range
@@ -38,7 +55,52 @@ def test_version_1_files_are_read_and_their_kind_inferred_from_the_shape():
         assert ModelSpec.from_metadata(meta) == spec
 
 
-@pytest.mark.parametrize("version", ["3", "abc", "", "²"])
+def test_version_2_files_without_directions_are_read():
+    assert ModelSpec.from_metadata(IMAGE.to_metadata() | {"format_version": "2"}) == IMAGE
+
+
+def test_a_direction_follows_its_label():
+    one_hot = np.eye(10, dtype=np.float32)[[3, 7]]
+    assert np.array_equal(PER_CLASS.along(one_hot), AXES[[3, 7]].astype(np.float32))
+    blended = PER_CLASS.along(np.array([[0.5, 0.5] + [0.0] * 8], np.float32))  # half 0, half 1: unit length again
+    assert np.allclose(blended, (AXES[0] + AXES[1]) / np.sqrt(2))
+    assert np.array_equal(SHARED.along(one_hot), AXES[[0]].astype(np.float32))  # shared: one row for all
+    assert np.array_equal(PER_CLASS.along(None), AXES[[15]].astype(np.float32))
+
+
+def _with_direction(**changes) -> dict[str, str]:
+    entry = PER_CLASS.to_json() | changes
+    return EDITABLE.to_metadata() | {"directions": json.dumps([entry])}
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        (_with_direction(name="Ink!"), r"directions\[0\]\.name: 'Ink!' is not a name"),
+        (_with_direction(name="x" * 33), r"directions\[0\]\.name"),
+        (_with_direction(kind="magic"), r"directions\[0\]\.kind: 'magic' is not one of sefa, attribute"),
+        (_with_direction(vector=[1.0] * 15), r"directions\[0\]\.vector: needs 16 finite numbers of unit length"),
+        (_with_direction(vector=[0.5] * 16), r"directions\[0\]\.vector: needs 16"),  # length 2, not 1
+        (_with_direction(vector=["NaN"] * 16), r"directions\[0\]\.vector"),
+        (_with_direction(vector="abc"), r"directions\[0\]: unreadable numbers"),
+        (_with_direction(per_class=[list(AXES[0])] * 9), r"directions\[0\]\.per_class: 9 vectors for 10 classes"),
+        (_with_direction(per_class=[list(AXES[0])] * 9 + [[0.0] * 16]), r"directions\[0\]\.per_class\[9\]"),
+        (EDITABLE.to_metadata() | {"directions": '{"name": "ink"}'}, "directions: unreadable value"),
+        (EDITABLE.to_metadata() | {"directions": "[1]"}, r"directions\[0\]: needs an object"),
+        (
+            EDITABLE.to_metadata() | {"directions": json.dumps([SHARED.to_json()] * 2)},
+            "directions: names must be distinct",
+        ),
+        (EDITABLE.to_metadata() | {"directions": json.dumps([{"x": 1}] * 65)}, "directions: 65 given, at most 64"),
+        (EDITABLE.to_metadata() | {"format_version": "2"}, "directions: format 2 files have none"),
+    ],
+)
+def test_hostile_directions_are_refused_naming_the_entry(meta, message):
+    with pytest.raises(ContractError, match=f"^{message}"):
+        ModelSpec.from_metadata(meta)
+
+
+@pytest.mark.parametrize("version", ["4", "abc", "", "²"])
 def test_an_unknown_format_version_is_refused_naming_it(version):
     with pytest.raises(ContractError, match=rf"^format_version: '{version}' is not a format this reader knows"):
         ModelSpec.from_metadata(IMAGE.to_metadata() | {"format_version": version})
@@ -74,7 +136,7 @@ def test_bad_metadata_is_refused_naming_the_key(changes, key):
 
 def test_provenance_may_not_shadow_a_spec_key():
     with pytest.raises(ContractError, match="provenance: may not set the spec keys latent_dim"):
-        ModelSpec("points", 8, "normal", (), (2,), None, {"latent_dim": "9"})
+        ModelSpec("points", 8, "normal", (), (2,), None, provenance={"latent_dim": "9"})
 
 
 def test_check_signature_accepts_the_matching_graph():

@@ -195,7 +195,7 @@ def test_folder_dataset_trains_its_own_extractor(tmp_path, tiny_run):
 @pytest.mark.parametrize(
     ("props", "message"),
     [
-        ({"format_version": "3"}, "format_version: '3' is not a format this reader knows"),
+        ({"format_version": "4"}, "format_version: '4' is not a format this reader knows"),
         ({"prior": "cauchy"}, "prior: 'cauchy'"),
         ({"config": "{"}, "unusable training config"),
     ],

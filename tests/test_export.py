@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,11 @@ def test_metadata_is_the_contract_spec_plus_provenance(tiny_run):
     raw = session.get_modelmeta().custom_metadata_map
     assert (raw["format_version"], raw["kind"], raw["seed_contract"]) == (str(FORMAT_VERSION), "image", "1")
     spec = read_spec(session)
-    assert spec == ModelSpec("image", 16, "normal", tuple("0123456789"), (1, 28, 28), (-1.0, 1.0))
+    names = [d.name for d in spec.directions]
+    assert names == ["sefa1", "sefa2", "sefa3", "sefa4", "sefa5", "ink", "slant", "width"]  # training/directions.py
+    assert dataclasses.replace(spec, directions=()) == ModelSpec(
+        "image", 16, "normal", tuple("0123456789"), (1, 28, 28), (-1.0, 1.0)
+    )
     p = spec.provenance
     assert (p["architecture"], p["loss"], p["dataset"], p["preset"]) == ("dcgan", "nonsat", "mnist5k", "tiny")
     assert p["steps"] == "20" and p["ema"] == "true"
@@ -86,7 +91,13 @@ def test_parity_across_architectures(tmp_path, tiny_run):
 def test_fp16_export_keeps_the_contract_halves_the_file_and_says_so(tmp_path, tiny_run):
     path = export(tiny_run["checkpoint"], tmp_path / "models", "half", fp16=True)  # parity within FP16_ATOL
     s16, s32 = _session(path), _session(tiny_run["model"])
-    assert read_spec(s16) == read_spec(s32)  # same inputs, output and spec: the service needs no change
+    half, full = read_spec(s16), read_spec(s32)
+    # Same inputs, output and spec: the service needs no change. The directions, computed from each file's own
+    # weights and samples, agree to within the halved precision.
+    assert dataclasses.replace(half, directions=()) == dataclasses.replace(full, directions=())
+    assert [d.name for d in half.directions] == [d.name for d in full.directions]
+    for a, b in zip(half.directions, full.directions, strict=True):
+        assert np.dot(a.vector, b.vector) > 0.99, a.name
     assert [i.type for i in s16.get_inputs()] == ["tensor(float)"] * 2 and s16.get_outputs()[0].type == "tensor(float)"
     p = read_spec(s16).provenance
     assert (p["precision"], p["parity_atol"]) == ("fp16", str(export_mod.FP16_ATOL))

@@ -1,7 +1,8 @@
 """Export a checkpoint's generator to ONNX: <repository>/<name>/<version>/model.onnx, self-describing.
 
 The file honours service/contract.py, the one contract between training and serving: its metadata is the
-checkpoint's ModelSpec, with what trained it (architecture, loss, dataset, steps, config, ...) as provenance.
+checkpoint's ModelSpec, with what trained it (architecture, loss, dataset, steps, config, ...) as provenance, and
+the editing directions training/directions.py computes from the exported file.
 Image generators go to the serving repository, models/; 2-D point generators, which the service does not
 serve, to their run's folder, OUT/models. An explicit repository wins over both; s3://BUCKET/PREFIX publishes the
 checked file to an object store as the next version there (service/objectstore.py), for a server that reads it.
@@ -30,6 +31,7 @@ from service import objectstore
 from service.contract import ContractError, ModelSpec, read_spec, seed_latents
 from service.objectstore import StoreUnavailable
 from service.repository import RepositoryError
+from training import directions
 from training.checkpoint import CheckpointError, load_checkpoint, spec_from_checkpoint
 from training.config import POINT_DATASETS, ConfigError, TrainConfig
 from training.data import sha256_file
@@ -103,7 +105,9 @@ def model_spec(
         "config": cfg.replace(out=Path(cfg.out).name, data_dir=Path(cfg.data_dir).name).to_json(),
     }
     kind = "points" if cfg.dataset in POINT_DATASETS else "image"
-    return ModelSpec(kind, cfg.latent_dim, cfg.prior, data.class_names, data.shape, g.output_range, provenance)
+    return ModelSpec(
+        kind, cfg.latent_dim, cfg.prior, data.class_names, data.shape, g.output_range, provenance=provenance
+    )
 
 
 def default_repository(cfg: TrainConfig) -> Path:
@@ -193,6 +197,16 @@ def publish(staging: Path, root: Path) -> Path:
                 raise
 
 
+def _write(g: torch.nn.Module, spec: ModelSpec, path: Path, fp16: bool) -> None:
+    """The ONNX file, its directions attached, checked."""
+    to_onnx(g, spec.prior, path, spec.to_metadata(), fp16)
+    try:
+        spec = directions.attach(path, spec)
+    except directions.DirectionsError as e:
+        raise ExportError(str(e)) from None
+    check(g, spec, path, FP16_ATOL if fp16 else PARITY_ATOL)
+
+
 def export(
     checkpoint: Path, repository: Path | str | None, name: str, use_ema: bool = True, fp16: bool = False
 ) -> Path | str:
@@ -208,8 +222,7 @@ def export(
     if str(repository).startswith("s3://"):
         with tempfile.TemporaryDirectory(prefix="export-") as staging:
             path = Path(staging) / "model.onnx"
-            to_onnx(g, spec.prior, path, spec.to_metadata(), fp16)
-            check(g, spec, path, FP16_ATOL if fp16 else PARITY_ATOL)
+            _write(g, spec, path, fp16)
             return objectstore.publish(str(repository), name, path)
     root = Path(repository or default_repository(TrainConfig.from_dict(ck["config"]))) / name
     root.mkdir(parents=True, exist_ok=True)
@@ -217,8 +230,7 @@ def export(
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     staging.chmod(0o755)  # mkdtemp makes it private; the published version must be readable by the server
     try:
-        to_onnx(g, spec.prior, staging / "model.onnx", spec.to_metadata(), fp16)
-        check(g, spec, staging / "model.onnx", FP16_ATOL if fp16 else PARITY_ATOL)
+        _write(g, spec, staging / "model.onnx", fp16)
         return publish(staging, root) / "model.onnx"
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful publish

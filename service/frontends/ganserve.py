@@ -57,17 +57,32 @@ def to_output(msg: pb.OutputOptions) -> dm.Output:
     return dm.Output(FORMATS[msg.format], msg.grid, msg.grid_columns, msg.return_latents, msg.grid_only)
 
 
-def to_generate(msg: pb.GenerateRequest) -> dm.Generate:
+def to_latents(msg: pb.GenerateRequest | pb.EditRequest) -> dm.Seeds | dm.SeedRange | dm.Rows | None:
     kind = msg.WhichOneof("latents")
-    latents = None
     if kind == "seeds":
-        latents = dm.Seeds(msg.seeds.seeds)
-    elif kind == "seed_range":
-        latents = dm.SeedRange(msg.seed_range.start, msg.seed_range.count)
-    elif kind == "rows":
-        latents = dm.Rows(msg.rows.values)
+        return dm.Seeds(msg.seeds.seeds)
+    if kind == "seed_range":
+        return dm.SeedRange(msg.seed_range.start, msg.seed_range.count)
+    if kind == "rows":
+        return dm.Rows(msg.rows.values)
+    return None
+
+
+def to_generate(msg: pb.GenerateRequest) -> dm.Generate:
     labels = Converted(msg.labels, to_label)
-    return dm.Generate(msg.model, msg.version, latents, labels, msg.truncation, to_output(msg.output), NAMES)
+    return dm.Generate(msg.model, msg.version, to_latents(msg), labels, msg.truncation, to_output(msg.output), NAMES)
+
+
+def to_animation(msg: pb.AnimationOptions) -> dm.Animation:
+    return dm.Animation(ANIMATIONS.get(msg.format, str(msg.format)), msg.fps, msg.ping_pong, msg.loops)
+
+
+def to_edit(msg: pb.EditRequest) -> dm.Edit:
+    return dm.Edit(
+        msg.model, msg.version, to_latents(msg), Converted(msg.labels, to_label), msg.direction,
+        msg.vector.values if msg.HasField("vector") else None, msg.strengths, msg.truncation, to_output(msg.output),
+        NAMES, to_animation(msg.animation) if msg.HasField("animation") else None,
+    )  # fmt: skip
 
 
 def to_keyframe(msg: pb.Keyframe) -> dm.Keyframe:
@@ -80,10 +95,7 @@ def to_keyframe(msg: pb.Keyframe) -> dm.Keyframe:
 
 
 def to_interpolate(msg: pb.InterpolateRequest) -> dm.Interpolate:
-    animation = None
-    if msg.HasField("animation"):
-        a = msg.animation
-        animation = dm.Animation(ANIMATIONS.get(a.format, str(a.format)), a.fps, a.ping_pong, a.loops)
+    animation = to_animation(msg.animation) if msg.HasField("animation") else None
     return dm.Interpolate(
         msg.model, msg.version, Converted(msg.keyframes, to_keyframe), msg.steps,
         METHODS.get(msg.method, str(msg.method)), msg.truncation, to_output(msg.output), NAMES, animation,
@@ -106,6 +118,12 @@ def from_info(info: dm.ModelInfo) -> pb.ModelInfo:
         output_max=spec.output_range[1],
         provider=info.provider,
         metadata=info.metadata,
+        directions=[
+            pb.Direction(
+                name=d.name, kind=d.kind, description=d.description, vector=d.vector, per_class=bool(d.per_class)
+            )
+            for d in spec.directions
+        ],
     )
 
 
@@ -146,3 +164,6 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
     async def Interpolate(self, request: pb.InterpolateRequest, context) -> pb.GenerateResponse:
         return from_result(await self.plane.interpolate(to_interpolate(request), gate.deadline()))
+
+    async def Edit(self, request: pb.EditRequest, context) -> pb.GenerateResponse:
+        return from_result(await self.plane.edit(to_edit(request), gate.deadline()))

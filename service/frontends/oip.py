@@ -30,7 +30,9 @@ EXTENSIONS = ["binary_tensor_data"]  # the REST binary extension, as Triton name
 PLATFORM = "onnxruntime_onnx"
 OUTPUT = "images"
 # "datatype" asks for UINT8 images for the whole request, for clients that cannot set output parameters.
-SEED_PARAMETERS = ("seeds", "seed_start", "count", "labels", "truncation", "datatype", "timeout", "priority")
+SEED_PARAMETERS = (
+    "seeds", "seed_start", "count", "labels", "truncation", "datatype", "timeout", "priority", "direction", "strengths",
+)  # fmt: skip
 # Standard parameters that change nothing here; anything else unknown is refused, so a typo never passes silently.
 IGNORED_PARAMETERS = ("binary_data_output",)
 PRIORITIES = {0: False, 1: True, 2: False}  # the `priority` parameter → urgent
@@ -70,7 +72,7 @@ class Requested:
 class Request:
     """One ModelInfer as the data plane takes it, the output it asked for, and its own timeout in seconds."""
 
-    domain: dm.Generate | dm.Infer
+    domain: dm.Generate | dm.Infer | dm.Edit
     want: Requested
     timeout: float | None
 
@@ -84,7 +86,7 @@ def model_metadata(info: dm.ModelInfo) -> dict:
         "latent_dim": spec.latent_dim, "prior": spec.prior, "class_names": ",".join(spec.class_names),
         "kind": spec.kind, "version": info.version, "provider": info.provider,
         "output_min": spec.output_range[0], "output_max": spec.output_range[1],
-        "output_datatypes": ",".join(OUTPUT_DATATYPES),
+        "output_datatypes": ",".join(OUTPUT_DATATYPES), "directions": ",".join(d.name for d in spec.directions),
     }  # fmt: skip
     parameters |= {k: v for k, v in info.metadata.items() if k not in parameters}
     return {
@@ -119,12 +121,13 @@ def request(
         for name, t in by_name.items():
             names |= {name: t.field, f"{name}.shape": f"{t.field}.shape"}
         names |= {"rows.values": by_name["z"].field, "latents": by_name["z"].field}
-        if "labels" not in parameters:
+        if "labels" not in parameters and "direction" not in parameters:
             y = _array(by_name["y"]) if "y" in by_name else None
             names.setdefault("y", "inputs")
             return Request(dm.Infer(model, number, z, y, psi, output, dm.Names(names), urgent), want, timeout)
         if "y" in by_name:
-            raise InvalidArgument("parameters.labels: give labels or a y tensor, not both")
+            given = "labels" if "labels" in parameters else "direction"
+            raise InvalidArgument(f"parameters.{given}: give labels as parameters with it, not a y tensor")
         latents: dm.Seeds | dm.SeedRange | dm.Rows = dm.Rows(z.ravel())
     else:
         if "y" in by_name:
@@ -137,6 +140,15 @@ def request(
         }  # fmt: skip
     labels = text.labels(parameters["labels"], "parameters.labels") if "labels" in parameters else ()
     names["labels"] = "parameters.labels"
+    if "direction" in parameters or "strengths" in parameters:
+        direction = parameters.get("direction", "")
+        if not isinstance(direction, str):
+            raise InvalidArgument(f"parameters.direction: a name (got {type(direction).__name__})")
+        strengths = text.numbers(parameters.get("strengths", text.STRENGTHS), "parameters.strengths")
+        names |= {"direction": "parameters.direction", "strengths": "parameters.strengths"}
+        edit = dm.Edit(model, number, latents, labels, direction, None, strengths, psi, output, dm.Names(names),
+                       urgent=urgent)  # fmt: skip
+        return Request(edit, want, timeout)
     generate = dm.Generate(model, number, latents, labels, psi, output, dm.Names(names), urgent)
     return Request(generate, want, timeout)
 

@@ -26,7 +26,9 @@ CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' b
 IMAGE_QUERY = ("seeds", "label", "soft", "psi", "columns", "version")
 STRIP_QUERY = ("from", "to", "steps", "from_label", "to_label", "from_soft", "to_soft", "psi", "method", "version")
 ANIMATION_QUERY = ("fps", "ping_pong", "loops", "columns")  # interpolation.gif, .apng and .webp
+EDIT_QUERY = ("seeds", "label", "soft", "direction", "vector", "strengths", "psi", "columns", "version")
 INTERPOLATION = "/v1/models/{model}/interpolation.{kind:png|gif|apng|webp}"  # a strip, or the frames animated
+EDIT = "/v1/models/{model}/edit.{kind:png|gif|apng|webp}"  # a grid, or the strengths animated
 GRID = dm.Output(dm.Format.PNG, grid=True, grid_only=True)
 
 
@@ -41,6 +43,7 @@ class Pages:
             Route("models", "GET", "/v1/models", self.models, SERVICE),
             Route("images", "GET", "/v1/models/{model}/images.png", self.images, SERVICE),
             Route("interpolation", "GET", INTERPOLATION, self.interpolation, SERVICE),
+            Route("edit", "GET", EDIT, self.edit, SERVICE),
             Route("metrics", "GET", "/metrics", self.prometheus, SERVICE, traced=False),  # scrapes make no spans
             *pages,
         ]
@@ -88,23 +91,34 @@ class Pages:
                  "keyframes.label[1]": given["to"], "keyframes.label": lacking, "animation": "steps",
                  "animation.fps": "fps", "animation.loops": "loops", "output.grid_columns": "columns",
                  "more_paths": "from"}  # fmt: skip
-        animation = None
-        if kind != "png":
-            fps, loops = text.number(q.get("fps", "0"), "fps"), text.integer(q.get("loops", "0"), "loops")
-            animation = dm.Animation(kind, fps, text.boolean(q.get("ping_pong", "0"), "ping_pong"), loops)
         columns = text.integer(q.get("columns", "0"), "columns")
         interpolate = dm.Interpolate(
             request.match_info["model"], text.version(q.get("version", ""), "version"), paths[0],
             text.integer(q.get("steps", "8"), "steps"), q.get("method", "slerp"), text.number(q.get("psi", "0"), "psi"),
-            dataclasses.replace(GRID, grid_columns=columns), dm.Names(names), animation, paths[1:],
+            dataclasses.replace(GRID, grid_columns=columns), dm.Names(names), _animation(q, kind), paths[1:],
         )  # fmt: skip
-        result = await self.plane.interpolate(interpolate, gate.deadline())
-        if animation is None:
-            return _png(result)
-        return web.Response(
-            body=result.animation, content_type=result.animation_type,
-            headers={"X-Model": result.model, "X-Model-Version": str(result.version)},
+        return _image(await self.plane.interpolate(interpolate, gate.deadline()))
+
+    async def edit(self, request: web.Request) -> web.Response:
+        """A PNG grid of seeds moved along a direction, a row per seed and a column per strength:
+        ?seeds=0-3&label=7&direction=slant&strengths=-3,-1.5,0,1.5,3 (or vector=v1,...,vd, a direction of your own);
+        as edit.gif, .apng or .webp, the strengths animated, each frame a grid of the seeds (&columns=2&fps=...)."""
+        kind = request.match_info["kind"]
+        q = _query(request, EDIT_QUERY + (ANIMATION_QUERY if kind != "png" else ()))
+        label = _label(q, "label", "soft")
+        vector = text.numbers(q["vector"], "vector") if "vector" in q else None
+        names = {"model": "model", "version": "version", "latents": "seeds", "seeds": "seeds", "seed_range": "seeds",
+                 "truncation": "psi", "output.grid_columns": "columns", "labels": "soft" if "soft" in q else "label",
+                 "vector": "vector", "animation": "strengths", "animation.fps": "fps",
+                 "animation.loops": "loops"}  # fmt: skip
+        edit = dm.Edit(
+            request.match_info["model"], text.version(q.get("version", ""), "version"),
+            text.seeds(q.get("seeds", "0"), "seeds"), [label] if label else [], q.get("direction", ""), vector,
+            text.numbers(q.get("strengths", text.STRENGTHS), "strengths"), text.number(q.get("psi", "0"), "psi"),
+            dataclasses.replace(GRID, grid_columns=text.integer(q.get("columns", "0"), "columns")), dm.Names(names),
+            _animation(q, kind),
         )  # fmt: skip
+        return _image(await self.plane.edit(edit, gate.deadline()))
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -121,6 +135,24 @@ def _asset(name: str, content_type: str) -> tuple[bytes, str]:
     return resources.files("service").joinpath("playground", name).read_bytes(), content_type
 
 
+def _animation(q: Mapping[str, str], kind: str) -> dm.Animation | None:
+    """The animation query of an .gif, .apng or .webp route; None for .png."""
+    if kind == "png":
+        return None
+    fps, loops = text.number(q.get("fps", "0"), "fps"), text.integer(q.get("loops", "0"), "loops")
+    return dm.Animation(kind, fps, text.boolean(q.get("ping_pong", "0"), "ping_pong"), loops)
+
+
+def _image(result: dm.Result) -> web.Response:
+    """The grid, or the animation when one was asked for."""
+    if not result.animation:
+        return _png(result)
+    return web.Response(
+        body=result.animation, content_type=result.animation_type,
+        headers={"X-Model": result.model, "X-Model-Version": str(result.version)},
+    )  # fmt: skip
+
+
 def _png(result: dm.Result) -> web.Response:
     return web.Response(
         body=result.grid_png, content_type="image/png",
@@ -134,6 +166,8 @@ def _model_json(info: dm.ModelInfo) -> dict:
         "name": info.name, "version": info.version, "versions": info.versions, "ready": True,
         "kind": spec.kind, "latent_dim": spec.latent_dim, "prior": spec.prior, "class_names": list(spec.class_names),
         "image_shape": list(spec.output_shape), "provider": info.provider,
+        "directions": [{"name": d.name, "kind": d.kind, "description": d.description, "per_class": bool(d.per_class)}
+                       for d in spec.directions],
     }  # fmt: skip
 
 

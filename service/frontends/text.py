@@ -17,6 +17,7 @@ MAX_DIGITS = 20  # 2**64 - 1, the largest seed, has 20 digits
 MAX_TEXT = 64 << 10  # characters of one seeds or labels text
 MAX_SEEDS = 1 << 16  # seeds one text may list; a single range a-b is never expanded
 SEED_ITEM = re.compile(r"\s*(\d{1,20})\s*(?:-\s*(\d{1,20})\s*)?")
+STRENGTHS = "-3,-2,-1,0,1,2,3"  # an edit's strengths when a query or OIP's parameters give none
 INTEGER = re.compile(rf"\s*[+-]?\d{{1,{MAX_DIGITS}}}\s*")
 
 
@@ -43,6 +44,17 @@ def number(text: str, field: str) -> float:
     if not math.isfinite(value):
         raise InvalidArgument(f"{field}: a number (got {short(text)})")
     return value
+
+
+def numbers(value: object, field: str, limit: int = 4096) -> list[float]:
+    """Comma-separated finite numbers ("-3,-1.5,0"), at most `limit` of them, or one number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [number(str(value), field)]
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{field}: comma-separated numbers, such as '-3,0,3'")
+    if value.count(",") >= limit:
+        raise InvalidArgument(f"{field}: more than {limit:,} numbers")
+    return [number(item.strip(), field) for item in value.split(",")]
 
 
 def version(text: str, field: str) -> int:

@@ -72,7 +72,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "versions", "version", "ready", "latent_dim", "prior", "class_names", "image_shape", "output_min", "output_max", "provider", "metadata")
+    __slots__ = ("name", "versions", "version", "ready", "latent_dim", "prior", "class_names", "image_shape", "output_min", "output_max", "provider", "metadata", "directions")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class ModelInfo(_message.Message):
     OUTPUT_MAX_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedScalarFieldContainer[int]
     version: int
@@ -104,7 +105,22 @@ class ModelInfo(_message.Message):
     output_max: float
     provider: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., ready: bool = ..., latent_dim: _Optional[int] = ..., prior: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., output_min: _Optional[float] = ..., output_max: _Optional[float] = ..., provider: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    directions: _containers.RepeatedCompositeFieldContainer[Direction]
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., ready: bool = ..., latent_dim: _Optional[int] = ..., prior: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., output_min: _Optional[float] = ..., output_max: _Optional[float] = ..., provider: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., directions: _Optional[_Iterable[_Union[Direction, _Mapping]]] = ...) -> None: ...
+
+class Direction(_message.Message):
+    __slots__ = ("name", "kind", "description", "vector", "per_class")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    description: str
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    per_class: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., per_class: bool = ...) -> None: ...
 
 class SeedList(_message.Message):
     __slots__ = ("seeds",)
@@ -231,6 +247,34 @@ class InterpolateRequest(_message.Message):
     animation: AnimationOptions
     more_paths: _containers.RepeatedCompositeFieldContainer[KeyframePath]
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., keyframes: _Optional[_Iterable[_Union[Keyframe, _Mapping]]] = ..., steps: _Optional[int] = ..., method: _Optional[_Union[InterpolationMethod, str]] = ..., truncation: _Optional[float] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., animation: _Optional[_Union[AnimationOptions, _Mapping]] = ..., more_paths: _Optional[_Iterable[_Union[KeyframePath, _Mapping]]] = ...) -> None: ...
+
+class EditRequest(_message.Message):
+    __slots__ = ("model", "version", "seeds", "seed_range", "rows", "labels", "direction", "vector", "strengths", "truncation", "output", "animation")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    SEED_RANGE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    STRENGTHS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ANIMATION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    seeds: SeedList
+    seed_range: SeedRange
+    rows: LatentRows
+    labels: _containers.RepeatedCompositeFieldContainer[Label]
+    direction: str
+    vector: LatentRows
+    strengths: _containers.RepeatedScalarFieldContainer[float]
+    truncation: float
+    output: OutputOptions
+    animation: AnimationOptions
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., seeds: _Optional[_Union[SeedList, _Mapping]] = ..., seed_range: _Optional[_Union[SeedRange, _Mapping]] = ..., rows: _Optional[_Union[LatentRows, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., direction: _Optional[str] = ..., vector: _Optional[_Union[LatentRows, _Mapping]] = ..., strengths: _Optional[_Iterable[float]] = ..., truncation: _Optional[float] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., animation: _Optional[_Union[AnimationOptions, _Mapping]] = ...) -> None: ...
 
 class KeyframePath(_message.Message):
     __slots__ = ("keyframes",)

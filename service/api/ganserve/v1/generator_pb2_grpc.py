@@ -60,6 +60,11 @@ class GeneratorStub(object):
                 request_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.InterpolateRequest.SerializeToString,
                 response_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Edit = channel.unary_unary(
+                '/ganserve.v1.Generator/Edit',
+                request_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.EditRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class GeneratorServicer(object):
@@ -101,6 +106,14 @@ class GeneratorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Edit(self, request, context):
+        """Samples moved along a direction in latent space: a row per latent, a column per strength (README, "Latent
+        directions").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_GeneratorServicer_to_server(servicer, server):
             'Interpolate': grpc.unary_unary_rpc_method_handler(
                     servicer.Interpolate,
                     request_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.InterpolateRequest.FromString,
+                    response_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Edit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Edit,
+                    request_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.EditRequest.FromString,
                     response_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.GenerateResponse.SerializeToString,
             ),
     }
@@ -265,6 +283,33 @@ class Generator(object):
             target,
             '/ganserve.v1.Generator/Interpolate',
             service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.InterpolateRequest.SerializeToString,
+            service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Edit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganserve.v1.Generator/Edit',
+            service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.EditRequest.SerializeToString,
             service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

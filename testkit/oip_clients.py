@@ -57,6 +57,11 @@ def main(grpc_url: str, http_url: str, out: str) -> None:
             name = f"{tag}_tensors" + ("" if binary else "_json")
             results[name] = client.infer(MODEL, inputs).as_numpy("images")
 
+        # An edit: the direction and strengths as parameters, as any OIP client can send them.
+        edit = {"seeds": SEEDS, "labels": LABELS, "direction": "slant", "strengths": "-2,0,2", "datatype": "UINT8"}
+        outputs = [th.InferRequestedOutput("images", binary_data=True)] if mod is th else None
+        results[f"{tag}_edit"] = client.infer(MODEL, [], outputs=outputs, parameters=edit).as_numpy("images")
+
         def refused(name: str, call) -> None:
             try:
                 call()
@@ -73,6 +78,8 @@ def main(grpc_url: str, http_url: str, out: str) -> None:
         refused(f"{tag}_wrong_datatype", lambda c=client, t=integers: c.infer(MODEL, [t]))
         refused(f"{tag}_bad_seeds", lambda c=client: c.infer(MODEL, [], parameters={"seeds": "0-x"}))
         refused(f"{tag}_too_many", lambda c=client: c.infer(MODEL, [], parameters={"seeds": "0-99999"}))
+        tilt = edit | {"direction": "tilt"}
+        refused(f"{tag}_bad_direction", lambda c=client, p=tilt: c.infer(MODEL, [], parameters=p))
     np.savez(out, **results)
     with open(out + ".json", "w") as f:
         json.dump({"meta": meta, "errors": errors}, f, default=str)

@@ -50,6 +50,9 @@ def triton(tmp_path_factory):
             results = dict(f)
         rows = pb.LatentRows(values=results["z"].ravel())
         labels = [pb.Label(soft=pb.SoftLabel(weights=row)) for row in results["y"]]
+        ours["edit"] = stub.Edit(pb.EditRequest(
+            model=MODEL, seed_range=pb.SeedRange(start=0, count=8), labels=[pb.Label(index=3)], direction="slant",
+            strengths=[-2, 0, 2], output=pb.OutputOptions(format=pb.RAW_UINT8)), timeout=30)  # fmt: skip
         ours["rows"] = stub.Generate(
             pb.GenerateRequest(model=MODEL, rows=rows, labels=labels, output=pb.OutputOptions(format=pb.RAW_FLOAT32)),
             timeout=30,
@@ -98,10 +101,18 @@ def test_explicit_z_and_y_tensors_match_ganserve_rows(triton):
         assert results[name].shape == (3, 1, 28, 28) and results[name].tobytes() == expected, name
 
 
+def test_triton_clients_edit_as_ganserve_does(triton):
+    results, _, ours = triton
+    expected = b"".join(ours["edit"].images)  # 8 seeds × 3 strengths, seed by seed
+    for tag in ("grpc", "http"):
+        assert results[f"{tag}_edit"].shape == (24, 28, 28, 1) and results[f"{tag}_edit"].tobytes() == expected, tag
+
+
 @pytest.mark.parametrize(
     ("case", "grpc_status", "http_status", "text"),
     [
         ("unknown_model", "StatusCode.NOT_FOUND", "404", "no model named 'nope'"),
+        ("bad_direction", "StatusCode.INVALID_ARGUMENT", "400", "parameters.direction: unknown direction 'tilt'"),
         ("wrong_shape", "StatusCode.INVALID_ARGUMENT", "400", "inputs[0].shape: input 'z' is [n, 100] (got [2, 3])"),
         ("wrong_datatype", "StatusCode.INVALID_ARGUMENT", "400", "inputs[0].datatype: input 'z' is FP32 (got 'INT64')"),
         ("bad_seeds", "StatusCode.INVALID_ARGUMENT", "400", "parameters.seeds: '0-x' is not seeds"),

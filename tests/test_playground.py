@@ -11,7 +11,10 @@ import argparse
 import base64
 import contextlib
 import io
+import json
 import os
+import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 from selenium import webdriver
@@ -34,6 +38,13 @@ INSTALL = "apt-get install -y chromium chromium-driver"
 SKIP_ENV = "GAN_SKIP_BROWSER"
 MODEL, TILE = "mnist-cdcgan", 28
 STRIP = "from=0&to=1&steps=15&from_label=3&to_label=5&psi=0.50"  # the interpolation the test asks the page for
+DIRECTIONS = ["sefa1", "sefa2", "sefa3", "sefa4", "sefa5", "ink", "slant", "width"]  # the shipped model's
+# A slider moved as a drag leaves it: its value set, then the "input" event it fires.
+SLIDE_JS = """
+const input = document.querySelector(`#direction-sliders input[data-direction="${arguments[0]}"]`);
+input.value = arguments[1];
+input.dispatchEvent(new Event("input", { bubbles: true }));
+"""
 # The page's own drawing, read back as PNG: decoded pixels, not DOM nodes.
 PIXELS_JS = """
 const el = document.getElementById(arguments[0]);
@@ -51,11 +62,11 @@ def _padded(n: int) -> int:
 
 
 @contextlib.contextmanager
-def serving(folder: Path) -> Iterator[str]:
-    """`python -m service` on the shipped models; yields the HTTP base URL."""
+def serving(folder: Path, models: Path = ROOT / "models") -> Iterator[str]:
+    """`python -m service` on the shipped models (or those under `models`); yields the HTTP base URL."""
     env = {"GAN_PORT": "0", "GAN_METRICS_PORT": "0", "GAN_HTTP_PORT": "0", "GAN_GRACE_SECONDS": "1",
            "GAN_HOST": "127.0.0.1"}  # fmt: skip
-    proc, ready = start_server(["--model-repository", str(ROOT / "models")], env, folder)
+    proc, ready = start_server(["--model-repository", str(models)], env, folder)
     try:
         yield f"http://127.0.0.1:{ready['http_port']}"
     finally:
@@ -142,6 +153,27 @@ def _keys(driver, element: str, *keys: str) -> None:
     driver.find_element("id", element).send_keys(*keys)
 
 
+def _slider(driver, direction: str):
+    return driver.find_element("css selector", f'#direction-sliders input[data-direction="{direction}"]')
+
+
+def _slider_values(driver) -> dict[str, str]:
+    """Each direction's slider: its value and the number shown beside it."""
+    shown = {}
+    for s in driver.find_elements("css selector", "#direction-sliders input"):
+        value = driver.find_element("id", f"{s.get_attribute('id')}-value").text
+        shown[s.get_attribute("data-direction")] = f"{s.get_attribute('value')} {value}"
+    return shown
+
+
+def _timing(driver, element: str) -> tuple[float, float]:
+    """The server's time and the round trip, in ms, as the page shows them under `element`."""
+    text = driver.find_element("id", f"{element}-timing").text
+    match = re.fullmatch(r"server ([\d.]+) ms · round trip ([\d.]+) ms", text)
+    assert match, text
+    return float(match[1]), float(match[2])
+
+
 def test_page_draws_a_grid_a_class_psi_and_an_interpolation(driver, base_url, tmp_path):
     driver.get(f"{base_url}/")
     first = _drawn(driver, "grid", 0)
@@ -215,16 +247,22 @@ def test_page_draws_a_grid_a_class_psi_and_an_interpolation(driver, base_url, tm
 
 
 def test_a_new_token_keeps_the_classes_picked(driver, base_url):
-    """Typing a token reloads the model list; the class, the blend and its slider's state stay as they were."""
+    """Typing a token reloads the model list; the class, the blend and its slider's state, and the direction moved
+    stay as they were."""
     driver.get(f"{base_url}/")
     _drawn(driver, "grid", 0)
+    seq = _seq(driver, "grid")
     _select(driver, "label", "7")
     _select(driver, "blend-label", "1")
+    driver.execute_script(SLIDE_JS, "slant", "1")
+    _drawn(driver, "grid", seq, "7 50% + 1 50% · slant +1.00")
     seq = _seq(driver, "grid")
     _keys(driver, "token", "a-token", Keys.TAB)  # "change" fires as the field loses focus
-    _drawn(driver, "grid", seq, "7 50% + 1 50%")  # the list came back and the grid was drawn again, blend and all
+    # The list came back and the grid was drawn again, blend, direction and all.
+    _drawn(driver, "grid", seq, "7 50% + 1 50% · slant +1.00")
     picked = [Select(driver.find_element("id", e)).first_selected_option.text for e in ("label", "blend-label")]
     assert picked == ["7", "1"] and driver.find_element("id", "blend").is_enabled()
+    assert _slider_values(driver)["slant"] == "1 +1.00"
     _select(driver, "blend-label", "none")
     assert not driver.find_element("id", "blend").is_enabled()
 
@@ -247,13 +285,162 @@ def test_page_shows_the_api_error(driver, base_url):
     assert all("400 (Bad Request)" in message for message in _severe(driver))
 
 
+def test_a_slider_per_direction_moves_the_grid_along_it(driver, base_url):
+    driver.get(f"{base_url}/")
+    _drawn(driver, "grid", 0)
+    with urllib.request.urlopen(f"{base_url}/v1/models") as response:
+        listed = next(m for m in json.load(response)["models"] if m["name"] == MODEL)["directions"]
+    assert [d["name"] for d in listed] == DIRECTIONS
+    # A slider per direction, named, its description as the tooltip, from -3 to 3 in quarters, at 0.
+    assert driver.find_element("id", "directions").is_displayed()
+    labels = driver.find_elements("css selector", "#direction-sliders label")
+    assert [label.text for label in labels] == DIRECTIONS
+    sliders = driver.find_elements("css selector", "#direction-sliders input")
+    got = [[s.get_attribute(a) for a in ("data-direction", "title", "type", "min", "max", "step")] for s in sliders]
+    assert got == [[d["name"], d["description"], "range", "-3", "3", "0.25"] for d in listed]
+    assert set(_slider_values(driver).values()) == {"0 0.00"}
+    reset = driver.find_element("id", "directions-reset")
+    assert not reset.is_enabled()  # nothing to reset
+
+    seq = _seq(driver, "grid")
+    _select(driver, "label", "7")
+    query = "seeds=0-15&label=7&psi=0.70&columns=4"
+    plain = _drawn(driver, "grid", seq, "class 7 · ψ 0.70")
+    np.testing.assert_array_equal(plain, _server_png(base_url, f"images.png?{query}"))
+
+    # Slant at 1.5: the same seeds, class, ψ and columns through edit.png, pixel for pixel, and not the plain grid.
+    seq = _seq(driver, "grid")
+    driver.execute_script(SLIDE_JS, "slant", "1.5")
+    assert _slider_values(driver)["slant"] == "1.5 +1.50" and reset.is_enabled()
+    slanted = _drawn(driver, "grid", seq, "class 7 · slant +1.50 · ψ 0.70")
+    np.testing.assert_array_equal(slanted, _server_png(base_url, f"edit.png?{query}&direction=slant&strengths=1.5"))
+    assert slanted.shape == plain.shape and not np.array_equal(slanted, plain)
+
+    # Back to 0: images.png again.
+    seq = _seq(driver, "grid")
+    driver.execute_script(SLIDE_JS, "slant", "0")
+    np.testing.assert_array_equal(_drawn(driver, "grid", seq, "class 7 · ψ 0.70"), plain)
+    assert not reset.is_enabled()
+
+    # One direction at a time: ink moved by keyboard puts slant, moved before, back to 0.
+    seq = _seq(driver, "grid")
+    driver.execute_script(SLIDE_JS, "slant", "-2")
+    _drawn(driver, "grid", seq, "slant −2.00")
+    seq = _seq(driver, "grid")
+    _slider(driver, "ink").send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
+    inked = _drawn(driver, "grid", seq, "class 7 · ink +0.50 · ψ 0.70")
+    values = _slider_values(driver)
+    assert values["ink"] == "0.5 +0.50" and values["slant"] == "0 0.00"
+    assert [v for name, v in values.items() if name != "ink"] == ["0 0.00"] * 7
+    np.testing.assert_array_equal(inked, _server_png(base_url, f"edit.png?{query}&direction=ink&strengths=0.5"))
+
+    # Reset: every slider at 0 and the plain grid.
+    seq = _seq(driver, "grid")
+    reset.click()
+    np.testing.assert_array_equal(_drawn(driver, "grid", seq, "class 7 · ψ 0.70"), plain)
+    assert set(_slider_values(driver).values()) == {"0 0.00"} and not reset.is_enabled()
+    server, round_trip = _timing(driver, "grid")
+    assert 0 < server <= round_trip
+    assert _severe(driver) == []
+
+
+def test_a_direction_keeps_the_grids_blend_and_layout(driver, base_url):
+    """Columns 0 lets images.png pick ⌈√n⌉ columns; edit.png would draw one column a strength: the page asks for
+    the layout images.png drew. A blend goes as the same soft weights."""
+    driver.get(f"{base_url}/")
+    _drawn(driver, "grid", 0)
+    seq = _seq(driver, "grid")
+    for element, value in (("count", "6"), ("columns", "0")):
+        driver.find_element("id", element).clear()
+        _keys(driver, element, value)
+    _select(driver, "label", "7")
+    _select(driver, "blend-label", "1")
+    plain = _drawn(driver, "grid", seq, "seeds 0-5 · 7 50% + 1 50%")
+    query = "seeds=0-5&soft=0,0.5,0,0,0,0,0,0.5,0,0&psi=0.70"
+    np.testing.assert_array_equal(plain, _server_png(base_url, f"images.png?{query}&columns=0"))
+    assert plain.shape == (_padded(2), _padded(3), 4)
+    seq = _seq(driver, "grid")
+    driver.execute_script(SLIDE_JS, "width", "-3")
+    wide = _drawn(driver, "grid", seq, "width −3.00")
+    np.testing.assert_array_equal(
+        wide, _server_png(base_url, f"edit.png?{query}&columns=3&direction=width&strengths=-3")
+    )
+    assert wide.shape == plain.shape and not np.array_equal(wide, plain)
+    # Strength 0 through edit.png is the plain grid: nothing changes for anyone who leaves the sliders alone.
+    np.testing.assert_array_equal(
+        plain, _server_png(base_url, f"edit.png?{query}&columns=3&direction=width&strengths=0")
+    )
+
+
+def _without_directions(source: Path, target: Path) -> None:
+    """A copy of a model file as format 2 wrote it, before directions: the same graph, no `directions` key."""
+    model = onnx.load(str(source))
+    kept = [
+        (p.key, "2" if p.key == "format_version" else p.value) for p in model.metadata_props if p.key != "directions"
+    ]
+    del model.metadata_props[:]
+    for key, value in kept:
+        model.metadata_props.add(key=key, value=value)
+    target.parent.mkdir(parents=True)
+    onnx.save(model, str(target))
+
+
+def test_another_model_rebuilds_the_directions(driver, tmp_path):
+    """A model that lists none hides the section; coming back finds every slider at 0 and the plain grid."""
+    shipped = ROOT / "models" / MODEL / str(shipped_version()) / "model.onnx"
+    (tmp_path / "models" / MODEL / "1").mkdir(parents=True)
+    shutil.copy(shipped, tmp_path / "models" / MODEL / "1" / "model.onnx")
+    _without_directions(shipped, tmp_path / "models" / "older" / "1" / "model.onnx")
+    with serving(tmp_path, tmp_path / "models") as url:
+        driver.get(f"{url}/")
+        _select(driver, "model", MODEL)
+        _wait(lambda: driver.find_element("id", "directions").is_displayed(), "the directions")
+        _drawn(driver, "grid", 0, "class 0")
+        seq = _seq(driver, "grid")
+        driver.execute_script(SLIDE_JS, "sefa1", "3")
+        _drawn(driver, "grid", seq, "sefa1 +3.00")
+
+        seq = _seq(driver, "grid")
+        _select(driver, "model", "older")
+        older = _drawn(driver, "grid", seq)
+        assert not driver.find_element("id", "directions").is_displayed()
+        assert "sefa1" not in driver.find_element("id", "grid-caption").text
+        with urllib.request.urlopen(f"{url}/v1/models/older/images.png?seeds=0-15&label=0&psi=0.70&columns=4") as r:
+            np.testing.assert_array_equal(older, np.asarray(Image.open(io.BytesIO(r.read())).convert("RGBA")))
+
+        seq = _seq(driver, "grid")
+        _select(driver, "model", MODEL)
+        back = _drawn(driver, "grid", seq)
+        assert driver.find_element("id", "directions").is_displayed()
+        assert list(_slider_values(driver)) == DIRECTIONS and set(_slider_values(driver).values()) == {"0 0.00"}
+        np.testing.assert_array_equal(back, older)  # the same graph: plain images.png, not the edit
+        assert _severe(driver) == []
+
+
+def test_round_trip_is_never_less_than_the_server_time(driver, base_url):
+    """The round trip holds the server's time, but the page reads it off the browser's clock, which is coarse:
+    0.1 ms with jitter in Chromium, 1 ms in Firefox and Safari, 100 ms with Firefox's resistFingerprinting. A clock
+    that did not move during a call (the coarsest case) once made the page say "round trip 0.0 ms" under a server
+    time of several: the round trip shown is never less than the server's."""
+    frozen = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": "performance.now = () => 1e4;"})
+    try:
+        driver.get(f"{base_url}/")
+        _drawn(driver, "grid", 0)
+        _drawn(driver, "strip", 0)
+        for element in ("grid", "strip"):
+            server, round_trip = _timing(driver, element)
+            assert 0 < server <= round_trip, (element, server, round_trip)
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": frozen["identifier"]})
+
+
 def screenshot(path: Path) -> None:
     """Redraws the README's picture: a grid of one class and an interpolation between two."""
     with tempfile.TemporaryDirectory() as folder, serving(Path(folder)) as url:
-        driver = chrome(1200, 800)
+        driver = chrome(1200, 840)
         try:
             # The window's size includes what headless Chromium keeps for its own frame; the page gets exactly this.
-            metrics = {"width": 1200, "height": 800, "deviceScaleFactor": 1, "mobile": False}
+            metrics = {"width": 1200, "height": 840, "deviceScaleFactor": 1, "mobile": False}
             driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
             driver.get(f"{url}/")
             for element, text in (("label", "7"), ("from-label", "3"), ("to-label", "8")):
@@ -281,3 +468,8 @@ def test_at_phone_width_the_seed_field_has_room_for_a_long_seed(driver, base_url
     seed = driver.find_element("id", "seed")
     # A 10-digit seed (what "Random" gives) at the page's font needs about 7.5 rem; a third of 420 px had 60 px.
     assert seed.size["width"] >= 120, seed.size
+    # The directions fit too: every slider on the page, none narrower than a thumb's travel worth having.
+    _drawn(driver, "grid", 0)
+    sliders = driver.find_elements("css selector", "#direction-sliders input")
+    assert len(sliders) == len(DIRECTIONS) and all(s.size["width"] >= 90 for s in sliders), [s.size for s in sliders]
+    assert driver.execute_script("return document.documentElement.scrollWidth") <= 420

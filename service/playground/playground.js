@@ -8,7 +8,10 @@ const DEBOUNCE_MS = 200; // sliders fire on every pixel of travel; one request p
 const FPS = 12;
 const CANVAS_SIDE = 256; // the animation's frame is scaled up by a whole factor to about this size
 
-const state = { models: [], model: null, errors: {}, strip: null, frame: 0, direction: 1, timer: 0, classNames: "", animation: null };
+const state = {
+  models: [], model: null, errors: {}, strip: null, frame: 0, direction: 1, timer: 0, classNames: "", animation: null,
+  directionList: null, // "model\nname\nname…" of the sliders built; the same list again keeps where they are
+};
 const views = {
   grid: { img: $("grid"), caption: $("grid-caption"), timing: $("grid-timing"), download: $("grid-download") },
   strip: { img: $("strip"), caption: $("strip-caption"), timing: $("strip-timing"), download: $("strip-download") },
@@ -37,8 +40,14 @@ async function request(path, params, signal) {
     throw new Error(body.error || `${response.status} ${response.statusText}`);
   }
   const blob = await response.blob();
+  const measured = performance.now() - started;
   const timing = /(?:^|,)\s*app;dur=([\d.]+)/.exec(response.headers.get("Server-Timing") || "");
-  return { blob, response, server: timing ? Number(timing[1]) : NaN, roundTrip: performance.now() - started };
+  const server = timing ? Number(timing[1]) : NaN;
+  // The server's time is part of the round trip, but the two are read off different clocks: the server's to 0.01
+  // ms, the page's as coarsely as the browser allows (0.1 ms with jitter in Chromium, 1 ms in Firefox and Safari,
+  // 100 ms with Firefox's resistFingerprinting), so a quick call could read shorter than the server's share of it.
+  // Whatever the clock missed, the call took at least the server's time.
+  return { blob, response, server, roundTrip: Number.isNaN(server) ? measured : Math.max(measured, server) };
 }
 
 async function loadModels() {
@@ -77,6 +86,7 @@ function pickModel() {
   if (same) for (const [id, value] of Object.entries(kept)) $(id).value = value;
   else if (names.length > 1) $("to-label").value = "1";
   showValues(); // the blend slider is off while its partner is "none"
+  buildDirections(model);
   if (model.kind !== "image") {
     setError("model", `${model.name} generates 2-D points; the playground draws image models only.`);
     return;
@@ -140,7 +150,9 @@ async function show(source, path, params, caption, filename) {
     view.url = url;
     view.filename = filename.replace("{version}", response.headers.get("X-Model-Version") || "");
     view.caption.textContent = caption;
-    view.timing.textContent = `server ${server.toFixed(1)} ms · round trip ${roundTrip.toFixed(1)} ms`;
+    // Both rounded alike, and the round trip is at least the server's number: it never shows the smaller figure.
+    const serverText = Number.isNaN(server) ? "" : `server ${server.toFixed(1)} ms · `; // a proxy may drop the header
+    view.timing.textContent = `${serverText}round trip ${roundTrip.toFixed(1)} ms`;
     view.download.disabled = false;
     view.img.dataset.seq = Number(view.img.dataset.seq) + 1; // lets a test wait for this very image
     view.img.dataset.state = "ready";
@@ -165,9 +177,19 @@ function renderGrid() {
     const [label, labelText] = labelParams("", $("label").value, $("blend-label").value, Number($("blend").value));
     // Limits (seeds per call, columns ≥ 0) are the server's to judge; its message shows in the page.
     const params = { seeds, ...label, ...common(), columns: $("columns").value.trim() || "0" };
-    const what = [`seeds ${seeds}`, labelText, psiText()].filter(Boolean).join(" · ");
-    const name = `${state.model.name}-v{version}-seeds${seeds}${label.label ? `-class${label.label}` : ""}.png`;
-    show("grid", `/v1/models/${encodeURIComponent(state.model.name)}/images.png`, params, what, name);
+    // A direction moved: the same seeds through edit.png, one strength, so one image a seed. Its columns 0 would
+    // mean one a strength (a single column): the seeds are laid out as images.png lays them out, ⌈√n⌉ across.
+    const edit = activeDirection();
+    if (edit) {
+      Object.assign(params, { direction: edit.name, strengths: String(edit.strength) });
+      if (Number(params.columns) === 0) params.columns = String(Math.ceil(Math.sqrt(count)));
+    }
+    const what = [`seeds ${seeds}`, labelText, edit && `${edit.name} ${signed(edit.strength)}`, psiText()];
+    const classPart = label.label ? `-class${label.label}` : "";
+    const editPart = edit ? `-${edit.name}${edit.strength}` : "";
+    const name = `${state.model.name}-v{version}-seeds${seeds}${classPart}${editPart}.png`;
+    const path = `/v1/models/${encodeURIComponent(state.model.name)}/${edit ? "edit" : "images"}.png`;
+    show("grid", path, params, what.filter(Boolean).join(" · "), name);
   } catch (e) {
     setError("grid", e.message);
   }
@@ -197,6 +219,67 @@ async function renderStrip() {
 function renderAll() {
   renderGrid();
   renderStrip();
+}
+
+// ---- latent directions: a slider each, one moved at a time; the grid's seeds moved along it ----------------------
+
+const directionInputs = () => [...$("direction-sliders").querySelectorAll("input")];
+const signed = (x) => `${x > 0 ? "+" : x < 0 ? "−" : ""}${Math.abs(x).toFixed(2)}`;
+
+// The one direction off 0, or null: then the grid is images.png's, as if there were no sliders.
+function activeDirection() {
+  const input = directionInputs().find((el) => Number(el.value) !== 0);
+  return input ? { name: input.dataset.direction, strength: Number(input.value) } : null;
+}
+
+// Rebuilt, every slider at 0, for another model (or another list); the same model listed again (a new token reloads
+// the list) keeps them where they are.
+function buildDirections(model) {
+  const list = model.kind === "image" ? model.directions || [] : [];
+  $("directions").hidden = list.length === 0;
+  const key = [model.name, ...list.map((d) => d.name)].join("\n");
+  if (key === state.directionList) return;
+  state.directionList = key;
+  $("direction-sliders").replaceChildren(...list.map(directionSlider));
+  showDirections();
+}
+
+function directionSlider(direction, i) {
+  const id = `direction-${i}`; // a name is a model's to choose: ids by position, the name in a data attribute
+  const field = document.createElement("div");
+  field.className = "field range";
+  field.title = direction.description; // the tooltip over its name, value and slider
+  const label = document.createElement("label");
+  label.htmlFor = id;
+  label.textContent = direction.name;
+  const value = document.createElement("output");
+  value.id = `${id}-value`;
+  value.setAttribute("for", id);
+  const input = document.createElement("input");
+  Object.assign(input, { id, type: "range", min: "-3", max: "3", step: "0.25", value: "0" });
+  input.dataset.direction = direction.name;
+  input.title = direction.description;
+  input.addEventListener("input", () => moveDirection(input));
+  field.append(label, value, input);
+  return field;
+}
+
+// One direction at a time: the one moved sets the others back to 0.
+function moveDirection(moved) {
+  for (const input of directionInputs()) if (input !== moved) input.value = "0";
+  showDirections();
+  gridLater();
+}
+
+function resetDirections() {
+  for (const input of directionInputs()) input.value = "0";
+  showDirections();
+  renderGrid();
+}
+
+function showDirections() {
+  for (const input of directionInputs()) $(`${input.id}-value`).textContent = signed(Number(input.value));
+  $("directions-reset").disabled = !activeDirection();
 }
 
 // ---- the animation: frames cropped from the strip (2 px padding around and between them) -------------------------
@@ -300,6 +383,7 @@ for (const id of ["psi", "blend", "blend-label"]) on(id, showValues);
 on("psi", allLater);
 on("version", renderAll);
 on("model", pickModel);
+$("directions-reset").addEventListener("click", resetDirections);
 $("random").addEventListener("click", () => {
   $("seed").value = Math.floor(Math.random() * 2 ** 31);
   renderGrid();

@@ -19,6 +19,7 @@ so a sample depends on its own seed only, never on the rest of the batch.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -236,6 +237,116 @@ class ModelSpec:
         if kind != "tensor(float)" or list(shape[1:]) != list(self.output_shape):
             dims = ", ".join(map(str, self.output_shape))
             raise ContractError(f"output images: expected float [batch, {dims}], got {kind} {list(shape)}")
+
+
+ENCODER_FILE = "encoder.onnx"  # beside model.onnx in a version folder
+ENCODER_KIND = "encoder"
+ENCODER_KEYS = (
+    "format_version",
+    "kind",
+    "generator_sha256",
+    "latent_dim",
+    "class_names",
+    "image_shape",
+    "output_range",
+)
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder file (encoder.onnx, beside its generator's model.onnx) promises: images as its generator
+    draws them → the z (and class logits) that draw them. `generator_sha256` ties it to one generator file.
+
+    Graph: input images float32 [batch, *image_shape] in output_range; outputs z [batch, latent_dim] and, for a
+    conditional generator, logits [batch, num_classes].
+    """
+
+    generator_sha256: str
+    latent_dim: int
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, ...]
+    output_range: tuple[float, float]
+    provenance: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "format_version": str(FORMAT_VERSION), "kind": ENCODER_KIND, "generator_sha256": self.generator_sha256,
+            "latent_dim": str(self.latent_dim), "class_names": json.dumps(list(self.class_names)),
+            "image_shape": json.dumps(list(self.image_shape)), "output_range": json.dumps(list(self.output_range)),
+            **self.provenance,
+        }  # fmt: skip
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> EncoderSpec:
+        missing = [k for k in ENCODER_KEYS if k not in meta]
+        if missing:
+            raise ContractError(f"metadata_props lacks {missing[0]!r}")
+        if meta["kind"] != ENCODER_KIND:
+            raise ContractError(f"kind: {meta['kind'][:32]!r} is not an encoder's ({ENCODER_KIND!r})")
+        if meta["format_version"] != str(FORMAT_VERSION):
+            raise ContractError(
+                f"format_version: {meta['format_version'][:16]!r}; encoders are format {FORMAT_VERSION}"
+            )
+        if not SHA256.fullmatch(meta["generator_sha256"]):
+            raise ContractError("generator_sha256: not a SHA-256 in hex")
+        try:
+            spec = cls(
+                meta["generator_sha256"], int(meta["latent_dim"]),
+                tuple(str(c) for c in _json_list(meta["class_names"])),
+                tuple(int(d) for d in _json_list(meta["image_shape"])),
+                tuple(float(x) for x in _json_list(meta["output_range"])),
+                {k: v for k, v in meta.items() if k not in ENCODER_KEYS},
+            )  # fmt: skip
+        except (ValueError, TypeError) as e:
+            raise ContractError(f"unreadable encoder metadata ({e})") from None
+        if len(spec.output_range) != 2:
+            raise ContractError("output_range: needs [lo, hi]")
+        return spec
+
+    def check(self, generator: ModelSpec, generator_sha256: str) -> None:
+        """That this encoder was made for this very generator file; ContractError says how it is not."""
+        if self.generator_sha256 != generator_sha256:
+            raise ContractError(
+                f"generator_sha256: made for the generator {self.generator_sha256[:12]}…, not this model.onnx"
+                f" ({generator_sha256[:12]}…)"
+            )
+        mine = (self.latent_dim, self.class_names, self.image_shape, self.output_range)
+        theirs = (generator.latent_dim, generator.class_names, generator.output_shape, generator.output_range)
+        if mine != theirs:
+            raise ContractError(f"spec: latent_dim, classes, image shape and range {mine} differ from model.onnx's")
+
+    def check_signature(self, inputs: Mapping[str, tuple[str, Sequence]], outputs: Mapping[str, tuple[str, Sequence]]):
+        if list(inputs) != ["images"] or inputs["images"][0] != "tensor(float)":
+            raise ContractError(f"inputs {sorted(inputs)}: an encoder takes one float input, 'images'")
+        if list(inputs["images"][1][1:]) != list(self.image_shape):
+            raise ContractError(f"input images: expected [batch, {', '.join(map(str, self.image_shape))}]")
+        expected = {"z": self.latent_dim} | ({"logits": len(self.class_names)} if self.class_names else {})
+        if set(outputs) != set(expected):
+            raise ContractError(f"outputs {sorted(outputs)} do not match the metadata (expected {sorted(expected)})")
+        for name, width in expected.items():
+            kind, shape = outputs[name]
+            if kind != "tensor(float)" or len(shape) != 2 or shape[1] != width:
+                raise ContractError(f"output {name}: expected float [batch, {width}], got {kind} {list(shape)}")
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file, read a megabyte at a time: what ties an encoder to its generator."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_encoder(session) -> EncoderSpec:
+    """The spec of a loaded encoder session, its graph checked against it (duck-typed, as read_spec)."""
+    spec = EncoderSpec.from_metadata(session.get_modelmeta().custom_metadata_map)
+    inputs, outputs = (
+        {a.name: (a.type, list(a.shape)) for a in args} for args in (session.get_inputs(), session.get_outputs())
+    )
+    spec.check_signature(inputs, outputs)
+    return spec
 
 
 def _json_list(text: str) -> list:

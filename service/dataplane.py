@@ -18,7 +18,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from service import contract, encode, latents, tracing
+from service import contract, encode, inversion, latents, tracing
 from service.batcher import HIGH, NORMAL
 from service.cache import ResultCache
 from service.config import Limits
@@ -29,6 +29,8 @@ from service.domain import (
     Generate,
     Infer,
     Interpolate,
+    Invert,
+    Inverted,
     Keyframe,
     Label,
     ModelInfo,
@@ -39,7 +41,7 @@ from service.domain import (
     SeedRange,
     Seeds,
 )
-from service.errors import InvalidArgument, short
+from service.errors import FailedPrecondition, InvalidArgument, short
 from service.registry import ModelVersion, Registry
 
 METHODS = ("slerp", "lerp")
@@ -47,6 +49,7 @@ SEEDS_ON_LOOP = 64  # ~12 µs a seed: more would stall every other caller on the
 PNGS_ON_LOOP = 1  # ~150 µs a PNG (Pillow, 28x28)
 DEFAULT_FPS, MIN_FPS, MAX_FPS = 12.0, 1.0, 50.0  # GIF counts frame times in hundredths of a second
 MAX_LOOPS = 65535  # what GIF's and APNG's loop fields hold
+MAX_REFINE = 10_000  # generator passes per image: about 2 s of the shipped model's time for one image on 2 cores
 MAX_STRENGTHS = 64
 MAX_STRENGTH = 100.0  # standard deviations of the prior along a unit direction: far past any useful edit
 
@@ -83,9 +86,11 @@ class DataPlane:
         metadata = mv.session.metadata
         if not self.full_metadata:  # the documented keys only: `config` holds paths of the machine that trained it
             metadata = {k: v for k, v in metadata.items() if k in contract.DOCUMENTED_KEYS}
-        return ModelInfo(mv.name, mv.version, versions, mv.spec, mv.session.provider, metadata)
+        return ModelInfo(mv.name, mv.version, versions, mv.spec, mv.session.provider, metadata, mv.encoder is not None)
 
-    def _use(self, req: Generate | Interpolate | Infer | Edit) -> contextlib.AbstractContextManager[ModelVersion]:
+    def _use(
+        self, req: Generate | Interpolate | Infer | Edit | Invert
+    ) -> contextlib.AbstractContextManager[ModelVersion]:
         """The version held for the request: if it leaves meanwhile, the request still finishes on it."""
         if not req.model:
             raise InvalidArgument(f"{req.names('model')}: required")
@@ -271,6 +276,90 @@ class DataPlane:
             table = output if output.grid_columns else dataclasses.replace(output, grid_columns=len(strengths))
             self._check_size(mv, n, table, "strengths", names)
             return await self._run(mv, z, y, table, deadline, urgent=req.urgent)
+
+    async def invert(self, req: Invert, deadline: float | None = None) -> Inverted:
+        """The encoder's z (and class) for each image, then, with `refine`, a search over z with at most that many
+        generator passes per image (service/inversion.py), stopped early when the deadline nears."""
+        names = req.names
+        with self._use(req) as mv:
+            if mv.encoder is None:
+                why = mv.note or "no encoder.onnx lies beside its model.onnx (`python -m training.encoder` makes one)"
+                raise FailedPrecondition(
+                    f"{names('model')}: {mv.name!r} version {mv.version} serves no inversion: {why}"
+                )
+            output = _check_output(req.output, names)
+            if output.grid or output.return_latents:
+                raise InvalidArgument(f"{names('output')}: grids and latents do not apply to Invert (z is answered)")
+            if not 0 <= req.refine <= MAX_REFINE:
+                raise InvalidArgument(f"{names('refine_passes')}: from 0 to {MAX_REFINE:,} (got {req.refine})")
+            targets = await self._targets(mv, req, names)
+            n = len(targets)
+            self._check_size(mv, n, output, "images", names)
+            mv.batcher.check_room(n)
+            loop = asyncio.get_running_loop()
+            lo, hi = mv.spec.output_range
+            x = targets.transpose(0, 3, 1, 2).astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+            z, logits = await loop.run_in_executor(self.encoder, mv.encoder.run, x)
+            labels = probabilities = y = None
+            if logits is not None:
+                shifted = np.exp(logits - logits.max(1, keepdims=True))
+                probabilities = (shifted / shifted.sum(1, keepdims=True)).astype(np.float32)
+                labels = probabilities.argmax(1)
+                y = np.eye(mv.spec.num_classes, dtype=np.float32)[labels]
+            wanted = targets.transpose(0, 3, 1, 2) / 255.0
+
+            async def distance(candidates: np.ndarray, ys: np.ndarray | None, goal: np.ndarray) -> np.ndarray:
+                drawn = await mv.run(candidates, ys, deadline)
+                return inversion.distances(np.clip((drawn - lo) / (hi - lo), 0, 1), goal)
+
+            first = await distance(z, y, wanted)
+            search = inversion.Search(z, first)
+            generations, started = req.refine // inversion.POPULATION, time.monotonic()
+            ys = None if y is None else np.repeat(y, inversion.POPULATION, 0)
+            goals = np.repeat(wanted, inversion.POPULATION, 0)
+            done = 0
+            while done < generations:
+                spent = time.monotonic() - started
+                if deadline is not None and done and time.monotonic() + 2 * spent / done > deadline:
+                    break  # another generation would likely miss the deadline: answer with the best so far
+                search.tell(await distance(search.ask(), ys, goals))
+                done += 1
+            result = await self._run(mv, search.best, y, output, deadline)
+            return Inverted(result, search.best, labels, probabilities, search.best_distance, first,
+                            done * inversion.POPULATION)  # fmt: skip
+
+    async def _targets(self, mv: ModelVersion, req: Invert, names: Names) -> np.ndarray:
+        """The request's images as uint8 [n, H, W, C] of the model's size: files decoded off the event loop."""
+        c, h, w = mv.spec.output_shape
+        limit = self.limits.max_images
+        if req.images and req.pixels:
+            raise InvalidArgument(f"{names('images')}: give image files or raw pixels, not both")
+        if req.pixels:
+            size = h * w * c
+            if len(req.pixels) % size:
+                raise InvalidArgument(
+                    f"{names('pixels')}: {len(req.pixels):,} bytes is not a whole number of {h}×{w}×{c} images"
+                )
+            if len(req.pixels) // size > limit:
+                raise InvalidArgument(f"{names('pixels')}: {len(req.pixels) // size} images, the limit is {limit}")
+            return np.frombuffer(req.pixels, np.uint8).reshape(-1, h, w, c)
+        if not req.images:
+            raise InvalidArgument(f"{names('images')}: required: image files, or raw pixels")
+        if len(req.images) > limit:
+            raise InvalidArgument(f"{names('images')}: {len(req.images)} given, the limit per request is {limit}")
+
+        def decode_all() -> np.ndarray:
+            out = np.empty((len(req.images), h, w, c), np.uint8)
+            for i, data in enumerate(req.images):
+                if not data:
+                    raise InvalidArgument(f"{names(f'images[{i}]')}: empty")
+                try:
+                    out[i] = encode.decode(data, (h, w, c))
+                except ValueError as e:
+                    raise InvalidArgument(f"{names(f'images[{i}]')}: {e}") from None
+            return out
+
+        return await asyncio.get_running_loop().run_in_executor(self.encoder, decode_all)
 
     async def _animate(
         self, mv: ModelVersion, req: Interpolate | Edit, z: np.ndarray, y: np.ndarray | None, paths: int,

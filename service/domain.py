@@ -160,6 +160,32 @@ class Edit:
 
 
 @dataclass(frozen=True)
+class Invert:
+    """Images back to latents: image files, or raw uint8 pixels [n, H, W, C] one after another."""
+
+    model: str
+    version: int = 0
+    images: Sequence[bytes] = ()
+    pixels: bytes = b""
+    refine: int = 0  # generator passes per image for the search after the encoder; 0: none
+    output: Output = Output()  # the reconstructions' format
+    names: Names = NO_NAMES
+
+
+@dataclass(frozen=True)
+class Inverted:
+    """An Invert's answer: per image its z, class (conditional models), distances and passes; the reconstructions."""
+
+    reconstructions: Result
+    z: np.ndarray  # float32 [n, latent_dim]
+    labels: np.ndarray | None  # int [n]
+    probabilities: np.ndarray | None  # float32 [n, classes]
+    distance: np.ndarray  # float64 [n]: mean squared pixel difference in [0, 1], after the refinement
+    encoder_distance: np.ndarray  # the same for the encoder's z
+    passes: int  # generator passes per image the refinement used
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """One serving model version, described once: every front end renders this and nothing else."""
 
@@ -169,6 +195,7 @@ class ModelInfo:
     spec: ModelSpec
     provider: str
     metadata: dict[str, str]  # the file's metadata_props (the documented keys unless --full-metadata)
+    invertible: bool = False  # served with an encoder
 
     @property
     def inputs(self) -> list[tuple[str, list[int]]]:
@@ -205,4 +232,4 @@ class VersionStatus:
     name: str
     version: int
     state: str  # AVAILABLE | LOADING | READY | UNLOADING | FAILED
-    reason: str = ""  # why it is not READY
+    reason: str = ""  # why it is not READY; for a READY one, what it serves without (an encoder refused)

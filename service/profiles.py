@@ -19,6 +19,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from service.contract import file_sha256
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when what a profile holds changes meaning
@@ -48,13 +50,9 @@ def cpu_model() -> str:
 
 def key(model: Path, facts: dict[str, object]) -> str:
     """The cache key of `model` run as `facts` say (provider, options, threads, sizes): hex SHA-256."""
-    digest = hashlib.sha256()
-    with open(model, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     machine = {"arch": platform.machine(), "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0))
                if hasattr(os, "sched_getaffinity") else os.cpu_count(), "ort": ort.__version__}  # fmt: skip
-    text = json.dumps({"format": FORMAT, "model": digest.hexdigest(), **machine, **facts}, sort_keys=True)
+    text = json.dumps({"format": FORMAT, "model": file_sha256(model), **machine, **facts}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -29,13 +29,13 @@ import numpy as np
 from service import encode, profiles
 from service.batcher import NORMAL, Batcher, Timing, choose_batch_size
 from service.config import BatchingConfig, ModelControl, RuntimeConfig
-from service.contract import ContractError, ModelSpec, read_spec
+from service.contract import ENCODER_FILE, ContractError, ModelSpec, file_sha256, read_spec
 from service.domain import VersionStatus
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, short
 from service.metrics import Metrics
 from service.objectstore import StoreUnavailable
 from service.repository import NAME, ModelDir, Repository, Stamp, VersionPolicy
-from service.runtime import Session, usable_cores
+from service.runtime import EncoderSession, Session, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class ModelVersion:
     session: Session
     spec: ModelSpec
     batcher: Batcher
+    encoder: EncoderSession | None = None  # Invert serves this version only with one
+    note: str = ""  # what RepositoryIndex says of it while READY (an encoder refused)
     users: int = 0  # requests holding it (Registry.use)
     load: int = field(default_factory=lambda: next(LOADS))  # which load of the file this is (a cache key part)
     _released: asyncio.Event | None = None
@@ -423,7 +425,25 @@ class Registry:
         if timings:
             how += ", µs per sample by size: " + ", ".join(f"{n}: {t / n * 1e6:.0f}" for n, t in timings.items())
         log.info("model %s version %d: batches of %d (%s), %d workers", name, version, size, how, workers)
-        return ModelVersion(name, version, session, spec, batcher)
+        encoder, note = self._encoder(name, version, path, spec)
+        return ModelVersion(name, version, session, spec, batcher, encoder, note)
+
+    def _encoder(self, name: str, version: int, path: Path, spec: ModelSpec) -> tuple[EncoderSession | None, str]:
+        """The encoder.onnx beside model.onnx, if there is one and it was made for this very file; else None and,
+        for one that is there, why it was refused (the version serves without inversion)."""
+        file = path.parent / ENCODER_FILE
+        if not file.is_file():
+            return None, ""
+        try:
+            encoder = EncoderSession(file, self.runtime)
+            encoder.spec.check(spec, file_sha256(path))
+        except Exception as e:  # an ORT error, wrong metadata, another generator's encoder: all refuse it alike
+            reason = (str(e).splitlines() or [type(e).__name__])[0].replace(f"{self.repository}{os.sep}", "")
+            note = f"serving without inversion: {ENCODER_FILE} refused: {reason}"[:300]
+            log.warning("model %s version %d: %s", name, version, note)
+            return None, note
+        log.info("model %s version %d: inversion by %s", name, version, ENCODER_FILE)
+        return encoder, ""
 
     def _profile_entry(self, session: Session, path: Path) -> tuple[Path | None, str]:
         """Where this version's batch-size profile is cached, and under what name (None: no cache, or the size is
@@ -474,7 +494,7 @@ class Registry:
         out = []
         for n, v in sorted(k for k in keys if name is None or k[0] == name):
             if v in self._serving.get(n, {}):
-                out.append(VersionStatus(n, v, READY))
+                out.append(VersionStatus(n, v, READY, self._serving[n][v].note))
             elif (n, v) in leaving:
                 out.append(VersionStatus(n, v, UNLOADING, leaving[n, v]))
             elif self._loading == (n, v):

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.config import RuntimeConfig, parse_provider_options
+from service.contract import read_encoder
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,30 @@ class _Graphs:
             return images.numpy()[:n]
 
 
+def _options(config: RuntimeConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.intra_op_threads
+    options.inter_op_num_threads = config.inter_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
+    options.log_severity_level = 3  # a CUDA build on a GPU-less host would warn on every load
+    return options
+
+
+class EncoderSession:
+    """An encoder.onnx (service/contract.py, EncoderSpec): images → z and class logits. Small and run once per
+    inversion, off the batcher, on the CPU."""
+
+    def __init__(self, path: Path, config: RuntimeConfig):
+        self.session = ort.InferenceSession(str(path), sess_options=_options(config), providers=[CPU])
+        self.spec = read_encoder(self.session)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """z [n, latent_dim] and logits [n, classes] (None for an unconditional generator) of images [n, C, H, W]."""
+        out = dict(zip(self.outputs, self.session.run(self.outputs, {"images": images}), strict=True))
+        return out["z"], out.get("logits")
+
+
 class Session:
     """An InferenceSession plus what the service needs to know about it."""
 
@@ -146,12 +171,7 @@ class Session:
         names = [p if isinstance(p, str) else p[0] for p in asked]
         if any(p in GPU for p in names):
             preload_gpu_libraries()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = config.intra_op_threads
-        options.inter_op_num_threads = config.inter_op_threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
-        options.log_severity_level = 3  # a CUDA build on a GPU-less host would warn on every load
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=asked)
+        self.session = ort.InferenceSession(str(path), sess_options=_options(config), providers=asked)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)  # served as is by GetModel
         self.on_gpu = self.provider in GPU
         wanted = [p for p in names if p in GPU]

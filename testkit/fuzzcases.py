@@ -18,15 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 from google.protobuf import descriptor, message, message_factory, text_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import strategies as st
 
+from service import encode
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.api.inference import grpc_predict_v2_pb2 as oip
-from testkit.servefix import echo_model, plain_model
+from testkit.servefix import echo_encoder, echo_model, plain_model
 
 # ---- what the server may answer -----------------------------------------------------------------------------
 
@@ -353,6 +355,18 @@ def edit_requests(draw) -> pb.EditRequest:
     return request
 
 
+@st.composite
+def invert_requests(draw) -> pb.InvertRequest:
+    """Image files (a real PNG of the echo model's 4×2 now and then, else any bytes) or raw pixels, refine passes."""
+    real = encode.png(np.zeros((2, 4, 1), np.uint8))
+    files = weighted((3, st.lists(st.one_of(st.just(real), st.binary(max_size=64)), max_size=4)), (1, st.just([])))
+    return pb.InvertRequest(
+        model=draw(MODELS), version=draw(VERSIONS), images=draw(files),
+        pixels=draw(weighted((4, st.just(b"")), (1, st.binary(max_size=40)))),
+        refine_passes=draw(weighted((4, st.integers(0, 64)), (1, U32))), output=draw(OUTPUTS),
+    )  # fmt: skip
+
+
 # Every format (and numbers past the enum), frame rates in and out of range, NaN and infinities, loop counts.
 ANIMATIONS = st.builds(
     pb.AnimationOptions, format=weighted((4, st.sampled_from([0, 1, 2, 3])), (1, I32)),
@@ -416,6 +430,7 @@ REQUESTS: dict[str, st.SearchStrategy[message.Message]] = {
     "ganserve.v1.GenerateRequest": generate_requests(),
     "ganserve.v1.InterpolateRequest": interpolate_requests(),
     "ganserve.v1.EditRequest": edit_requests(),
+    "ganserve.v1.InvertRequest": invert_requests(),
     "ganserve.v1.RepositoryIndexRequest": st.builds(pb.RepositoryIndexRequest, ready_only=st.booleans()),
     "ganserve.v1.LoadModelRequest": st.builds(pb.LoadModelRequest, name=NAMES, version=VERSIONS),
     # Never the models the rest of the fuzz needs: unloading them would leave nothing to fuzz.
@@ -558,6 +573,7 @@ LIMITS = {"max_images": 64, "max_stream_images": 256}  # small, so that the fuzz
 def build_repository(root: Path) -> Path:
     """echo (conditional), plain at two versions, and the spare model the fuzz may unload."""
     echo_model(root / "echo" / "1" / "model.onnx")
+    echo_encoder(root / "echo" / "1")
     plain_model(root / "plain" / "1" / "model.onnx")
     plain_model(root / "plain" / "2" / "model.onnx")
     plain_model(root / SPARE / "1" / "model.onnx")

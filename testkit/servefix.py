@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.config import RuntimeConfig, ServerConfig
-from service.contract import Direction, ModelSpec
+from service.contract import ENCODER_FILE, Direction, EncoderSpec, ModelSpec, file_sha256
 from service.runtime import Session
 from service.server import Server
 from service.tracing import Tracing
@@ -64,6 +64,31 @@ def echo_model(path: Path) -> Path:
         initializer=[lo, hi, shape],
     )  # fmt: skip
     return _save(graph, path, _spec(ECHO_LATENT, ECHO_CLASSES, (1, 2, 4), directions=ECHO_DIRECTIONS))
+
+
+def echo_encoder(folder: Path) -> Path:
+    """The echo model's exact inverse, encoder.onnx beside folder/model.onnx: z = the image's first 5 values, logits its
+    last 3 (the label the echo model drew)."""
+    starts = [helper.make_tensor(f"s{i}", TensorProto.INT64, [1], [v]) for i, v in enumerate((0, 5, 8))]
+    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [1])
+    flat = helper.make_tensor("flat_shape", TensorProto.INT64, [2], [-1, 8])
+    nodes = [
+        helper.make_node("Reshape", ["images", "flat_shape"], ["flat"]),
+        helper.make_node("Slice", ["flat", "s0", "s1", "axis"], ["z"]),
+        helper.make_node("Slice", ["flat", "s1", "s2", "axis"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "echo-encoder", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 1, 2, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", ECHO_LATENT]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(ECHO_CLASSES)])],
+        initializer=[*starts, axis, flat],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    spec = EncoderSpec(file_sha256(folder / "model.onnx"), ECHO_LATENT, ECHO_CLASSES, (1, 2, 4), (-1.0, 1.0))
+    helper.set_model_props(model, spec.to_metadata())
+    onnx.save_model(model, str(folder / ENCODER_FILE))
+    return folder / ENCODER_FILE
 
 
 def plain_model(path: Path, shape: tuple[int, int, int] = (1, 2, 4), prior: str = "normal", gain: float = 1.0) -> Path:

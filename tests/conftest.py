@@ -25,7 +25,7 @@ TIERS = {
         "test_server_config", "test_text",
     ],
     "component": [
-        "test_animation", "test_cache", "test_data", "test_directions", "test_edit", "test_evaluate", "test_images_api", "test_export", "test_faults", "test_fuzz", "test_gate", "test_http",
+        "test_animation", "test_cache", "test_data", "test_directions", "test_edit", "test_evaluate", "test_inversion", "test_oip_invert", "test_images_api", "test_export", "test_faults", "test_fuzz", "test_gate", "test_http",
         "test_interceptor", "test_lifecycle", "test_loop", "test_profiles", "test_protocol", "test_runtime", "test_security",
         "test_service", "test_shipped_model", "test_tracing",
     ],

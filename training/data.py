@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from service.contract import file_sha256 as sha256_file
 from training.config import TrainConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -203,14 +204,6 @@ FASHION_CLASSES = (
 def cache_dir(dataset: str) -> Path:
     root = os.environ.get("GAN_DATA_CACHE") or Path.home() / ".cache" / "gan-serve" / "datasets"
     return Path(root) / dataset
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _download(url: str, dest: Path, sha256: str) -> None:

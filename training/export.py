@@ -115,13 +115,10 @@ def default_repository(cfg: TrainConfig) -> Path:
     return Path(cfg.out) / "models" if cfg.dataset in POINT_DATASETS else SERVING_REPOSITORY
 
 
-def to_onnx(g: torch.nn.Module, prior: str, path: Path, props: dict[str, str], fp16: bool = False) -> None:
-    """Trace `g` with torch.export (batch axis dynamic) and write one self-contained ONNX file; with `fp16`, its
-    weights and arithmetic in float16 behind float32 inputs and output (the contract's types do not change)."""
-    wrapper = _Generator(g).eval()
-    inputs = example_inputs(g, 4, prior)  # not 1: a size-1 example would specialise the batch axis
+def trace(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], outputs: list[str]):
+    """torch.onnx.export of `module` with the batch axis of every input dynamic: the ONNX ModelProto. `inputs` must
+    have a batch of more than 1, which would specialise the axis."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-    names = ["z", "y"][: len(inputs)]
     # The exporter is chatty (progress lines, optional-dependency warnings); keep the CLI's output clean.
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -130,19 +127,21 @@ def to_onnx(g: torch.nn.Module, prior: str, path: Path, props: dict[str, str], f
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                wrapper,
-                inputs,
-                dynamo=True,
-                input_names=names,
-                output_names=["images"],
-                dynamic_shapes={n: {0: batch} for n in names},
-                verbose=False,
-            )
+                module.eval(), inputs, dynamo=True, input_names=names, output_names=outputs,
+                dynamic_shapes={n: {0: batch} for n in names}, verbose=False,
+            )  # fmt: skip
     except Exception as e:  # the exporter raises many types; all mean "this graph did not export"
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     finally:
         quiet.setLevel(level)
-    model = program.model_proto
+    return program.model_proto
+
+
+def to_onnx(g: torch.nn.Module, prior: str, path: Path, props: dict[str, str], fp16: bool = False) -> None:
+    """Trace `g` with torch.export (batch axis dynamic) and write one self-contained ONNX file; with `fp16`, its
+    weights and arithmetic in float16 behind float32 inputs and output (the contract's types do not change)."""
+    inputs = example_inputs(g, 4, prior)
+    model = trace(_Generator(g), inputs, ["z", "y"][: len(inputs)], ["images"])
     if fp16:
         from onnxconverter_common import float16
 

@@ -118,6 +118,7 @@ def from_info(info: dm.ModelInfo) -> pb.ModelInfo:
         output_max=spec.output_range[1],
         provider=info.provider,
         metadata=info.metadata,
+        invertible=info.invertible,
         directions=[
             pb.Direction(
                 name=d.name, kind=d.kind, description=d.description, vector=d.vector, per_class=bool(d.per_class)
@@ -141,6 +142,20 @@ def from_result(result: dm.Result) -> pb.GenerateResponse:
         animation=result.animation,
         animation_type=result.animation_type,
     )
+
+
+def from_inverted(answer: dm.Inverted) -> pb.InvertResponse:
+    images = from_result(answer.reconstructions)
+    inversions = [
+        pb.Inversion(
+            z=answer.z[i], label=0 if answer.labels is None else int(answer.labels[i]),
+            class_probabilities=[] if answer.probabilities is None else answer.probabilities[i],
+            distance=answer.distance[i], encoder_distance=answer.encoder_distance[i], passes=answer.passes,
+        )
+        for i in range(len(answer.z))
+    ]  # fmt: skip
+    return pb.InvertResponse(model=images.model, version=images.version, inversions=inversions, format=images.format,
+                             image_shape=images.image_shape, reconstructions=images.images)  # fmt: skip
 
 
 class GeneratorServicer(pb_grpc.GeneratorServicer):
@@ -167,3 +182,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
     async def Edit(self, request: pb.EditRequest, context) -> pb.GenerateResponse:
         return from_result(await self.plane.edit(to_edit(request), gate.deadline()))
+
+    async def Invert(self, request: pb.InvertRequest, context) -> pb.InvertResponse:
+        invert = dm.Invert(request.model, request.version, request.images, request.pixels, request.refine_passes,
+                           to_output(request.output), NAMES)  # fmt: skip
+        return from_inverted(await self.plane.invert(invert, gate.deadline()))

@@ -4,6 +4,7 @@ request whose Names are the query's own parameters, so that errors name what the
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import Mapping
 from importlib import resources
@@ -24,7 +25,10 @@ PLAYGROUND = {"/": ("index.html", "text/html"), "/playground.js": ("playground.j
 # The page loads its own script and style only, and images from this origin or blobs it made from them.
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'"
 IMAGE_QUERY = ("seeds", "label", "soft", "psi", "columns", "version")
-STRIP_QUERY = ("from", "to", "steps", "from_label", "to_label", "from_soft", "to_soft", "psi", "method", "version")
+STRIP_QUERY = (
+    "from", "to", "from_z", "to_z", "steps", "from_label", "to_label", "from_soft", "to_soft", "psi", "method",
+    "version",
+)  # fmt: skip
 ANIMATION_QUERY = ("fps", "ping_pong", "loops", "columns")  # interpolation.gif, .apng and .webp
 EDIT_QUERY = ("seeds", "label", "soft", "direction", "vector", "strengths", "psi", "columns", "version")
 INTERPOLATION = "/v1/models/{model}/interpolation.{kind:png|gif|apng|webp}"  # a strip, or the frames animated
@@ -44,6 +48,7 @@ class Pages:
             Route("images", "GET", "/v1/models/{model}/images.png", self.images, SERVICE),
             Route("interpolation", "GET", INTERPOLATION, self.interpolation, SERVICE),
             Route("edit", "GET", EDIT, self.edit, SERVICE),
+            Route("invert", "POST", "/v1/models/{model}/invert", self.invert, SERVICE),
             Route("metrics", "GET", "/metrics", self.prometheus, SERVICE, traced=False),  # scrapes make no spans
             *pages,
         ]
@@ -72,21 +77,29 @@ class Pages:
         """A PNG strip of frames from seed to seed: ?from=0&to=1&steps=8&from_label=3&to_label=5&psi=0.7; as
         interpolation.gif, .apng or .webp, the frames animated (&fps=12&ping_pong=1&loops=0). Several seeds
         (from=3,5&to=11,9, and a class each or one for all) make several interpolations, a row each in the strip
-        and side by side in the animation (&columns=2)."""
+        and side by side in the animation (&columns=2). An end may be a latent instead of a seed: from_z=v1,...,vd
+        (what Invert answers), for one interpolation."""
         kind = request.match_info["kind"]
         q = _query(request, STRIP_QUERY + (ANIMATION_QUERY if kind != "png" else ()))
         ends = ("from", "to")
+        for end in ends:
+            if end in q and f"{end}_z" in q:
+                raise InvalidArgument(f"{end}_z: give {end} (a seed) or {end}_z (a latent), not both")
         seeds = {end: [text.integer(v, end) for v in q.get(end, str(i)).split(",")] for i, end in enumerate(ends)}
         if len(seeds["to"]) != len(seeds["from"]):
             raise InvalidArgument(f"to: {len(seeds['to'])} seeds, as many as from ({len(seeds['from'])}) needed")
         labels = {end: _labels(q, end, len(seeds[end])) for end in ends}
+        rows = {end: text.numbers(q[f"{end}_z"], f"{end}_z") for end in ends if f"{end}_z" in q}
         paths = [
-            [dm.Keyframe(seed=seeds[end][p], label=labels[end][p]) for end in ends] for p in range(len(seeds["from"]))
-        ]
+            [dm.Keyframe(seed=None if end in rows else seeds[end][p], row=rows.get(end), label=labels[end][p])
+             for end in ends]
+            for p in range(len(seeds["from"]))
+        ]  # fmt: skip
         given = {end: f"{end}_soft" if f"{end}_soft" in q else f"{end}_label" for end in ends}
         # A label at one end only: the message names the end that lacks one.
         lacking = given["to"] if given["from"] in q else given["from"]
         names = {"model": "model", "version": "version", "keyframes[0]": "from", "keyframes[1]": "to",
+                 "keyframes[0].row.values": "from_z", "keyframes[1].row.values": "to_z",
                  "keyframes": given["from"], "truncation": "psi", "keyframes.label[0]": given["from"],
                  "keyframes.label[1]": given["to"], "keyframes.label": lacking, "animation": "steps",
                  "animation.fps": "fps", "animation.loops": "loops", "output.grid_columns": "columns",
@@ -119,6 +132,33 @@ class Pages:
             _animation(q, kind),
         )  # fmt: skip
         return _image(await self.plane.edit(edit, gate.deadline()))
+
+    async def invert(self, request: web.Request) -> web.Response:
+        """The body, one image file (a PNG of the model's size), back to its z: ?refine=500&version=. JSON: z, the
+        class, distances, passes, and the reconstruction as a base64 PNG."""
+        q = _query(request, ("refine", "version"))
+        body = await request.read()
+        names = {
+            "model": "model",
+            "version": "version",
+            "images": "body",
+            "images[0]": "body",
+            "refine_passes": "refine",
+        }
+        invert = dm.Invert(
+            request.match_info["model"], text.version(q.get("version", ""), "version"), [body],
+            refine=text.integer(q.get("refine", "0"), "refine"), names=dm.Names(names),
+        )  # fmt: skip
+        answer = await self.plane.invert(invert, gate.deadline())
+        result = answer.reconstructions
+        out = {
+            "model": result.model, "version": result.version, "z": answer.z[0].tolist(),
+            "distance": float(answer.distance[0]), "encoder_distance": float(answer.encoder_distance[0]),
+            "passes": answer.passes, "reconstruction": base64.b64encode(result.pngs[0]).decode(),
+        }  # fmt: skip
+        if answer.labels is not None:
+            out |= {"label": int(answer.labels[0]), "probabilities": answer.probabilities[0].round(5).tolist()}
+        return web.json_response(out, headers={"X-Model": result.model, "X-Model-Version": str(result.version)})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -165,7 +205,7 @@ def _model_json(info: dm.ModelInfo) -> dict:
     return {
         "name": info.name, "version": info.version, "versions": info.versions, "ready": True,
         "kind": spec.kind, "latent_dim": spec.latent_dim, "prior": spec.prior, "class_names": list(spec.class_names),
-        "image_shape": list(spec.output_shape), "provider": info.provider,
+        "image_shape": list(spec.output_shape), "provider": info.provider, "invertible": info.invertible,
         "directions": [{"name": d.name, "kind": d.kind, "description": d.description, "per_class": bool(d.per_class)}
                        for d in spec.directions],
     }  # fmt: skip

@@ -72,7 +72,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "versions", "version", "ready", "latent_dim", "prior", "class_names", "image_shape", "output_min", "output_max", "provider", "metadata", "directions")
+    __slots__ = ("name", "versions", "version", "ready", "latent_dim", "prior", "class_names", "image_shape", "output_min", "output_max", "provider", "metadata", "directions", "invertible")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class ModelInfo(_message.Message):
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    INVERTIBLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedScalarFieldContainer[int]
     version: int
@@ -106,7 +107,8 @@ class ModelInfo(_message.Message):
     provider: str
     metadata: _containers.ScalarMap[str, str]
     directions: _containers.RepeatedCompositeFieldContainer[Direction]
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., ready: bool = ..., latent_dim: _Optional[int] = ..., prior: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., output_min: _Optional[float] = ..., output_max: _Optional[float] = ..., provider: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., directions: _Optional[_Iterable[_Union[Direction, _Mapping]]] = ...) -> None: ...
+    invertible: bool
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., ready: bool = ..., latent_dim: _Optional[int] = ..., prior: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., output_min: _Optional[float] = ..., output_max: _Optional[float] = ..., provider: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., directions: _Optional[_Iterable[_Union[Direction, _Mapping]]] = ..., invertible: bool = ...) -> None: ...
 
 class Direction(_message.Message):
     __slots__ = ("name", "kind", "description", "vector", "per_class")
@@ -275,6 +277,54 @@ class EditRequest(_message.Message):
     output: OutputOptions
     animation: AnimationOptions
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., seeds: _Optional[_Union[SeedList, _Mapping]] = ..., seed_range: _Optional[_Union[SeedRange, _Mapping]] = ..., rows: _Optional[_Union[LatentRows, _Mapping]] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., direction: _Optional[str] = ..., vector: _Optional[_Union[LatentRows, _Mapping]] = ..., strengths: _Optional[_Iterable[float]] = ..., truncation: _Optional[float] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., animation: _Optional[_Union[AnimationOptions, _Mapping]] = ...) -> None: ...
+
+class InvertRequest(_message.Message):
+    __slots__ = ("model", "version", "images", "pixels", "refine_passes", "output")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    REFINE_PASSES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    pixels: bytes
+    refine_passes: int
+    output: OutputOptions
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[bytes]] = ..., pixels: _Optional[bytes] = ..., refine_passes: _Optional[int] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ...) -> None: ...
+
+class Inversion(_message.Message):
+    __slots__ = ("z", "label", "class_probabilities", "distance", "encoder_distance", "passes")
+    Z_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CLASS_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    z: _containers.RepeatedScalarFieldContainer[float]
+    label: int
+    class_probabilities: _containers.RepeatedScalarFieldContainer[float]
+    distance: float
+    encoder_distance: float
+    passes: int
+    def __init__(self, z: _Optional[_Iterable[float]] = ..., label: _Optional[int] = ..., class_probabilities: _Optional[_Iterable[float]] = ..., distance: _Optional[float] = ..., encoder_distance: _Optional[float] = ..., passes: _Optional[int] = ...) -> None: ...
+
+class InvertResponse(_message.Message):
+    __slots__ = ("model", "version", "inversions", "format", "image_shape", "reconstructions")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INVERSIONS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    RECONSTRUCTIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    inversions: _containers.RepeatedCompositeFieldContainer[Inversion]
+    format: OutputFormat
+    image_shape: _containers.RepeatedScalarFieldContainer[int]
+    reconstructions: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., inversions: _Optional[_Iterable[_Union[Inversion, _Mapping]]] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., image_shape: _Optional[_Iterable[int]] = ..., reconstructions: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class KeyframePath(_message.Message):
     __slots__ = ("keyframes",)

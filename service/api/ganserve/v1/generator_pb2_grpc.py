@@ -65,6 +65,11 @@ class GeneratorStub(object):
                 request_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.EditRequest.SerializeToString,
                 response_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Invert = channel.unary_unary(
+                '/ganserve.v1.Generator/Invert',
+                request_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.InvertRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.InvertResponse.FromString,
+                _registered_method=True)
 
 
 class GeneratorServicer(object):
@@ -114,6 +119,14 @@ class GeneratorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Invert(self, request, context):
+        """Images back to the latents (and classes) that draw them, for versions served with an encoder (README,
+        "Inversion"); the z and label of each answer go straight back into Generate, Interpolate and Edit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_GeneratorServicer_to_server(servicer, server):
                     servicer.Edit,
                     request_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.EditRequest.FromString,
                     response_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Invert': grpc.unary_unary_rpc_method_handler(
+                    servicer.Invert,
+                    request_deserializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.InvertRequest.FromString,
+                    response_serializer=service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.InvertResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class Generator(object):
             '/ganserve.v1.Generator/Edit',
             service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.EditRequest.SerializeToString,
             service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Invert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ganserve.v1.Generator/Invert',
+            service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.InvertRequest.SerializeToString,
+            service_dot_api_dot_ganserve_dot_v1_dot_generator__pb2.InvertResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,9 @@
 """The playground in a real browser: headless Chromium loads `/` from `python -m service` and draws real images.
 
+The server serves a temporary repository: the shipped model with an encoder beside it (the shipped encoder.onnx,
+or one trained for the test in about 10 s), so that the inversion panel shows, and a copy without one, for which it
+does not.
+
 Debian's `chromium` and `chromium-driver` drive it, by explicit path, so Selenium never downloads a browser; CI
 installs them (.ci/run). `python -m tests.test_playground --screenshot docs/playground.png` redraws the README's
 screenshot.
@@ -16,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -28,6 +33,10 @@ import pytest
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.actions import interaction
+from selenium.webdriver.common.actions.action_builder import ActionBuilder
+from selenium.webdriver.common.actions.pointer_input import PointerInput
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.select import Select
 
@@ -37,6 +46,8 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 INSTALL = "apt-get install -y chromium chromium-driver"
 SKIP_ENV = "GAN_SKIP_BROWSER"
 MODEL, TILE = "mnist-cdcgan", 28
+PLAIN = "plain"  # the same generator without an encoder: not invertible
+REFINE = 400  # the inversion panel's default refine passes
 STRIP = "from=0&to=1&steps=15&from_label=3&to_label=5&psi=0.50"  # the interpolation the test asks the page for
 DIRECTIONS = ["sefa1", "sefa2", "sefa3", "sefa4", "sefa5", "ink", "slant", "width"]  # the shipped model's
 # A slider moved as a drag leaves it: its value set, then the "input" event it fires.
@@ -95,8 +106,27 @@ def chrome(width: int = 1200, height: int = 800):
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory) -> Iterator[str]:
-    with serving(tmp_path_factory.mktemp("playground")) as url:
+def repository(tmp_path_factory) -> Path:
+    """The shipped model with its encoder (trained here, tiny, if none is shipped) and PLAIN, a copy without one."""
+    models = tmp_path_factory.mktemp("models")
+    version = str(shipped_version())
+    shipped = ROOT / "models" / MODEL / version
+    for name in (MODEL, PLAIN):
+        (models / name / version).mkdir(parents=True)
+        shutil.copy(shipped / "model.onnx", models / name / version / "model.onnx")
+    generator = models / MODEL / version / "model.onnx"
+    if (shipped / "encoder.onnx").exists():
+        shutil.copy(shipped / "encoder.onnx", generator.parent / "encoder.onnx")
+    else:
+        command = [sys.executable, "-m", "training.encoder", str(generator), "--preset", "tiny", "--no-progress"]
+        made = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert made.returncode == 0, made.stderr[-4000:]
+    return models
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory, repository) -> Iterator[str]:
+    with serving(tmp_path_factory.mktemp("playground"), repository) as url:
         yield url
 
 
@@ -434,13 +464,208 @@ def test_round_trip_is_never_less_than_the_server_time(driver, base_url):
         driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": frozen["identifier"]})
 
 
+# ---- inversion ---------------------------------------------------------------------------------------------------
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    """Pixels as a PNG file (RGBA or grey; the server converts either to the model's grey)."""
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _decoded(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
+
+
+def _invert(base_url: str, png: bytes, refine: int = REFINE) -> dict:
+    """The server's own answer for an image file: POST /v1/models/MODEL/invert."""
+    request = urllib.request.Request(f"{base_url}/v1/models/{MODEL}/invert?refine={refine}", data=png, method="POST")
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)
+
+
+def _z(answer: dict) -> str:
+    return ",".join(repr(v) for v in answer["z"])  # repr: the float64 exactly, as the page's JSON numbers
+
+
+def _open_inversion(driver, base_url: str) -> None:
+    driver.get(f"{base_url}/")
+    _drawn(driver, "grid", 0)
+    _wait(lambda: driver.find_element("id", "inversion").is_displayed(), "the inversion panel")
+
+
+def _draw_seven(driver) -> None:
+    """A 7 drawn with real pointer actions (a mouse): the bar left to right, then the stem down to the left."""
+    pad = driver.find_element("id", "pad")
+    side = pad.size["width"]
+    u = side / 10  # offsets are from the pad's centre, in CSS pixels
+    chain = ActionChains(driver)
+    chain.move_to_element_with_offset(pad, int(-2.5 * u), int(-3 * u)).click_and_hold()
+    for dx, dy in ((1.5, 0), (1.5, 0), (2, 0), (-1, 2), (-1, 2), (-1, 2.5)):
+        chain.move_by_offset(int(dx * u), int(dy * u))
+    chain.release().perform()
+
+
+def _boxed(pad: np.ndarray, side: int = TILE) -> np.ndarray:
+    """The pad at the model's size as the page makes it: each pixel the mean of its block, rounded half up."""
+    s = pad.shape[0] // side
+    sums = pad[..., :3].astype(np.int64).reshape(side, s, side, s, 3).sum((1, 3))
+    return ((2 * sums + s * s) // (2 * s * s)).astype(np.uint8)
+
+
+def _check_inversion(driver, base_url: str, seq: int) -> dict:
+    """Waits for a reconstruction newer than `seq`; checks it against the server's answer for the very image the
+    page sent (its caption too); returns that answer."""
+    shown = _drawn(driver, "reconstruction", seq, f"{REFINE} passes")
+    sent = _pixels(driver, "inversion-input")
+    assert sent.shape == (TILE, TILE, 4) and sent[..., 0].std() > 20  # what was drawn, at the model's size
+    answer = _invert(base_url, _png(sent))
+    np.testing.assert_array_equal(shown, _decoded(base64.b64decode(answer["reconstruction"])))
+    assert shown.shape == (TILE, TILE, 4) and shown[..., 0].std() > 20
+    caption = driver.find_element("id", "reconstruction-caption").text
+    assert caption.startswith(f"class {answer['label']} (") and f"distance {answer['distance']:.4f}" in caption
+    assert caption.endswith(f" · {answer['passes']} passes") and answer["passes"] == REFINE
+    server, round_trip = _timing(driver, "reconstruction")
+    assert 0 < server <= round_trip
+    return answer
+
+
+def test_a_drawing_inverts_as_the_server_inverts_it_and_interpolates_from_there(driver, base_url):
+    _open_inversion(driver, base_url)
+    assert not driver.find_element("id", "invert").is_enabled()  # nothing drawn yet
+    seq = _seq(driver, "reconstruction")
+    _draw_seven(driver)  # inverted once the stroke ends, without a click
+    answer = _check_inversion(driver, base_url, seq)
+    # What was sent is the drawing at 28×28, each pixel the mean of its 10×10 block of the pad.
+    pad = _pixels(driver, "pad")
+    assert pad.shape == (10 * TILE, 10 * TILE, 4) and pad[..., 0].max() == 255
+    sent = _pixels(driver, "inversion-input")
+    np.testing.assert_array_equal(sent[..., :3], _boxed(pad))
+    assert driver.find_element("id", "inversion-input-caption").text == "The drawing at 28×28"
+
+    # From the inverted z and class to seed 2 as a 5: interpolation.png's from_z, pixel for pixel, no truncation.
+    driver.find_element("id", "inversion-to").clear()
+    _keys(driver, "inversion-to", "2")
+    _select(driver, "inversion-to-label", "5")
+    seq = _seq(driver, "inversion-strip")
+    driver.find_element("id", "inversion-interpolate").click()
+    label = answer["label"]
+    strip = _drawn(driver, "inversion-strip", seq, f"inverted → seed 2 · class {label} → 5 · 16 frames")
+    query = f"from_z={_z(answer)}&from_label={label}&to=2&to_label=5&steps=15&method=slerp"
+    expected = _server_png(base_url, f"interpolation.png?{query}")
+    assert strip.shape == (TILE + 4, _padded(16), 4)
+    np.testing.assert_array_equal(strip, expected)
+    # Its first frame is the reconstruction (frame 0 is the z itself, untruncated), its last seed 2 as a 5.
+    np.testing.assert_array_equal(strip[2 : 2 + TILE, 2 : 2 + TILE], _pixels(driver, "reconstruction"))
+    last = _server_png(base_url, "images.png?seeds=2&label=5&columns=1")[2 : 2 + TILE, 2 : 2 + TILE]
+    np.testing.assert_array_equal(strip[2 : 2 + TILE, -2 - TILE : -2], last)
+
+    # Once shown, the strip follows its controls: another class, another strip.
+    seq = _seq(driver, "inversion-strip")
+    _select(driver, "inversion-to-label", "8")
+    again = _drawn(driver, "inversion-strip", seq, f"class {label} → 8")
+    np.testing.assert_array_equal(
+        again, _server_png(base_url, f"interpolation.png?{query.replace('to_label=5', 'to_label=8')}")
+    )
+    assert _severe(driver) == []
+
+
+def test_an_image_file_inverts_as_the_server_inverts_it(driver, base_url, tmp_path):
+    """A 28×28 file goes as it is; one of another size is scaled to 28×28 first."""
+    _open_inversion(driver, base_url)
+    grid = _server_png(base_url, "images.png?seeds=5&label=3&columns=1")  # one 28×28 tile in 2 px of padding
+    assert grid.shape == (TILE + 4, TILE + 4, 4)
+    three = np.ascontiguousarray(grid[2 : 2 + TILE, 2 : 2 + TILE, 0])
+    path = tmp_path / "three.png"
+    path.write_bytes(_png(three))
+    seq = _seq(driver, "reconstruction")
+    driver.find_element("id", "inversion-file").send_keys(str(path))
+    answer = _check_inversion(driver, base_url, seq)
+    assert driver.find_element("id", "inversion-input-caption").text == "The file"
+    np.testing.assert_array_equal(_pixels(driver, "inversion-input")[..., 0], three)
+    # The file's own bytes get the same answer: the page sent them as they are.
+    assert _invert(base_url, path.read_bytes()) == answer
+    # The pad shows it, each pixel a 10×10 block, and a stroke over it would draw on it.
+    np.testing.assert_array_equal(_pixels(driver, "pad")[..., 0], three.repeat(10, 0).repeat(10, 1))
+
+    # A 32×32 file (the grid, padding and all): scaled into a 28×28 PNG, which is what the server is asked about.
+    big = tmp_path / "grid.png"
+    big.write_bytes(_png(np.ascontiguousarray(grid[..., 0])))
+    seq = _seq(driver, "reconstruction")
+    driver.find_element("id", "inversion-file").send_keys(str(big))
+    _check_inversion(driver, base_url, seq)
+    assert driver.find_element("id", "inversion-input-caption").text == "The file at 28×28"
+    assert _severe(driver) == []
+
+
+def test_the_inversion_panel_is_for_invertible_models_and_shows_errors(driver, base_url):
+    with urllib.request.urlopen(f"{base_url}/v1/models") as response:
+        listed = {m["name"]: m["invertible"] for m in json.load(response)["models"]}
+    assert listed == {MODEL: True, PLAIN: False}
+    _open_inversion(driver, base_url)
+    seq = _seq(driver, "grid")
+    _select(driver, "model", PLAIN)
+    _drawn(driver, "grid", seq)
+    assert not driver.find_element("id", "inversion").is_displayed()
+    _select(driver, "model", MODEL)
+    _wait(lambda: driver.find_element("id", "inversion").is_displayed(), "the inversion panel again")
+
+    # The server's message in the banner; the reconstruction under it is faded, as the grid would be.
+    seq = _seq(driver, "reconstruction")
+    _draw_seven(driver)
+    _drawn(driver, "reconstruction", seq)
+    _severe(driver)  # drained: only what follows counts
+    driver.find_element("id", "refine").clear()
+    _keys(driver, "refine", "20000")
+    error = _wait(lambda: driver.find_element("id", "error").text, "the error line")
+    assert error == "Inversion: refine: from 0 to 10,000 (got 20000)"
+    shown = driver.find_element("id", "reconstruction")
+    assert shown.get_attribute("data-state") == "error" and float(shown.value_of_css_property("opacity")) < 0.5
+    assert all("400 (Bad Request)" in message for message in _severe(driver))
+    # Clear: a blank pad, no result, no banner.
+    driver.find_element("id", "inversion-clear").click()
+    assert not driver.find_element("id", "error").is_displayed()
+    assert shown.get_attribute("data-state") == "empty" and not driver.find_element("id", "invert").is_enabled()
+    assert _pixels(driver, "pad")[..., :3].max() == 0
+
+
+def test_at_phone_width_a_finger_draws_and_nothing_overflows(driver, base_url):
+    """At 420 px the panel fits, and a touch pointer draws (the pad does not scroll the page instead)."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 420, "height": 900, "deviceScaleFactor": 1, "mobile": True})  # fmt: skip
+    try:
+        _open_inversion(driver, base_url)
+        pad = driver.find_element("id", "pad")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", pad)
+        assert pad.size["width"] >= 150, pad.size
+        seq = _seq(driver, "reconstruction")
+        finger = ActionBuilder(driver, mouse=PointerInput(interaction.POINTER_TOUCH, "finger"))
+        box = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.x, r.y, r.width];", pad)
+        x, y, side = box
+        finger.pointer_action.move_to_location(int(x + side / 2), int(y + side * 0.2)).pointer_down()
+        for k in range(1, 7):
+            finger.pointer_action.move_to_location(int(x + side / 2), int(y + side * (0.2 + 0.1 * k)))
+        finger.pointer_action.pointer_up()
+        finger.perform()
+        _check_inversion(driver, base_url, seq)
+        seq = _seq(driver, "inversion-strip")
+        driver.find_element("id", "inversion-interpolate").click()
+        _drawn(driver, "inversion-strip", seq, "16 frames")
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= 420
+        assert _severe(driver) == []
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
 def screenshot(path: Path) -> None:
-    """Redraws the README's picture: a grid of one class and an interpolation between two."""
+    """Redraws the README's picture: a grid of one class, an interpolation between two, and a drawn 7 inverted and
+    interpolated to seed 1 as a 7 (the shipped model's encoder.onnx)."""
     with tempfile.TemporaryDirectory() as folder, serving(Path(folder)) as url:
-        driver = chrome(1200, 840)
+        driver = chrome(1200, 1400)
         try:
             # The window's size includes what headless Chromium keeps for its own frame; the page gets exactly this.
-            metrics = {"width": 1200, "height": 840, "deviceScaleFactor": 1, "mobile": False}
+            metrics = {"width": 1200, "height": 1400, "deviceScaleFactor": 1, "mobile": False}
             driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
             driver.get(f"{url}/")
             for element, text in (("label", "7"), ("from-label", "3"), ("to-label", "8")):
@@ -448,7 +673,14 @@ def screenshot(path: Path) -> None:
             _drawn(driver, "grid", 0, "class 7")
             _drawn(driver, "strip", 0, "class 3 → 8")
             _keys(driver, "frame-slider", Keys.HOME, *[Keys.ARROW_RIGHT] * 10)
-            driver.execute_script("document.activeElement.blur()")  # no focus ring in the picture
+            seq = _seq(driver, "reconstruction")
+            _draw_seven(driver)
+            _drawn(driver, "reconstruction", seq)
+            _select(driver, "inversion-to-label", "7")
+            seq = _seq(driver, "inversion-strip")
+            driver.find_element("id", "inversion-interpolate").click()
+            _drawn(driver, "inversion-strip", seq)
+            driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")  # drawing scrolled down
             driver.save_screenshot(str(path))
             assert _severe(driver) == []
         finally:

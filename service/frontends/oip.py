@@ -2,13 +2,24 @@
 
 The gRPC servicer (oip_grpc) and the REST routes (oip_rest) differ only in how tensors travel (protobuf contents or
 raw bytes; JSON or the binary extension); each turns its request into Tensors and parameters, and this module
-turns those into one domain request. A generator is described as tensors: inputs `z` FP32 [-1, latent_dim] and, for
-conditional models, `y` FP32 [-1, classes], passed to the model as given; one output, `images` FP32 [-1, C, H, W]
-in the model's range (UINT8 [-1, H, W, C] through the output parameter `datatype`). Instead of tensors, a request
-may give seeds and labels as parameters; they follow the seed contract of ganserve.v1, so the same seeds give the
-same bytes through either API. The standard `timeout` parameter (microseconds, as Triton reads it) is the call's
-deadline, and `priority` has two levels, as Triton numbers them with two: 1 goes ahead of every request at 2, the
-default level (0 means the default).
+turns those into one domain request, and the domain's answer into output tensors. A generator is described as
+tensors: inputs `z` FP32 [-1, latent_dim] and, for conditional models, `y` FP32 [-1, classes], passed to the model
+as given; one output, `images` FP32 [-1, C, H, W] in the model's range (UINT8 [-1, H, W, C] through the output
+parameter `datatype`). Instead of tensors, a request may give seeds and labels as parameters; they follow the seed
+contract of ganserve.v1, so the same seeds give the same bytes through either API. The standard `timeout`
+parameter (microseconds, as Triton reads it) is the call's deadline, and `priority` has two levels, as Triton
+numbers them with two: 1 goes ahead of every request at 2, the default level (0 means the default).
+
+Inversion (a version served with an encoder: the metadata parameter `invertible`): an input `images` UINT8
+[n, H, W, C], the pixels as the model draws them (mnist-cdcgan: [n, 28, 28, 1]), alone, without z, y, seeds or
+labels, is turned back into latents as ganserve.v1's Invert does; the parameter `refine` (an integer, 0 to 10,000,
+default 0) is its refine_passes, generator passes per image after the encoder. The answer has several output
+tensors, each a row per image: `z` FP32 [n, latent_dim], `label` INT64 [n] and `probabilities` FP32 [n, classes]
+(conditional models only), `distance` and `encoder_distance` FP32 [n] (mean squared pixel difference in [0, 1],
+after the refinement and for the encoder's z), and `images`, the reconstructions, FP32 or UINT8 as for generation.
+The passes the refinement used, one count for the request, are the response parameter `passes` (int64). A request
+that lists outputs gets those, in its order; otherwise all (the metadata keeps describing generation: z, y and
+images). An inversion runs at the default priority whatever `priority` says.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +37,9 @@ from service import gate
 from service.errors import InvalidArgument, short
 from service.frontends import text
 
+if TYPE_CHECKING:
+    from service.dataplane import DataPlane
+
 SERVER_NAME = "gan-serve"
 EXTENSIONS = ["binary_tensor_data"]  # the REST binary extension, as Triton names it
 PLATFORM = "onnxruntime_onnx"
@@ -32,12 +47,21 @@ OUTPUT = "images"
 # "datatype" asks for UINT8 images for the whole request, for clients that cannot set output parameters.
 SEED_PARAMETERS = (
     "seeds", "seed_start", "count", "labels", "truncation", "datatype", "timeout", "priority", "direction", "strengths",
+    "refine",
 )  # fmt: skip
 # Standard parameters that change nothing here; anything else unknown is refused, so a typo never passes silently.
 IGNORED_PARAMETERS = ("binary_data_output",)
 PRIORITIES = {0: False, 1: True, 2: False}  # the `priority` parameter → urgent
 OUTPUT_DATATYPES = {"FP32": dm.Format.FLOAT32, "UINT8": dm.Format.UINT8}
 GRPC_FIELDS = ("model_name", "model_version")  # how errors name the model and version of a ModelInfer
+# An inversion's outputs and their datatypes, in the order of an answer that lists none (images: as asked).
+INVERSION_OUTPUTS = {
+    "z": "FP32", "label": "INT64", "probabilities": "FP32", "distance": "FP32", "encoder_distance": "FP32",
+    OUTPUT: None,
+}  # fmt: skip
+CONDITIONAL_OUTPUTS = ("label", "probabilities")  # answered by conditional models only
+# Parameters of generation that an images tensor (an inversion) does not take; `refine` is inversion's alone.
+GENERATION_ONLY = ("seeds", "seed_start", "count", "labels", "truncation", "direction", "strengths")
 
 Parameter = bool | int | float | str
 
@@ -62,7 +86,7 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Requested:
-    """The output the client asked for, in FP32 or UINT8 (None: as the request says)."""
+    """An output the client asked for, in FP32 or UINT8 (None: as the request says)."""
 
     name: str
     datatype: str | None = None
@@ -70,11 +94,33 @@ class Requested:
 
 @dataclass(frozen=True)
 class Request:
-    """One ModelInfer as the data plane takes it, the output it asked for, and its own timeout in seconds."""
+    """One ModelInfer as the data plane takes it, the outputs it asked for (datatypes resolved, in its order; empty:
+    all of an inversion's), its own timeout in seconds, and for an inversion its images tensor."""
 
-    domain: dm.Generate | dm.Infer | dm.Edit
-    want: Requested
+    domain: dm.Generate | dm.Infer | dm.Edit | dm.Invert
+    want: tuple[Requested, ...]
     timeout: float | None
+    images: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output tensor of an answer: `values` little-endian in its datatype, row-major, in its shape."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A ModelInfer's answer, wire-neutral: its output tensors in order, and its response parameters."""
+
+    model: str
+    version: int
+    outputs: list[Output]
+    parameters: dict[str, Parameter]
 
 
 def model_metadata(info: dm.ModelInfo) -> dict:
@@ -87,6 +133,7 @@ def model_metadata(info: dm.ModelInfo) -> dict:
         "kind": spec.kind, "version": info.version, "provider": info.provider,
         "output_min": spec.output_range[0], "output_max": spec.output_range[1],
         "output_datatypes": ",".join(OUTPUT_DATATYPES), "directions": ",".join(d.name for d in spec.directions),
+        "invertible": info.invertible,
     }  # fmt: skip
     parameters |= {k: v for k, v in info.metadata.items() if k not in parameters}
     return {
@@ -100,13 +147,18 @@ def request(
     outputs: Sequence[Requested], fields: tuple[str, str] = GRPC_FIELDS,
 ) -> Request:  # fmt: skip
     """One ModelInfer → the domain request. Tensors: z (and y) go to the model as given, checked against it once by
-    the data plane; seeds and labels as parameters follow the seed contract. Errors name this request's fields."""
+    the data plane; seeds and labels as parameters follow the seed contract; an images tensor inverts. Errors name
+    this request's fields."""
     for key in parameters:
         if key not in SEED_PARAMETERS and key not in IGNORED_PARAMETERS:
             known = ", ".join(SEED_PARAMETERS)
             raise InvalidArgument(f"parameters: unknown parameter {short(key, 32)} (parameters: {known})")
     by_name = _inputs_by_name(inputs)
     number = text.version(version, fields[1])
+    if "images" in by_name:
+        return _inversion(model, number, parameters, by_name, outputs, fields)
+    if "refine" in parameters:
+        raise InvalidArgument("parameters.refine: applies to inversion only (an images tensor)")
     seeded = [key for key in ("seeds", "seed_start", "count") if key in parameters]
     want = _requested(outputs, str(parameters.get("datatype", "FP32")))
     output = dm.Output(format=OUTPUT_DATATYPES[want.datatype])
@@ -124,7 +176,7 @@ def request(
         if "labels" not in parameters and "direction" not in parameters:
             y = _array(by_name["y"]) if "y" in by_name else None
             names.setdefault("y", "inputs")
-            return Request(dm.Infer(model, number, z, y, psi, output, dm.Names(names), urgent), want, timeout)
+            return Request(dm.Infer(model, number, z, y, psi, output, dm.Names(names), urgent), (want,), timeout)
         if "y" in by_name:
             given = "labels" if "labels" in parameters else "direction"
             raise InvalidArgument(f"parameters.{given}: give labels as parameters with it, not a y tensor")
@@ -148,9 +200,9 @@ def request(
         names |= {"direction": "parameters.direction", "strengths": "parameters.strengths"}
         edit = dm.Edit(model, number, latents, labels, direction, None, strengths, psi, output, dm.Names(names),
                        urgent=urgent)  # fmt: skip
-        return Request(edit, want, timeout)
+        return Request(edit, (want,), timeout)
     generate = dm.Generate(model, number, latents, labels, psi, output, dm.Names(names), urgent)
-    return Request(generate, want, timeout)
+    return Request(generate, (want,), timeout)
 
 
 def deadline(req: Request) -> float | None:
@@ -161,19 +213,145 @@ def deadline(req: Request) -> float | None:
     return call.deadline
 
 
-def outcome(result: dm.Result, want: Requested) -> tuple[str, list[int], np.ndarray]:
-    """The answer's one output tensor: its datatype, its shape, and its values."""
-    return want.datatype, [len(result.pixels), *result.image_shape], result.pixels
+async def answer(plane: DataPlane, req: Request) -> Answer:
+    """Run the request on the data plane: its answer as output tensors. An inversion's images tensor and the outputs
+    it lists are checked against the model version first (its shape; label and probabilities: conditional only)."""
+    if isinstance(req.domain, dm.Invert):
+        info = plane.get_model(req.domain.model, req.domain.version, req.domain.names)
+        if info.invertible:  # else the data plane says why it serves no inversion
+            _check_inversion(info, req)
+        return outcome(await plane.invert(req.domain, deadline(req)), req.want)
+    return outcome(await plane.run(req.domain, deadline(req)), req.want)
+
+
+def outcome(result: dm.Result | dm.Inverted, want: Sequence[Requested]) -> Answer:
+    """The answer's output tensors, as `want` lists them (a generation: its one, `images`); an inversion's all when it
+    lists none, label and probabilities only for a conditional model."""
+    if isinstance(result, dm.Result):
+        (one,) = want
+        return Answer(result.model, result.version, [_images(result, one.datatype)], {})
+    images = result.reconstructions
+    rows = {
+        "z": (result.z, "<f4"), "label": (result.labels, "<i8"), "probabilities": (result.probabilities, "<f4"),
+        "distance": (result.distance, "<f4"), "encoder_distance": (result.encoder_distance, "<f4"),
+    }  # fmt: skip
+    if not want:
+        want = [Requested(name, datatype) for name, datatype in INVERSION_OUTPUTS.items()
+                if name == OUTPUT or rows[name][0] is not None]  # fmt: skip
+    outputs = []
+    for i, w in enumerate(want):
+        if w.name == OUTPUT:
+            outputs.append(_images(images, w.datatype or _datatype(images.format)))
+            continue
+        array, dtype = rows[w.name]
+        if array is None:
+            raise InvalidArgument(f"outputs[{i}].name: model {images.model!r} is unconditional: it has no {w.name}")
+        outputs.append(Output(w.name, INVERSION_OUTPUTS[w.name], list(array.shape), np.ascontiguousarray(array, dtype)))
+    return Answer(images.model, images.version, outputs, {"passes": result.passes})
+
+
+def _images(result: dm.Result, datatype: str) -> Output:
+    return Output(OUTPUT, datatype, [len(result.pixels), *result.image_shape], result.pixels)
+
+
+def _datatype(fmt: dm.Format) -> str:
+    return next(name for name, f in OUTPUT_DATATYPES.items() if f is fmt)
+
+
+def _inversion(
+    model: str, number: int, parameters: Mapping[str, Parameter], by_name: Mapping[str, Tensor],
+    outputs: Sequence[Requested], fields: tuple[str, str],
+) -> Request:  # fmt: skip
+    """An images tensor: an Invert of its pixels, with the outputs it lists (datatypes resolved), or all."""
+    images = by_name["images"]
+    for name, t in by_name.items():
+        if name != "images":
+            raise InvalidArgument(
+                f"{t.field}.name: input {name!r} does not go with an images tensor, which inverts: give images "
+                "alone, or z (and y) to generate"
+            )  # fmt: skip
+    for key in GENERATION_ONLY:
+        if key in parameters:
+            raise InvalidArgument(
+                f"parameters.{key}: does not apply to an images tensor, which inverts: give {key} or images, not both"
+            )  # fmt: skip
+    _array(images)
+    datatype = str(parameters.get("datatype", "FP32"))
+    if datatype not in OUTPUT_DATATYPES:
+        known = ", ".join(OUTPUT_DATATYPES)
+        raise InvalidArgument(f"parameters.datatype: {short(datatype)} is not one of {known}")
+    want = _inversion_outputs(outputs, datatype)
+    image_datatype = next((w.datatype for w in want if w.name == OUTPUT), datatype)
+    refine = _integer(parameters.get("refine", 0), "parameters.refine")
+    timeout = _timeout(parameters.get("timeout"))
+    _priority(parameters.get("priority", 0))  # checked; an inversion runs at the default level
+    names = {
+        "model": fields[0], "version": fields[1], "output": "outputs", "images": images.field,
+        "pixels": images.field, "refine_passes": "parameters.refine",
+    }  # fmt: skip
+    invert = dm.Invert(model, number, pixels=images.data.tobytes(), refine=refine,
+                       output=dm.Output(format=OUTPUT_DATATYPES[image_datatype]), names=dm.Names(names))  # fmt: skip
+    return Request(invert, want, timeout, images)
+
+
+def _inversion_outputs(outputs: Sequence[Requested], datatype: str) -> tuple[Requested, ...]:
+    """The outputs an inversion lists, each known and once, with its datatype; () for all."""
+    want, seen = [], set()
+    for i, o in enumerate(outputs):
+        if o.name not in INVERSION_OUTPUTS:
+            known = ", ".join(INVERSION_OUTPUTS)
+            raise InvalidArgument(
+                f"outputs[{i}].name: unknown output {short(o.name)} (outputs of an inversion: {known})"
+            )
+        if o.name in seen:
+            raise InvalidArgument(f"outputs[{i}].name: output {o.name!r} requested twice")
+        seen.add(o.name)
+        fixed = INVERSION_OUTPUTS[o.name]
+        if fixed is None:  # images: FP32 or UINT8, the request's datatype unless its own says
+            given = o.datatype if o.datatype is not None else datatype
+            if given not in OUTPUT_DATATYPES:
+                known = ", ".join(OUTPUT_DATATYPES)
+                raise InvalidArgument(f"outputs[{i}].parameters.datatype: {short(given)} is not one of {known}")
+            want.append(Requested(o.name, given))
+        else:
+            if o.datatype is not None and o.datatype != fixed:
+                raise InvalidArgument(
+                    f"outputs[{i}].parameters.datatype: output {o.name!r} is {fixed} (got {short(o.datatype)})"
+                )
+            want.append(Requested(o.name, fixed))
+    return tuple(want)
+
+
+def _check_inversion(info: dm.ModelInfo, req: Request) -> None:
+    """The images tensor's shape and the outputs listed, against the version that inverts them, before any work."""
+    c, h, w = info.spec.output_shape
+    t = req.images
+    if t is not None and tuple(t.shape[1:]) != (h, w, c):
+        raise InvalidArgument(
+            f"{t.field}.shape: model {info.name!r} draws {h}×{w}×{c} images: input 'images' is [n, {h}, {w}, {c}]"
+            f" (got {list(t.shape)})"
+        )  # fmt: skip
+    if not info.spec.num_classes:
+        for i, r in enumerate(req.want):
+            if r.name in CONDITIONAL_OUTPUTS:
+                raise InvalidArgument(f"outputs[{i}].name: model {info.name!r} is unconditional: it has no {r.name}")
 
 
 def _inputs_by_name(inputs: Sequence[Tensor]) -> dict[str, Tensor]:
     by_name: dict[str, Tensor] = {}
     for t in inputs:
-        if t.name not in ("z", "y"):
-            raise InvalidArgument(f"{t.field}.name: unknown input {short(t.name)} (inputs: z, y)")
+        if t.name not in ("z", "y", "images"):
+            raise InvalidArgument(
+                f"{t.field}.name: unknown input {short(t.name)} (inputs: z, y) to generate, or images to invert"
+            )
         if t.name in by_name:
             raise InvalidArgument(f"{t.field}.name: input {t.name!r} given twice")
-        if t.datatype != "FP32":
+        if t.name == "images":
+            if t.datatype != "UINT8":
+                raise InvalidArgument(
+                    f"{t.field}.datatype: input 'images' is UINT8 only, pixels [n, H, W, C] (got {short(t.datatype)})"
+                )
+        elif t.datatype != "FP32":
             raise InvalidArgument(f"{t.field}.datatype: input {t.name!r} is FP32 (got {short(t.datatype)})")
         by_name[t.name] = t
     return by_name
@@ -181,8 +359,9 @@ def _inputs_by_name(inputs: Sequence[Tensor]) -> dict[str, Tensor]:
 
 def _array(t: Tensor) -> np.ndarray:
     """The tensor's values in its own shape: the shape it declares must hold exactly the values it carries."""
-    if len(t.shape) != 2 or not all(0 <= d < 2**31 for d in t.shape):
-        raise InvalidArgument(f"{t.field}.shape: input {t.name!r} is [n, width] (got {list(t.shape)})")
+    rank, form = (4, "UINT8 [n, H, W, C] with n >= 1") if t.name == "images" else (2, "[n, width]")
+    if len(t.shape) != rank or not all(0 <= d < 2**31 for d in t.shape) or (rank == 4 and not t.shape[0]):
+        raise InvalidArgument(f"{t.field}.shape: input {t.name!r} is {form} (got {list(t.shape)})")
     n = math.prod(t.shape)
     got = 0 if t.data is None else t.data.size
     if got != n:

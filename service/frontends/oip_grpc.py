@@ -38,16 +38,30 @@ def _inputs(request: pb.ModelInferRequest) -> list[oip.Tensor]:
     tensors = []
     for i, t in enumerate(request.inputs):
         field = f"inputs[{i}]"
+        uint8 = t.name == "images" and t.datatype == "UINT8"  # an inversion's pixels; any other input is FP32
         if raw:
             if t.HasField("contents"):
                 raise InvalidArgument(f"{field}.contents: give values in contents or raw_input_contents, not both")
-            if len(raw[i]) % 4:
+            if uint8:
+                data = np.frombuffer(raw[i], np.uint8)
+            elif len(raw[i]) % 4:
                 raise InvalidArgument(f"raw_input_contents[{i}]: {len(raw[i])} bytes is not whole FP32 values")
-            data = np.frombuffer(raw[i], "<f4")
+            else:
+                data = np.frombuffer(raw[i], "<f4")
+        elif uint8:
+            data = _uint8(t.contents.uint_contents, f"{field}.contents.uint_contents")
         else:
             data = np.asarray(t.contents.fp32_contents, np.float32)
         tensors.append(oip.Tensor(t.name, t.datatype, tuple(t.shape), data, field))
     return tensors
+
+
+def _uint8(values, field: str) -> np.ndarray:
+    """UINT8 values as protobuf carries them, in uint_contents (uint32 each): each must fit a byte."""
+    data = np.asarray(values, np.uint32)
+    if data.size and data.max() > 255:
+        raise InvalidArgument(f"{field}: UINT8 values are 0 to 255 (got {int(data.max())})")
+    return data.astype(np.uint8)
 
 
 def _outputs(request: pb.ModelInferRequest) -> list[oip.Requested]:
@@ -91,10 +105,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         req = oip.request(
             request.model_name, request.model_version, parameters, _inputs(request), _outputs(request)
         )  # fmt: skip
-        result = await self.plane.run(req.domain, oip.deadline(req))
-        datatype, shape, values = oip.outcome(result, req.want)
-        tensor = pb.ModelInferResponse.InferOutputTensor(name=req.want.name, datatype=datatype, shape=shape)
+        answer = await oip.answer(self.plane, req)
+        tensors = [pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                   for t in answer.outputs]  # fmt: skip
         return pb.ModelInferResponse(
-            model_name=result.model, model_version=str(result.version), id=request.id, outputs=[tensor],
-            raw_output_contents=[values.tobytes()],
+            model_name=answer.model, model_version=str(answer.version), id=request.id, outputs=tensors,
+            raw_output_contents=[t.values.tobytes() for t in answer.outputs],
+            parameters={k: to_parameter(v) for k, v in answer.parameters.items()},
         )  # fmt: skip

@@ -87,30 +87,39 @@ class OipRest:
             )  # fmt: skip
         model, version = request.match_info["model"], request.match_info.get("version", "")
         req = oip.request(model, version, parameters, inputs, outputs, REST_FIELDS)
-        result = await self.plane.run(req.domain, oip.deadline(req))
-        datatype, shape, values = oip.outcome(result, req.want)
-        tensor = {"name": req.want.name, "datatype": datatype, "shape": shape}
-        answer = {"model_name": result.model, "model_version": str(result.version), "outputs": [tensor]}
+        answer = await oip.answer(self.plane, req)
+        tensors = [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in answer.outputs]
+        reply = {"model_name": answer.model, "model_version": str(answer.version), "outputs": tensors}
         if isinstance(doc.get("id"), str):
-            answer["id"] = doc["id"]
-        if not binary:
-            # Numbers as JSON text cost ~0.1 µs each: a big answer is written off the event loop, a small one here.
-            if values.nbytes <= ON_LOOP:
-                text = _json_answer(answer, values)
-            else:
-                text = await asyncio.get_running_loop().run_in_executor(self.executor, _json_answer, answer, values)
-            return web.Response(text=text, content_type="application/json")
-        tensor["parameters"] = {"binary_data_size": values.nbytes}
-        head = json.dumps(answer).encode()
-        body = head + memoryview(np.ascontiguousarray(values)).cast("B")  # the answer's one copy of the images
+            reply["id"] = doc["id"]
+        if answer.parameters:
+            reply["parameters"] = answer.parameters
+        # Each output travels as JSON numbers or as bytes after the JSON (binary), as the client asked for it.
+        binaries = [binary(t.name) for t in answer.outputs]
+        for tensor, t, in_binary in zip(tensors, answer.outputs, binaries, strict=True):
+            if in_binary:
+                tensor["parameters"] = {"binary_data_size": t.values.nbytes}
+        numbers = [None if in_binary else t.values for t, in_binary in zip(answer.outputs, binaries, strict=True)]
+        # Numbers as JSON text cost ~0.1 µs each: a big answer is written off the event loop, a small one here.
+        if sum(values.nbytes for values in numbers if values is not None) <= ON_LOOP:
+            json_text = _json_answer(reply, numbers)
+        else:
+            json_text = await asyncio.get_running_loop().run_in_executor(self.executor, _json_answer, reply, numbers)
+        if not any(binaries):
+            return web.Response(text=json_text, content_type="application/json")
+        head = json_text.encode()
+        # The answer's one copy of each binary tensor: its bytes, in the order of the outputs.
+        blobs = [memoryview(np.ascontiguousarray(t.values)).cast("B") for t, in_binary
+                 in zip(answer.outputs, binaries, strict=True) if in_binary]  # fmt: skip
+        body = b"".join([head, *blobs])
         return web.Response(body=body, content_type="application/octet-stream", headers={JSON_HEADER: str(len(head))})
 
 
 def parse(
     body: bytes | bytearray, header: str | None, max_json_bytes: int
-) -> tuple[dict, list[oip.Tensor], Mapping[str, oip.Parameter], list[oip.Requested], bool]:
-    """A REST infer body → its JSON document, input tensors, parameters, outputs and whether to answer in binary.
-    Pure: it runs off the event loop for big bodies."""
+) -> tuple[dict, list[oip.Tensor], Mapping[str, oip.Parameter], list[oip.Requested], Callable[[str], bool]]:
+    """A REST infer body → its JSON document, input tensors, parameters, outputs, and which outputs to answer in
+    binary (by name). Pure: it runs off the event loop for big bodies."""
     head, rest = _split(body, header)
     if len(head) > max_json_bytes:
         raise InvalidArgument(f"{JSON_HEADER}: the JSON part is over the {max_json_bytes:,}-byte limit")
@@ -121,8 +130,11 @@ def parse(
     return doc, inputs, parameters, outputs, binary
 
 
-def _json_answer(answer: dict, values: np.ndarray) -> str:
-    answer["outputs"][0]["data"] = values.ravel().tolist()
+def _json_answer(answer: dict, values: list[np.ndarray | None]) -> str:
+    """The answer's JSON, each output given values with them as its `data` (the others are binary)."""
+    for tensor, data in zip(answer["outputs"], values, strict=True):
+        if data is not None:
+            tensor["data"] = data.ravel().tolist()
     return json.dumps(answer)
 
 
@@ -163,19 +175,24 @@ def _json_inputs(items: object, rest: memoryview) -> list[oip.Tensor]:
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(rest) - offset:
                 raise InvalidArgument(f"{field}.parameters.binary_data_size: past the end of the body's tensor bytes")
-            if size % 4:
+            if name == "images" and datatype == "UINT8":  # an inversion's pixels; any other input is FP32
+                data = np.frombuffer(rest, np.uint8, size, offset)
+            elif size % 4:
                 raise InvalidArgument(f"{field}.parameters.binary_data_size: {size} bytes is not whole FP32 values")
-            data = np.frombuffer(rest, "<f4", size // 4, offset)
+            else:
+                data = np.frombuffer(rest, "<f4", size // 4, offset)
             offset += size
         else:
-            data = _json_values(item.get("data"), datatype, f"{field}.data")
+            data = _json_values(item.get("data"), name, datatype, f"{field}.data")
         tensors.append(oip.Tensor(name, datatype, tuple(shape), data, field))
     if offset != len(rest):
         raise InvalidArgument(f"{JSON_HEADER}: {len(rest) - offset} bytes after the JSON belong to no input")
     return tensors
 
 
-def _json_values(data: object, datatype: str, field: str) -> np.ndarray | None:
+def _json_values(data: object, name: str, datatype: str, field: str) -> np.ndarray | None:
+    if datatype == "UINT8" and name == "images":  # an inversion's pixels
+        return _json_uint8(data, field)
     if datatype != "FP32":
         return None  # refused by name in oip, before the values matter
     if not isinstance(data, list):
@@ -189,19 +206,33 @@ def _json_values(data: object, datatype: str, field: str) -> np.ndarray | None:
     return values
 
 
-def _json_outputs(items: object, binary_default: bool) -> tuple[list[oip.Requested], bool]:
-    """The outputs asked for, and whether to answer in binary (Triton's extension) rather than JSON."""
+def _json_uint8(data: object, field: str) -> np.ndarray:
+    """UINT8 values as JSON numbers: integers from 0 to 255, flat or nested."""
+    if not isinstance(data, list):
+        raise InvalidArgument(f"{field}: must be a list of integers from 0 to 255 (flat or nested, row-major)")
+    try:
+        values = np.asarray(data).ravel()
+    except (ValueError, TypeError, OverflowError):
+        values = np.asarray([None])
+    if values.size and (values.dtype.kind not in "iu" or values.min() < 0 or values.max() > 255):
+        raise InvalidArgument(f"{field}: must hold integers from 0 to 255 only, in lists of equal length")
+    return values.astype(np.uint8)
+
+
+def _json_outputs(items: object, binary_default: bool) -> tuple[list[oip.Requested], Callable[[str], bool]]:
+    """The outputs asked for, and which to answer in binary (Triton's extension) rather than JSON: an output listed
+    by its own `binary_data`, any other by the request's `binary_data_output`."""
     if not isinstance(items, list):
         raise InvalidArgument("outputs: must be a list")
-    outputs, binary = [], binary_default
+    outputs, binary = [], {}
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidArgument(f"outputs[{i}]: must be an object with a name")
         parameters = _parameters(item.get("parameters", {}), f"outputs[{i}].parameters")
-        binary = parameters.get("binary_data", binary) is True
+        binary[item["name"]] = parameters.get("binary_data", binary_default) is True
         datatype = parameters.get("datatype")
         outputs.append(oip.Requested(item["name"], None if datatype is None else str(datatype)))
-    return outputs, binary
+    return outputs, lambda name: binary.get(name, binary_default)
 
 
 def _parameters(value: object, field: str) -> Mapping[str, oip.Parameter]:

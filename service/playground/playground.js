@@ -7,14 +7,31 @@ const TOKEN_KEY = "gan-playground-token"; // sessionStorage: gone when the tab c
 const DEBOUNCE_MS = 200; // sliders fire on every pixel of travel; one request per pause is enough
 const FPS = 12;
 const CANVAS_SIDE = 256; // the animation's frame is scaled up by a whole factor to about this size
+const PAD_SIDE = 280; // the drawing canvas: the model's size scaled up by a whole factor to about this size
+const STROKE = 2.4; // pen width in the model's pixels: about an MNIST digit's stroke
+const INVERT_AFTER_MS = 400; // a pause after a stroke this long, and the drawing is inverted
 
 const state = {
   models: [], model: null, errors: {}, strip: null, frame: 0, direction: 1, timer: 0, classNames: "", animation: null,
   directionList: null, // "model\nname\nname…" of the sliders built; the same list again keeps where they are
+  // The inversion panel: what is drawn (the pad, or a file as sent), the last answer, and whether its strip follows.
+  inversion: {
+    key: "", file: null, sentText: "", sentUrl: "", drawn: false, answer: null, follow: false,
+    controller: null, timer: 0,
+  },
 };
 const views = {
-  grid: { img: $("grid"), caption: $("grid-caption"), timing: $("grid-timing"), download: $("grid-download") },
-  strip: { img: $("strip"), caption: $("strip-caption"), timing: $("strip-timing"), download: $("strip-download") },
+  grid: {
+    title: "Grid", img: $("grid"), caption: $("grid-caption"), timing: $("grid-timing"), download: $("grid-download"),
+  },
+  strip: {
+    title: "Interpolation", img: $("strip"), caption: $("strip-caption"), timing: $("strip-timing"),
+    download: $("strip-download"),
+  },
+  "inversion-strip": {
+    title: "Interpolation from the inversion", img: $("inversion-strip"), caption: $("inversion-strip-caption"),
+    timing: $("inversion-strip-timing"),
+  },
 };
 
 // ---- errors: one line per source, so a failing grid is not hidden by a working strip -----------------------------
@@ -29,11 +46,14 @@ function setError(source, message) {
 
 // ---- the API -------------------------------------------------------------------------------------------------------
 
-async function request(path, params, signal) {
+// A GET, or with a body (a Blob: its type is the Content-Type) a POST.
+async function request(path, params, signal, body) {
   const token = $("token").value.trim();
   const query = params ? `?${new URLSearchParams(params)}` : "";
   const started = performance.now();
-  const response = await fetch(path + query, { signal, headers: token ? { Authorization: `Bearer ${token}` } : {} });
+  const init = { signal, headers: token ? { Authorization: `Bearer ${token}` } : {} };
+  if (body) Object.assign(init, { method: "POST", body });
+  const response = await fetch(path + query, init);
   if (!response.ok) {
     // The server answers {"error": "field: message"}; anything else (a proxy's page) gets the status line.
     const body = await response.json().catch(() => ({}));
@@ -76,10 +96,11 @@ function pickModel() {
   $("classes").hidden = names.length === 0;
   for (const el of document.querySelectorAll(".class-only")) el.hidden = names.length === 0;
   // Rebuilt for the model; a choice still offered survives (a new token reloads the list, not the user's picks).
-  const kept = Object.fromEntries(["label", "from-label", "to-label", "blend-label"].map((id) => [id, $(id).value]));
+  const picks = ["label", "from-label", "to-label", "blend-label", "inversion-to-label"];
+  const kept = Object.fromEntries(picks.map((id) => [id, $(id).value]));
   const same = state.classNames === names.join("\n");
   state.classNames = names.join("\n");
-  for (const id of ["label", "from-label", "to-label"]) {
+  for (const id of ["label", "from-label", "to-label", "inversion-to-label"]) {
     $(id).replaceChildren(...names.map((name, i) => new Option(name, i)));
   }
   $("blend-label").replaceChildren(new Option("none", ""), ...names.map((name, i) => new Option(name, i)));
@@ -87,6 +108,7 @@ function pickModel() {
   else if (names.length > 1) $("to-label").value = "1";
   showValues(); // the blend slider is off while its partner is "none"
   buildDirections(model);
+  setUpInversion(model);
   if (model.kind !== "image") {
     setError("model", `${model.name} generates 2-D points; the playground draws image models only.`);
     return;
@@ -128,6 +150,12 @@ function psiText() {
 
 // ---- showing images ------------------------------------------------------------------------------------------------
 
+// Both rounded alike, and the round trip is at least the server's number: it never shows the smaller figure.
+function timingText(server, roundTrip) {
+  const serverText = Number.isNaN(server) ? "" : `server ${server.toFixed(1)} ms · `; // a proxy may drop the header
+  return `${serverText}round trip ${roundTrip.toFixed(1)} ms`;
+}
+
 // Fetches a PNG into view.img and returns it decoded (null if it failed or a newer call took over); a newer call
 // cancels an older one, so answers never land out of order.
 async function show(source, path, params, caption, filename) {
@@ -150,10 +178,8 @@ async function show(source, path, params, caption, filename) {
     view.url = url;
     view.filename = filename.replace("{version}", response.headers.get("X-Model-Version") || "");
     view.caption.textContent = caption;
-    // Both rounded alike, and the round trip is at least the server's number: it never shows the smaller figure.
-    const serverText = Number.isNaN(server) ? "" : `server ${server.toFixed(1)} ms · `; // a proxy may drop the header
-    view.timing.textContent = `${serverText}round trip ${roundTrip.toFixed(1)} ms`;
-    view.download.disabled = false;
+    view.timing.textContent = timingText(server, roundTrip);
+    if (view.download) view.download.disabled = false;
     view.img.dataset.seq = Number(view.img.dataset.seq) + 1; // lets a test wait for this very image
     view.img.dataset.state = "ready";
     setError(source, "");
@@ -162,7 +188,7 @@ async function show(source, path, params, caption, filename) {
     if (url) URL.revokeObjectURL(url);
     if (controller.signal.aborted) return null;
     view.img.dataset.state = "error";
-    setError(source, `${source === "grid" ? "Grid" : "Interpolation"}: ${e.message}`);
+    setError(source, `${view.title}: ${e.message}`);
     return null;
   }
 }
@@ -327,6 +353,281 @@ function play(on) {
   $("play").setAttribute("aria-pressed", String(Boolean(state.timer)));
 }
 
+// ---- inversion: a drawing, or an image file, back to the z (and class) that draws it -------------------------------
+
+const pad = $("pad");
+const padContext = pad.getContext("2d", { willReadFrequently: true }); // read back at every inversion
+let pen = null; // where the stroke being drawn is, in the pad's pixels; null between strokes
+
+// Shown for a model served with an encoder. Another model (or another size) starts on a blank pad, its size a whole
+// multiple of the model's, so that each image pixel is a square block of the pad's.
+function setUpInversion(model) {
+  const shown = model.kind === "image" && Boolean(model.invertible);
+  $("inversion").hidden = !shown;
+  if (!shown) {
+    state.inversion.key = "";
+    clearInversion();
+    return;
+  }
+  const key = `${model.name}\n${model.image_shape}`;
+  if (key === state.inversion.key) return; // the same model listed again (a new token) keeps the drawing
+  state.inversion.key = key;
+  const [, h, w] = model.image_shape;
+  const scale = Math.max(1, Math.floor(PAD_SIDE / Math.max(w, h)));
+  pad.width = w * scale;
+  pad.height = h * scale;
+  clearInversion();
+}
+
+function clearInversion() {
+  const inv = state.inversion;
+  inv.controller?.abort();
+  views["inversion-strip"].controller?.abort();
+  clearTimeout(inv.timer);
+  pen = null;
+  Object.assign(inv, { file: null, drawn: false, answer: null, follow: false });
+  padContext.fillStyle = "#000";
+  padContext.fillRect(0, 0, pad.width, pad.height);
+  for (const id of ["inversion-input", "reconstruction", "inversion-strip"]) $(id).dataset.state = "empty";
+  for (const id of ["reconstruction", "inversion-strip"]) {
+    $(`${id}-caption`).textContent = "";
+    $(`${id}-timing`).textContent = "";
+  }
+  $("inversion-input-caption").textContent = "Sent";
+  $("inversion-file").value = "";
+  $("invert").disabled = true;
+  $("inversion-interpolate").disabled = true;
+  setError("inversion", "");
+  setError("inversion-strip", "");
+}
+
+// A pointer's place on the pad, in the pad's own pixels (it is shown at whatever size the layout gives it).
+function padPoint(e) {
+  const box = pad.getBoundingClientRect();
+  return [((e.clientX - box.left) * pad.width) / box.width, ((e.clientY - box.top) * pad.height) / box.height];
+}
+
+function penWidth() {
+  return (STROKE * pad.width) / state.model.image_shape[2];
+}
+
+function dot([x, y]) {
+  padContext.fillStyle = "#fff";
+  padContext.beginPath();
+  padContext.arc(x, y, penWidth() / 2, 0, 2 * Math.PI);
+  padContext.fill();
+}
+
+function line(from, to) {
+  Object.assign(padContext, { strokeStyle: "#fff", lineWidth: penWidth(), lineCap: "round", lineJoin: "round" });
+  padContext.beginPath();
+  padContext.moveTo(...from);
+  padContext.lineTo(...to);
+  padContext.stroke();
+}
+
+// Pointer events: a mouse, a finger (the pad's touch-action is none, so it draws rather than scrolls) or a pen.
+function penDown(e) {
+  if (e.button !== 0 || state.model?.kind !== "image") return; // a finger or a pen reports button 0 too
+  e.preventDefault();
+  try {
+    pad.setPointerCapture(e.pointerId); // the stroke goes on (and ends) even off the pad
+  } catch {
+    // a pointer already gone: the stroke still draws while it is over the pad
+  }
+  clearTimeout(state.inversion.timer); // one more stroke: invert once the drawing rests
+  pen = padPoint(e);
+  dot(pen);
+}
+
+function penMove(e) {
+  if (!pen) return;
+  const moves = e.getCoalescedEvents?.() ?? [];
+  for (const move of moves.length ? moves : [e]) {
+    const next = padPoint(move);
+    line(pen, next);
+    pen = next;
+  }
+}
+
+function penUp() {
+  if (!pen) return;
+  pen = null;
+  Object.assign(state.inversion, { file: null, drawn: true }); // the pad now, even over a file it shows
+  $("invert").disabled = false;
+  invertLater();
+}
+
+function invertLater() {
+  clearTimeout(state.inversion.timer);
+  if (state.inversion.drawn) state.inversion.timer = setTimeout(invert, INVERT_AFTER_MS);
+}
+
+const pngOf = (canvas) =>
+  new Promise((resolve, reject) =>
+    canvas.toBlob((blob) => (blob ? resolve(blob) : reject(new Error("the browser made no PNG"))), "image/png"),
+  );
+
+// The pad at the model's size: each image pixel the mean of its block of the pad's (an exact box filter, so a
+// picture the pad shows scaled up, a file's, comes back pixel for pixel), as a PNG.
+function padImage() {
+  const [, h, w] = state.model.image_shape;
+  const scale = pad.width / w;
+  const big = padContext.getImageData(0, 0, pad.width, pad.height).data;
+  const small = new ImageData(w, h);
+  const area = scale * scale;
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const sum = [0, 0, 0];
+      for (let dy = 0; dy < scale; dy++) {
+        let i = ((y * scale + dy) * pad.width + x * scale) * 4;
+        for (let dx = 0; dx < scale; dx++, i += 4) {
+          sum[0] += big[i];
+          sum[1] += big[i + 1];
+          sum[2] += big[i + 2];
+        }
+      }
+      const o = (y * w + x) * 4;
+      for (let k = 0; k < 3; k++) small.data[o + k] = Math.round(sum[k] / area);
+      small.data[o + 3] = 255;
+    }
+  }
+  const canvas = document.createElement("canvas");
+  canvas.width = w;
+  canvas.height = h;
+  canvas.getContext("2d").putImageData(small, 0, 0);
+  return pngOf(canvas);
+}
+
+// An image file, chosen or dropped: sent as it is when it has the model's size; otherwise scaled to fit (its shape
+// kept, centred on black) into a PNG of that size. The pad shows what is sent, and strokes over it draw on it.
+async function loadFile(file) {
+  if (!file || !state.model?.invertible) return;
+  const [, h, w] = state.model.image_shape;
+  const url = URL.createObjectURL(file);
+  try {
+    const picture = new Image();
+    picture.src = url;
+    await picture.decode().catch(() => {
+      throw new Error(`${file.name}: not an image this browser reads`);
+    });
+    const [fw, fh] = [picture.naturalWidth, picture.naturalHeight];
+    if (!fw || !fh) throw new Error(`${file.name}: an image without a size`);
+    const small = document.createElement("canvas");
+    small.width = w;
+    small.height = h;
+    const context = small.getContext("2d");
+    context.fillStyle = "#000";
+    context.fillRect(0, 0, w, h);
+    const same = fw === w && fh === h;
+    const fit = Math.min(w / fw, h / fh);
+    context.imageSmoothingQuality = "high";
+    context.drawImage(picture, (w - fw * fit) / 2, (h - fh * fit) / 2, fw * fit, fh * fit);
+    const sent = same ? file : await pngOf(small);
+    padContext.imageSmoothingEnabled = false;
+    padContext.drawImage(small, 0, 0, pad.width, pad.height);
+    const sentText = same ? "The file" : `The file at ${w}×${h}`;
+    Object.assign(state.inversion, { file: sent, drawn: true, sentText });
+    $("invert").disabled = false;
+    setError("inversion", "");
+    invert();
+  } catch (e) {
+    setError("inversion", `Inversion: ${e.message}`);
+  } finally {
+    URL.revokeObjectURL(url);
+  }
+}
+
+function showSent(blob, text) {
+  const img = $("inversion-input");
+  if (state.inversion.sentUrl) URL.revokeObjectURL(state.inversion.sentUrl);
+  img.src = state.inversion.sentUrl = URL.createObjectURL(blob);
+  img.dataset.state = "ready";
+  $("inversion-input-caption").textContent = text;
+}
+
+function inversionText(model, answer) {
+  const parts = [];
+  if (answer.label !== undefined && model.class_names.length) {
+    const p = answer.probabilities?.[answer.label];
+    parts.push(`class ${model.class_names[answer.label]}${p === undefined ? "" : ` (${(p * 100).toFixed(0)}%)`}`);
+  }
+  parts.push(`distance ${answer.distance.toFixed(4)} (encoder ${answer.encoder_distance.toFixed(4)})`);
+  parts.push(`${answer.passes} passes`);
+  return parts.join(" · ");
+}
+
+// POSTs what is drawn (or the file) to invert; shows what was sent, the reconstruction, the class and distances. A
+// newer call cancels an older one, as show() does.
+async function invert() {
+  const inv = state.inversion;
+  clearTimeout(inv.timer);
+  const model = state.model;
+  if (!model?.invertible || !inv.drawn) return;
+  inv.controller?.abort();
+  const controller = (inv.controller = new AbortController());
+  const img = $("reconstruction");
+  img.dataset.state = "loading";
+  try {
+    const refine = $("refine").value.trim();
+    if (!/^\d+$/.test(refine)) throw new Error("Refine passes: a whole number ≥ 0");
+    const [text, sent] = inv.file
+      ? [inv.sentText, inv.file]
+      : [`The drawing at ${model.image_shape[2]}×${model.image_shape[1]}`, await padImage()];
+    if (controller.signal.aborted) return;
+    showSent(sent, text);
+    const params = { refine };
+    if ($("version").value) params.version = $("version").value;
+    const path = `/v1/models/${encodeURIComponent(model.name)}/invert`;
+    const { blob, server, roundTrip } = await request(path, params, controller.signal, sent);
+    const answer = JSON.parse(await blob.text());
+    const probe = new Image();
+    probe.src = `data:image/png;base64,${answer.reconstruction}`;
+    await probe.decode();
+    if (controller.signal.aborted) throw new DOMException("superseded", "AbortError");
+    img.src = probe.src;
+    await img.decode();
+    inv.answer = answer;
+    $("reconstruction-caption").textContent = inversionText(model, answer);
+    $("reconstruction-timing").textContent = timingText(server, roundTrip);
+    $("inversion-interpolate").disabled = false;
+    img.dataset.seq = Number(img.dataset.seq) + 1; // lets a test wait for this very image
+    img.dataset.state = "ready";
+    setError("inversion", "");
+    if (inv.follow) renderInversionStrip(); // the strip shown starts at the z now inverted
+  } catch (e) {
+    if (controller.signal.aborted) return;
+    img.dataset.state = "error";
+    setError("inversion", `Inversion: ${e.message}`);
+  }
+}
+
+// From the inverted z (and its class) to a seed (and class), through interpolation.png's from_z; steps and method
+// are the Interpolation panel's. No ψ: truncation would pull the inverted z towards the mean too, and the first
+// frame would no longer be the reconstruction.
+function renderInversionStrip() {
+  const answer = state.inversion.answer;
+  if (!answer || state.model?.name !== answer.model) return;
+  state.inversion.follow = true;
+  try {
+    const to = seedOf("inversion-to", "To seed");
+    const steps = $("steps").value.trim() || "8";
+    const params = { from_z: answer.z.join(","), to, steps, method: $("method").value, version: answer.version };
+    let classes = "";
+    const names = state.model.class_names;
+    if (answer.label !== undefined && names.length) {
+      const toLabel = $("inversion-to-label").value;
+      Object.assign(params, { from_label: answer.label, to_label: toLabel });
+      classes = `class ${names[answer.label]} → ${names[toLabel]}`;
+    }
+    const what = [`inverted → seed ${to}`, classes, `${Number(steps) + 1} frames`, "no truncation"];
+    const path = `/v1/models/${encodeURIComponent(answer.model)}/interpolation.png`;
+    show("inversion-strip", path, params, what.filter(Boolean).join(" · "), "");
+  } catch (e) {
+    setError("inversion-strip", e.message);
+  }
+}
+
 // ---- wiring ---------------------------------------------------------------------------------------------------------
 
 function debounce(fn) {
@@ -374,6 +675,7 @@ function showValues() {
 const gridLater = debounce(renderGrid);
 const stripLater = debounce(renderStrip);
 const allLater = debounce(renderAll);
+const inversionStripLater = debounce(() => state.inversion.follow && renderInversionStrip());
 
 // Fields as they are typed or dragged; a <select> once it changes (scripted picks fire no "input").
 const on = (id, fn) => $(id).addEventListener($(id).tagName === "SELECT" ? "change" : "input", fn);
@@ -381,7 +683,10 @@ for (const id of ["seed", "count", "columns", "label", "blend-label", "blend"]) 
 for (const id of ["from", "to", "from-label", "to-label", "steps", "method"]) on(id, stripLater);
 for (const id of ["psi", "blend", "blend-label"]) on(id, showValues);
 on("psi", allLater);
-on("version", renderAll);
+on("version", () => {
+  renderAll();
+  invert(); // the version picked inverts it again (nothing, if nothing is drawn)
+});
 on("model", pickModel);
 $("directions-reset").addEventListener("click", resetDirections);
 $("random").addEventListener("click", () => {
@@ -400,6 +705,22 @@ $("frame-slider").addEventListener("input", () => {
 $("grid-download").addEventListener("click", () => download(views.grid));
 $("strip-download").addEventListener("click", () => download(views.strip));
 $("animation-download").addEventListener("click", downloadAnimation);
+pad.addEventListener("pointerdown", penDown);
+pad.addEventListener("pointermove", penMove);
+pad.addEventListener("pointerup", penUp);
+pad.addEventListener("pointercancel", penUp);
+$("inversion-clear").addEventListener("click", clearInversion);
+$("invert").addEventListener("click", invert);
+on("refine", invertLater);
+$("inversion-file").addEventListener("change", () => loadFile($("inversion-file").files[0]));
+// A file dropped anywhere on the panel; the browser would otherwise open it in place of the page.
+$("inversion").addEventListener("dragover", (e) => e.preventDefault());
+$("inversion").addEventListener("drop", (e) => {
+  e.preventDefault();
+  loadFile(e.dataTransfer.files[0]);
+});
+$("inversion-interpolate").addEventListener("click", renderInversionStrip);
+for (const id of ["inversion-to", "inversion-to-label", "steps", "method"]) on(id, inversionStripLater);
 
 $("token").value = sessionStorage.getItem(TOKEN_KEY) || "";
 showValues();

@@ -224,13 +224,7 @@ class ModelSpec:
 
     def check_signature(self, inputs: Mapping[str, tuple[str, Sequence]], outputs: Mapping[str, tuple[str, Sequence]]):
         """Check the graph against the spec: inputs and outputs as {name: (type, shape)}, as ONNX Runtime has them."""
-        expected = {"z": self.latent_dim} | ({"y": self.num_classes} if self.num_classes else {})
-        if set(inputs) != set(expected):
-            raise ContractError(f"inputs {sorted(inputs)} do not match the metadata (expected {sorted(expected)})")
-        for name, width in expected.items():
-            kind, shape = inputs[name]
-            if kind != "tensor(float)" or len(shape) != 2 or shape[1] != width:
-                raise ContractError(f"input {name}: expected float [batch, {width}], got {kind} {list(shape)}")
+        _check_matrices(inputs, {"z": self.latent_dim} | ({"y": self.num_classes} if self.num_classes else {}), "input")
         if "images" not in outputs:
             raise ContractError(f"outputs {sorted(outputs)} lack 'images'")
         kind, shape = outputs["images"]
@@ -321,13 +315,8 @@ class EncoderSpec:
             raise ContractError(f"inputs {sorted(inputs)}: an encoder takes one float input, 'images'")
         if list(inputs["images"][1][1:]) != list(self.image_shape):
             raise ContractError(f"input images: expected [batch, {', '.join(map(str, self.image_shape))}]")
-        expected = {"z": self.latent_dim} | ({"logits": len(self.class_names)} if self.class_names else {})
-        if set(outputs) != set(expected):
-            raise ContractError(f"outputs {sorted(outputs)} do not match the metadata (expected {sorted(expected)})")
-        for name, width in expected.items():
-            kind, shape = outputs[name]
-            if kind != "tensor(float)" or len(shape) != 2 or shape[1] != width:
-                raise ContractError(f"output {name}: expected float [batch, {width}], got {kind} {list(shape)}")
+        classes = len(self.class_names)
+        _check_matrices(outputs, {"z": self.latent_dim} | ({"logits": classes} if classes else {}), "output")
 
 
 def file_sha256(path) -> str:
@@ -342,11 +331,25 @@ def file_sha256(path) -> str:
 def read_encoder(session) -> EncoderSpec:
     """The spec of a loaded encoder session, its graph checked against it (duck-typed, as read_spec)."""
     spec = EncoderSpec.from_metadata(session.get_modelmeta().custom_metadata_map)
-    inputs, outputs = (
+    spec.check_signature(*_signature(session))
+    return spec
+
+
+def _check_matrices(tensors: Mapping[str, tuple[str, Sequence]], expected: Mapping[str, int], what: str) -> None:
+    """That the graph's inputs (or outputs) are exactly `expected`, each float [batch, width]."""
+    if set(tensors) != set(expected):
+        raise ContractError(f"{what}s {sorted(tensors)} do not match the metadata (expected {sorted(expected)})")
+    for name, width in expected.items():
+        kind, shape = tensors[name]
+        if kind != "tensor(float)" or len(shape) != 2 or shape[1] != width:
+            raise ContractError(f"{what} {name}: expected float [batch, {width}], got {kind} {list(shape)}")
+
+
+def _signature(session) -> tuple[dict, dict]:
+    """A session's inputs and outputs as {name: (type, shape)}."""
+    return tuple(
         {a.name: (a.type, list(a.shape)) for a in args} for args in (session.get_inputs(), session.get_outputs())
     )
-    spec.check_signature(inputs, outputs)
-    return spec
 
 
 def _json_list(text: str) -> list:
@@ -363,10 +366,7 @@ def read_spec(session) -> ModelSpec:
     Duck-typed (get_modelmeta, get_inputs, get_outputs), so that this module never imports onnxruntime.
     """
     spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map)
-    inputs, outputs = (
-        {a.name: (a.type, list(a.shape)) for a in args} for args in (session.get_inputs(), session.get_outputs())
-    )
-    spec.check_signature(inputs, outputs)
+    spec.check_signature(*_signature(session))
     return spec
 
 

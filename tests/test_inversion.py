@@ -190,6 +190,8 @@ BAD = [
         dict(images=[encode.png(np.zeros((28, 27, 1), np.uint8))]),
         "images[0]: 27×28 pixels, the model's images are 28×28",
     ),
+    # 16 million pixels in a few kilobytes: refused from the header, never decoded.
+    (dict(images=[encode.png(np.zeros((4000, 4000, 1), np.uint8))]), "images[0]: 4000×4000 pixels, the model's"),
     (dict(pixels=bytes(784 + 1)), "pixels: 785 bytes is not a whole number of 28×28×1 images"),
     (dict(pixels=bytes(784) * 70), "pixels: 70 images, the limit is 64"),
     (dict(images=[b"x"] * 65), "images: 65 given, the limit per request is 64"),

@@ -233,7 +233,6 @@ class ModelSpec:
             raise ContractError(f"output images: expected float [batch, {dims}], got {kind} {list(shape)}")
 
 
-ENCODER_FILE = "encoder.onnx"  # beside model.onnx in a version folder
 ENCODER_KIND = "encoder"
 ENCODER_KEYS = (
     "format_version",

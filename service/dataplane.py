@@ -309,7 +309,7 @@ class DataPlane:
             wanted = targets.transpose(0, 3, 1, 2) / 255.0
 
             async def distance(candidates: np.ndarray, ys: np.ndarray | None, goal: np.ndarray) -> np.ndarray:
-                drawn = await mv.run(candidates, ys, deadline)
+                drawn = await mv.run(candidates, ys, deadline, HIGH if req.urgent else NORMAL)
                 return inversion.distances(np.clip((drawn - lo) / (hi - lo), 0, 1), goal)
 
             first = await distance(z, y, wanted)
@@ -324,7 +324,7 @@ class DataPlane:
                     break  # another generation would likely miss the deadline: answer with the best so far
                 search.tell(await distance(search.ask(), ys, goals))
                 done += 1
-            result = await self._run(mv, search.best, y, output, deadline)
+            result = await self._run(mv, search.best, y, output, deadline, urgent=req.urgent)
             return Inverted(result, search.best, labels, probabilities, search.best_distance, first,
                             done * inversion.POPULATION)  # fmt: skip
 

@@ -170,6 +170,7 @@ class Invert:
     refine: int = 0  # generator passes per image for the search after the encoder; 0: none
     output: Output = Output()  # the reconstructions' format
     names: Names = NO_NAMES
+    urgent: bool = False
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 
 from service.errors import Unavailable
 from service.repository import (
+    ENCODER_FILE,
     MAX_SETTINGS_BYTES,
     MAX_VERSION,
     MODEL_FILE,
@@ -44,6 +46,8 @@ from service.repository import (
     RepositoryError,
     parse_settings,
 )
+
+log = logging.getLogger(__name__)
 
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules
 SAFE_KEY = re.compile(r"[A-Za-z0-9._/-]{1,1024}")
@@ -190,6 +194,7 @@ class S3Repository:
 
     def scan(self) -> tuple[dict[str, ModelDir], dict[str, str]]:
         versions: dict[str, dict[int, tuple[str, int, str]]] = {}  # name → version → (key, size, ETag)
+        encoders: dict[str, dict[int, tuple[str, int, str]]] = {}  # the same for encoder.onnx beside a model.onnx
         settings: dict[str, tuple[str, int, str]] = {}
         skipped: dict[str, str] = {}
         for count, (key, size, etag) in enumerate(self._list()):
@@ -202,14 +207,16 @@ class S3Repository:
             if not SAFE_KEY.fullmatch(rel) or {"", ".", ".."} & set(parts):
                 skipped[rel[:64]] = "odd object key (only A-Z a-z 0-9 . _ - /, no empty, . or .. parts)"
                 continue
-            if parts[-1] not in (MODEL_FILE, SETTINGS_FILE) or len(parts) != (3 if parts[-1] == MODEL_FILE else 2):
+            in_version = parts[-1] in (MODEL_FILE, ENCODER_FILE)
+            if parts[-1] not in (MODEL_FILE, ENCODER_FILE, SETTINGS_FILE) or len(parts) != (3 if in_version else 2):
                 continue  # anything else beside the models
             if not NAME.fullmatch(parts[0]):
                 skipped[parts[0][:64]] = NOT_A_NAME
             elif len(parts) == 2:
                 settings[parts[0]] = (key, size, etag)
             elif parts[1].isdecimal() and parts[1] == str(int(parts[1])) and 1 <= int(parts[1]) <= MAX_VERSION:
-                versions.setdefault(parts[0], {})[int(parts[1])] = (key, size, etag)
+                found = versions if parts[-1] == MODEL_FILE else encoders
+                found.setdefault(parts[0], {})[int(parts[1])] = (key, size, etag)
             else:
                 skipped[f"{parts[0]}/{parts[1][:32]}"] = "not a version number (1, 2, …; no leading zeros)"
         self._settings = {k: v for k, v in self._settings.items() if k in {(key, e) for key, _, e in settings.values()}}
@@ -223,7 +230,8 @@ class S3Repository:
             found = versions.get(name, {})
             files = {v: key for v, (key, _, _) in found.items()}
             stamps = {v: (size, etag) for v, (_, size, etag) in found.items()}
-            models[name] = ModelDir(name, files, stamps, policy, error)
+            beside = {v: e for v, e in encoders.get(name, {}).items() if v in found}
+            models[name] = ModelDir(name, files, stamps, policy, error, encoders=beside)
         self._prune({(name, str(v)) for name, found in versions.items() for v in found})
         return models, skipped
 
@@ -242,12 +250,30 @@ class S3Repository:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not _intact(path, size):
                     self._download(key, etag, size, path)
+                kept = {path.stem}
+                encoder = self.encoder(model, version, path, present=False)
+                if encoder is not None:  # an encoder too big is left in the store: the version serves without one
+                    e_key, e_size, e_etag = model.encoders[version]
+                    try:
+                        if not _intact(encoder, e_size):
+                            self._download(e_key, e_etag, e_size, encoder)
+                        kept.add(encoder.stem)
+                    except RepositoryError as e:  # its own bytes are wrong: the generator serves without it
+                        log.warning("%s: %s; serving version %d without inversion", self.url, e, version)
                 for old in folder.iterdir():  # earlier uploads of this version; an open session keeps its own
-                    if old.suffix in (".onnx", ".md5") and old.stem != path.stem:
+                    if old.suffix in (".onnx", ".md5") and old.stem not in kept:
                         old.unlink(missing_ok=True)
         except OSError as e:  # the download directory (full, say), not the version: tried again later
             raise StoreUnavailable(f"download directory {folder}: {os.strerror(e.errno or 0)}", "disk") from None
         return path
+
+    def encoder(self, model: ModelDir, version: int, path: Path, present: bool = True) -> Path | None:
+        """Where the version's encoder.onnx is downloaded beside `path` (named by its ETag, as the model is), if the
+        store lists one within --max-model-bytes; with `present`, only once it is there."""
+        if version not in model.encoders or model.encoders[version][1] > self.max_bytes:
+            return None
+        found = path.parent / (hashlib.sha256(model.encoders[version][2].encode()).hexdigest()[:32] + ".encoder.onnx")
+        return found if not present or found.is_file() else None
 
     def forget(self, name: str, version: int) -> None:
         """Drop the download of a version that no longer serves, unless another process is using it right now."""

@@ -29,12 +29,12 @@ import numpy as np
 from service import encode, profiles
 from service.batcher import NORMAL, Batcher, Timing, choose_batch_size
 from service.config import BatchingConfig, ModelControl, RuntimeConfig
-from service.contract import ENCODER_FILE, ContractError, ModelSpec, file_sha256, read_spec
+from service.contract import ContractError, ModelSpec, file_sha256, read_spec
 from service.domain import VersionStatus
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, short
 from service.metrics import Metrics
 from service.objectstore import StoreUnavailable
-from service.repository import NAME, ModelDir, Repository, Stamp, VersionPolicy
+from service.repository import ENCODER_FILE, NAME, ModelDir, Repository, Stamp, VersionPolicy
 from service.runtime import EncoderSession, Session, usable_cores
 
 log = logging.getLogger(__name__)
@@ -425,14 +425,14 @@ class Registry:
         if timings:
             how += ", µs per sample by size: " + ", ".join(f"{n}: {t / n * 1e6:.0f}" for n, t in timings.items())
         log.info("model %s version %d: batches of %d (%s), %d workers", name, version, size, how, workers)
-        encoder, note = self._encoder(name, version, path, spec)
+        encoder, note = self._encoder(model, version, path, spec)
         return ModelVersion(name, version, session, spec, batcher, encoder, note)
 
-    def _encoder(self, name: str, version: int, path: Path, spec: ModelSpec) -> tuple[EncoderSession | None, str]:
+    def _encoder(self, model: ModelDir, version: int, path: Path, spec: ModelSpec) -> tuple[EncoderSession | None, str]:
         """The encoder.onnx beside model.onnx, if there is one and it was made for this very file; else None and,
         for one that is there, why it was refused (the version serves without inversion)."""
-        file = path.parent / ENCODER_FILE
-        if not file.is_file():
+        name, file = model.name, self.repository.encoder(model, version, path)
+        if file is None:
             return None, ""
         try:
             encoder = EncoderSession(file, self.runtime)

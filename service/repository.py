@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 MODEL_FILE = "model.onnx"
+ENCODER_FILE = "encoder.onnx"  # beside model.onnx: what inversion needs (service/contract.py, EncoderSpec)
 SETTINGS_FILE = "model.json"
 MAX_SETTINGS_BYTES = 64 << 10
 MAX_VERSION = 2**32 - 1  # versions travel as uint32
@@ -87,6 +88,7 @@ class ModelDir:
     policy: VersionPolicy | None = None  # from model.json; None: the server's
     error: str = ""  # why model.json cannot be used, or the folder read ("" when all is well)
     readable: bool = True  # False: the folder could not be listed, so `files` says nothing about what is there
+    encoders: dict[int, tuple[str, int, str]] = field(default_factory=dict)  # in a store: version → (key, size, ETag)
 
 
 def check_root(root: Path) -> None:
@@ -113,7 +115,10 @@ class Repository(Protocol):
         """Every model by name, and what was skipped (→ why, for a warning)."""
 
     def fetch(self, model: ModelDir, version: int) -> Path:
-        """A local file holding the version's model.onnx exactly as listed."""
+        """A local file holding the version's model.onnx exactly as listed (and its encoder.onnx, where listed)."""
+
+    def encoder(self, model: ModelDir, version: int, path: Path) -> Path | None:
+        """The local file of the version's encoder.onnx once fetch() returned `path`, or None without one."""
 
     def forget(self, name: str, version: int) -> None:
         """The version no longer serves: any local copy made for it may go."""
@@ -136,6 +141,10 @@ class LocalRepository:
 
     def fetch(self, model: ModelDir, version: int) -> Path:
         return Path(model.files[version])
+
+    def encoder(self, model: ModelDir, version: int, path: Path) -> Path | None:
+        found = path.parent / ENCODER_FILE
+        return found if found.is_file() else None
 
     def forget(self, name: str, version: int) -> None:
         """Files are opened where they lie: there is no copy to drop."""

@@ -14,7 +14,8 @@ from onnx import TensorProto, helper
 
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
 from service.config import RuntimeConfig, ServerConfig
-from service.contract import ENCODER_FILE, Direction, EncoderSpec, ModelSpec, file_sha256
+from service.contract import Direction, EncoderSpec, ModelSpec, file_sha256
+from service.repository import ENCODER_FILE
 from service.runtime import Session
 from service.server import Server
 from service.tracing import Tracing

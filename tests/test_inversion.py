@@ -21,7 +21,8 @@ import pytest
 from service import encode, inversion
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.ganserve.v1 import generator_pb2_grpc as pb_grpc
-from service.contract import ENCODER_FILE, ContractError, EncoderSpec, ModelSpec, file_sha256, seed_latent
+from service.contract import ContractError, EncoderSpec, ModelSpec, file_sha256, seed_latent
+from service.repository import ENCODER_FILE
 from testkit.process import ROOT, shipped_version
 from testkit.servefix import ECHO_LATENT, echo_encoder, echo_model, running
 from training import encoder as encoder_mod

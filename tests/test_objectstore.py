@@ -20,7 +20,7 @@ from service.objectstore import S3Repository, StoreUnavailable, _md5_etag, parse
 from service.repository import RepositoryError
 from testkit.process import ROOT
 from testkit.seaweed import SECRET_KEY, SeaweedFS
-from testkit.servefix import plain_model, running
+from testkit.servefix import echo_encoder, echo_model, plain_model, running
 from testkit.waiting import until
 
 RAW = pb.OutputOptions(format=pb.RAW_UINT8)
@@ -110,6 +110,27 @@ def test_versions_join_and_leave_as_in_a_directory(s3_env, prefix, tmp_path, mod
         assert any(p.suffix == ".onnx" for p in downloads) and not any(p.name.endswith(".part") for p in downloads)
 
     asyncio.run(go())
+
+
+def test_an_encoder_beside_the_model_in_the_store_serves_inversion(s3_env, prefix, tmp_path):
+    store = s3_env
+    folder = echo_model(tmp_path / "src" / "model.onnx").parent
+    store.publish(folder / "model.onnx", "m", 1, prefix)
+    client = store.client()
+    client.put_object(Bucket=store.bucket, Key=f"{prefix}/m/1/encoder.onnx", Body=echo_encoder(folder).read_bytes())
+
+    async def go():
+        async with serve(store, prefix, tmp_path) as (server, stub, _channel):
+            drawn = await stub.Generate(pb.GenerateRequest(model="m", seeds=pb.SeedList(seeds=[4]),
+                                                           labels=[pb.Label(index=2)], output=RAW))  # fmt: skip
+            answer = await stub.Invert(pb.InvertRequest(model="m", pixels=drawn.images[0]))
+            return answer, states(server)
+
+    answer, state = asyncio.run(go())
+    assert answer.inversions[0].label == 2 and answer.inversions[0].distance < 1e-5  # the echo model's exact inverse
+    assert state == {1: ("READY", "")}
+    downloaded = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "downloads").rglob("*.onnx"))
+    assert downloaded == ["encoder.onnx", "onnx"]  # both, each named by its ETag
 
 
 def test_odd_keys_are_skipped_with_a_warning(s3_env, prefix, tmp_path, model_file, caplog):

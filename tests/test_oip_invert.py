@@ -28,8 +28,9 @@ from service import domain as dm
 from service.api.ganserve.v1 import generator_pb2 as pb
 from service.api.inference import grpc_predict_v2_pb2 as ipb
 from service.api.inference import grpc_predict_v2_pb2_grpc as ipb_grpc
-from service.contract import ENCODER_FILE, EncoderSpec, file_sha256
+from service.contract import EncoderSpec, file_sha256
 from service.frontends import oip
+from service.repository import ENCODER_FILE
 from testkit.process import ROOT, shipped_version
 from testkit.servefix import plain_model, running
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from service.contract import ENCODER_FILE, ContractError, EncoderSpec, read_encoder
+from service.contract import ContractError, EncoderSpec, read_encoder
+from service.repository import ENCODER_FILE
 from training import classifier as clf
 from training import data as data_mod
 from training.config import ConfigError, TrainConfig

@@ -24,7 +24,8 @@ import onnxruntime as ort
 from PIL import Image, ImageDraw
 
 from service import encode, inversion
-from service.contract import ENCODER_FILE, ContractError, file_sha256, read_encoder, read_spec, seed_latents
+from service.contract import ContractError, file_sha256, read_encoder, read_spec, seed_latents
+from service.repository import ENCODER_FILE
 from training import classifier as clf
 from training import data as data_mod
 from training.config import TrainConfig

@@ -19,7 +19,7 @@ tensors, each a row per image: `z` FP32 [n, latent_dim], `label` INT64 [n] and `
 after the refinement and for the encoder's z), and `images`, the reconstructions, FP32 or UINT8 as for generation.
 The passes the refinement used, one count for the request, are the response parameter `passes` (int64). A request
 that lists outputs gets those, in its order; otherwise all (the metadata keeps describing generation: z, y and
-images). An inversion runs at the default priority whatever `priority` says.
+images). `priority` counts as for generation.
 """
 
 from __future__ import annotations
@@ -284,13 +284,14 @@ def _inversion(
     image_datatype = next((w.datatype for w in want if w.name == OUTPUT), datatype)
     refine = _integer(parameters.get("refine", 0), "parameters.refine")
     timeout = _timeout(parameters.get("timeout"))
-    _priority(parameters.get("priority", 0))  # checked; an inversion runs at the default level
+    urgent = _priority(parameters.get("priority", 0))
     names = {
         "model": fields[0], "version": fields[1], "output": "outputs", "images": images.field,
         "pixels": images.field, "refine_passes": "parameters.refine",
     }  # fmt: skip
     invert = dm.Invert(model, number, pixels=images.data.tobytes(), refine=refine,
-                       output=dm.Output(format=OUTPUT_DATATYPES[image_datatype]), names=dm.Names(names))  # fmt: skip
+                       output=dm.Output(format=OUTPUT_DATATYPES[image_datatype]), names=dm.Names(names),
+                       urgent=urgent)  # fmt: skip
     return Request(invert, want, timeout, images)
 
 

@@ -186,8 +186,9 @@ class ModelSpec:
         def parse(key: str, convert):
             try:
                 return convert(need(key))
-            except (ValueError, TypeError) as e:
-                raise ContractError(f"{key}: unreadable value {need(key)[:64]!r} ({e})") from None
+            except (ValueError, TypeError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
+                why = "nested too deep" if isinstance(e, RecursionError) else e
+                raise ContractError(f"{key}: unreadable value {need(key)[:64]!r} ({why})") from None
 
         version = need("format_version")
         if not (version.isascii() and version.isdigit()) or int(version) not in READABLE_FORMATS:
@@ -277,9 +278,9 @@ class EncoderSpec:
             raise ContractError(f"metadata_props lacks {missing[0]!r}")
         if meta["kind"] != ENCODER_KIND:
             raise ContractError(f"kind: {meta['kind'][:32]!r} is not an encoder's ({ENCODER_KIND!r})")
-        if meta["format_version"] != str(FORMAT_VERSION):
+        if meta["format_version"] not in [str(v) for v in READABLE_FORMATS if v >= 3]:
             raise ContractError(
-                f"format_version: {meta['format_version'][:16]!r}; encoders are format {FORMAT_VERSION}"
+                f"format_version: {meta['format_version'][:16]!r} is not an encoder format this reader knows (3 on)"
             )
         if not SHA256.fullmatch(meta["generator_sha256"]):
             raise ContractError("generator_sha256: not a SHA-256 in hex")
@@ -291,8 +292,10 @@ class EncoderSpec:
                 tuple(float(x) for x in _json_list(meta["output_range"])),
                 {k: v for k, v in meta.items() if k not in ENCODER_KEYS},
             )  # fmt: skip
-        except (ValueError, TypeError) as e:
-            raise ContractError(f"unreadable encoder metadata ({e})") from None
+        except (ValueError, TypeError, RecursionError) as e:
+            raise ContractError(
+                f"unreadable encoder metadata ({'nested too deep' if isinstance(e, RecursionError) else e})"
+            ) from None
         if len(spec.output_range) != 2:
             raise ContractError("output_range: needs [lo, hi]")
         return spec

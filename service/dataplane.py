@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -41,7 +42,7 @@ from service.domain import (
     SeedRange,
     Seeds,
 )
-from service.errors import FailedPrecondition, InvalidArgument, short
+from service.errors import FailedPrecondition, InvalidArgument, QueueFull, short
 from service.registry import ModelVersion, Registry
 
 METHODS = ("slerp", "lerp")
@@ -50,6 +51,7 @@ PNGS_ON_LOOP = 1  # ~150 µs a PNG (Pillow, 28x28)
 DEFAULT_FPS, MIN_FPS, MAX_FPS = 12.0, 1.0, 50.0  # GIF counts frame times in hundredths of a second
 MAX_LOOPS = 65535  # what GIF's and APNG's loop fields hold
 MAX_REFINE = 10_000  # generator passes per image: about 2 s of the shipped model's time for one image on 2 cores
+MAX_REFINE_TOTAL = 20_000  # images × passes per request: one call holds the model for at most a few seconds
 MAX_STRENGTHS = 64
 MAX_STRENGTH = 100.0  # standard deviations of the prior along a unit direction: far past any useful edit
 
@@ -290,10 +292,19 @@ class DataPlane:
             output = _check_output(req.output, names)
             if output.grid or output.return_latents:
                 raise InvalidArgument(f"{names('output')}: grids and latents do not apply to Invert (z is answered)")
-            if not 0 <= req.refine <= MAX_REFINE:
-                raise InvalidArgument(f"{names('refine_passes')}: from 0 to {MAX_REFINE:,} (got {req.refine})")
+            pop = inversion.POPULATION
+            if not (req.refine == 0 or pop <= req.refine <= MAX_REFINE):
+                raise InvalidArgument(
+                    f"{names('refine_passes')}: 0, or from {pop} (one generation of {pop} candidates) to"
+                    f" {MAX_REFINE:,} (got {req.refine})"
+                )
             targets = await self._targets(mv, req, names)
             n = len(targets)
+            if n * req.refine > MAX_REFINE_TOTAL:
+                raise InvalidArgument(
+                    f"{names('refine_passes')}: {n} images × {req.refine:,} passes is over {MAX_REFINE_TOTAL:,}"
+                    " generator passes per request; refine fewer images per call, or with fewer passes"
+                )
             self._check_size(mv, n, output, "images", names)
             mv.batcher.check_room(n)
             loop = asyncio.get_running_loop()
@@ -307,26 +318,45 @@ class DataPlane:
                 labels = probabilities.argmax(1)
                 y = np.eye(mv.spec.num_classes, dtype=np.float32)[labels]
             wanted = targets.transpose(0, 3, 1, 2) / 255.0
+            priority = HIGH if req.urgent else NORMAL
 
-            async def distance(candidates: np.ndarray, ys: np.ndarray | None, goal: np.ndarray) -> np.ndarray:
-                drawn = await mv.run(candidates, ys, deadline, HIGH if req.urgent else NORMAL)
-                return inversion.distances(np.clip((drawn - lo) / (hi - lo), 0, 1), goal)
+            async def draw(candidates: np.ndarray, ys: np.ndarray | None) -> np.ndarray:
+                """The generator's output, in pieces the queue takes (a generation is n·16 samples)."""
+                step = self.limits.max_images
+                parts = [mv.run(candidates[i : i + step], None if ys is None else ys[i : i + step], deadline, priority)
+                         for i in range(0, len(candidates), step)]  # fmt: skip
+                return np.concatenate(await asyncio.gather(*parts))
 
-            first = await distance(z, y, wanted)
-            search = inversion.Search(z, first)
-            generations, started = req.refine // inversion.POPULATION, time.monotonic()
-            ys = None if y is None else np.repeat(y, inversion.POPULATION, 0)
-            goals = np.repeat(wanted, inversion.POPULATION, 0)
-            done = 0
-            while done < generations:
-                spent = time.monotonic() - started
-                if deadline is not None and done and time.monotonic() + 2 * spent / done > deadline:
-                    break  # another generation would likely miss the deadline: answer with the best so far
-                search.tell(await distance(search.ask(), ys, goals))
+            def scores(images: np.ndarray, goals: np.ndarray) -> np.ndarray:
+                return inversion.distances(np.clip((images - lo) / (hi - lo), 0, 1), goals)
+
+            started = time.monotonic()
+            drawn = await draw(z, y)
+            one_pass = time.monotonic() - started
+            first = scores(drawn, wanted)
+            # Each image's search draws from a stream of its own, seeded by its pixels: the same image gets the same
+            # answer alone or beside others.
+            seeds = [int.from_bytes(hashlib.sha256(t.tobytes()).digest()[:8], "little") for t in targets]
+            search = inversion.Search(z, first, seeds)
+            ys = None if y is None else np.repeat(y, pop, 0)
+            goals = np.repeat(wanted, pop, 0)
+            done, started = 0, time.monotonic()
+            while done < req.refine // pop:
+                # A generation costs what the last ones did (at first, 16 passes of the encoder's z), and the answer
+                # one more pass: stop while both still fit before the deadline, with the best so far.
+                generation = (time.monotonic() - started) / done if done else pop * one_pass
+                if deadline is not None and time.monotonic() + generation + 2 * one_pass > deadline:
+                    break
+                try:
+                    search.tell(scores(await draw(search.ask(), ys), goals))
+                except QueueFull:  # others' work fills the queue: answer with what the search has
+                    break
                 done += 1
-            result = await self._run(mv, search.best, y, output, deadline, urgent=req.urgent)
-            return Inverted(result, search.best, labels, probabilities, search.best_distance, first,
-                            done * inversion.POPULATION)  # fmt: skip
+            if not search.improved:  # the encoder's z stands: its images are the answer, no pass more
+                result = await loop.run_in_executor(self.encoder, _encode_floats, mv, drawn, output)
+            else:
+                result = await self._run(mv, search.best, y, output, deadline, urgent=req.urgent)
+            return Inverted(result, search.best, labels, probabilities, search.best_distance, first, done * pop)
 
     async def _targets(self, mv: ModelVersion, req: Invert, names: Names) -> np.ndarray:
         """The request's images as uint8 [n, H, W, C] of the model's size: files decoded off the event loop."""
@@ -667,6 +697,12 @@ def _keyframe_labels(
         raise InvalidArgument(f"{names(f'{field}.label')}: give a label for every keyframe or for none")
     y_keys = _label_vectors(mv, given, len(given), len(given), names, field=f"{field}.label")
     return latents.path(y_keys, steps, "lerp")
+
+
+def _encode_floats(mv: ModelVersion, images: np.ndarray, output: Output) -> Result:
+    """_encode of the model's own float output [n, C, H, W], whatever the format asks."""
+    pixels = images if output.format is Format.FLOAT32 else encode.to_uint8(images, mv.spec.output_range)
+    return _encode(mv, pixels, output, 0)
 
 
 def _encode(mv: ModelVersion, images: np.ndarray, output: Output, offset: int) -> Result:

@@ -22,24 +22,27 @@ def to_uint8(images: np.ndarray, output_range: tuple[float, float]) -> np.ndarra
     return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 
+DECODABLE = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what decode() opens: common still-image formats, nothing else
+
+
 def decode(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-    """One still image file (PNG, or anything Pillow reads) of exactly `shape` [H, W, C] → uint8 [H, W, C], grey or
-    RGB as C asks. ValueError says what is wrong; the size is checked from the header, before any pixel is decoded."""
+    """One still image file (PNG, JPEG, WebP, GIF or BMP) of exactly `shape` [H, W, C] → uint8 [H, W, C], grey or RGB
+    as C asks. ValueError says what is wrong; the size is checked from the header, before any pixel is decoded."""
     h, w, c = shape
     try:
-        image = Image.open(io.BytesIO(data))
-        image.size  # noqa: B018 - the header only
+        image = Image.open(io.BytesIO(data), formats=DECODABLE)  # reads the header only
+        size, frames = image.size, getattr(image, "n_frames", 1)
     except Exception as e:  # Pillow raises its own types, and OSError, for anything it cannot identify
-        raise ValueError(f"not an image file ({type(e).__name__})") from None
-    if image.size != (w, h):
-        raise ValueError(f"{image.size[0]}×{image.size[1]} pixels, the model's images are {w}×{h}")
-    if getattr(image, "n_frames", 1) != 1:
+        raise ValueError(f"not an image file of {', '.join(DECODABLE)} ({type(e).__name__})") from None
+    if size != (w, h):
+        raise ValueError(f"{size[0]}×{size[1]} pixels, the model's images are {w}×{h}")
+    if frames != 1:
         raise ValueError("an animation; give one still image")
     try:
-        image = image.convert("L" if c == 1 else "RGB")
-    except Exception as e:
+        pixels = np.asarray(image.convert("L" if c == 1 else "RGB"), np.uint8)
+    except Exception as e:  # a header that promised more than the file holds
         raise ValueError(f"cannot be decoded ({type(e).__name__})") from None
-    return np.asarray(image, np.uint8).reshape(h, w, c)
+    return pixels.reshape(h, w, c)
 
 
 def grid(pixels: np.ndarray, ncols: int, pad: int = 2, fill: int = 0) -> np.ndarray:

@@ -70,7 +70,7 @@ class ModelVersion:
     spec: ModelSpec
     batcher: Batcher
     encoder: EncoderSession | None = None  # Invert serves this version only with one
-    note: str = ""  # what RepositoryIndex says of it while READY (an encoder refused)
+    note: str = ""  # why its encoder.onnx was refused (RepositoryIndex says it while READY)
     users: int = 0  # requests holding it (Registry.use)
     load: int = field(default_factory=lambda: next(LOADS))  # which load of the file this is (a cache key part)
     _released: asyncio.Event | None = None
@@ -439,8 +439,8 @@ class Registry:
             encoder.spec.check(spec, file_sha256(path))
         except Exception as e:  # an ORT error, wrong metadata, another generator's encoder: all refuse it alike
             reason = (str(e).splitlines() or [type(e).__name__])[0].replace(f"{self.repository}{os.sep}", "")
-            note = f"serving without inversion: {ENCODER_FILE} refused: {reason}"[:300]
-            log.warning("model %s version %d: %s", name, version, note)
+            note = f"{ENCODER_FILE} refused: {reason}"[:300]
+            log.warning("model %s version %d: serving without inversion: %s", name, version, note)
             return None, note
         log.info("model %s version %d: inversion by %s", name, version, ENCODER_FILE)
         return encoder, ""
@@ -494,7 +494,8 @@ class Registry:
         out = []
         for n, v in sorted(k for k in keys if name is None or k[0] == name):
             if v in self._serving.get(n, {}):
-                out.append(VersionStatus(n, v, READY, self._serving[n][v].note))
+                note = self._serving[n][v].note
+                out.append(VersionStatus(n, v, READY, f"serving without inversion: {note}" if note else ""))
             elif (n, v) in leaving:
                 out.append(VersionStatus(n, v, UNLOADING, leaving[n, v]))
             elif self._loading == (n, v):

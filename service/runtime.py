@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from service.config import RuntimeConfig, parse_provider_options
 from service.contract import read_encoder
+from service.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,20 @@ class EncoderSession:
         self.session = ort.InferenceSession(str(path), sess_options=_options(config), providers=[CPU])
         self.spec = read_encoder(self.session)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.run(np.zeros((2, *self.spec.image_shape), np.float32))  # one that answers wrongly is refused at load
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """z [n, latent_dim] and logits [n, classes] (None for an unconditional generator) of images [n, C, H, W]."""
+        """z [n, latent_dim] and logits [n, classes] (None for an unconditional generator) of images [n, C, H, W];
+        FailedPrecondition when the file answers anything else (its graph is untrusted input too)."""
         out = dict(zip(self.outputs, self.session.run(self.outputs, {"images": images}), strict=True))
+        n, spec = len(images), self.spec
+        expected = {"z": (n, spec.latent_dim)} | ({"logits": (n, len(spec.class_names))} if spec.class_names else {})
+        for name, shape in expected.items():
+            if out[name].shape != shape or not np.all(np.isfinite(out[name])):
+                raise FailedPrecondition(
+                    f"encoder.onnx answered {name} {list(out[name].shape)} with non-finite values or another shape"
+                    f" than {list(shape)}"
+                )
         return out["z"], out.get("logits")
 
 

@@ -86,6 +86,7 @@ def _with_direction(**changes) -> dict[str, str]:
         (_with_direction(per_class=[list(AXES[0])] * 9), r"directions\[0\]\.per_class: 9 vectors for 10 classes"),
         (_with_direction(per_class=[list(AXES[0])] * 9 + [[0.0] * 16]), r"directions\[0\]\.per_class\[9\]"),
         (EDITABLE.to_metadata() | {"directions": '{"name": "ink"}'}, "directions: unreadable value"),
+        (EDITABLE.to_metadata() | {"directions": "[" * 100_000 + "]" * 100_000}, "directions: unreadable value"),
         (EDITABLE.to_metadata() | {"directions": "[1]"}, r"directions\[0\]: needs an object"),
         (
             EDITABLE.to_metadata() | {"directions": json.dumps([SHARED.to_json()] * 2)},

@@ -334,6 +334,10 @@ def test_oip_edits_z_tensors_and_refuses_a_y_tensor_beside_a_direction(repo):
                 await oip.ModelInfer(ipb.ModelInferRequest(
                     model_name="echo", inputs=[tensor, y], parameters={"direction": P(string_param="first")}
                 ))  # fmt: skip
+            with pytest.raises(grpc.aio.AioRpcError) as lone:  # strengths without a direction are not dropped
+                await oip.ModelInfer(ipb.ModelInferRequest(model_name="echo", inputs=[tensor], parameters={
+                    "labels": P(string_param="cat"), "strengths": P(string_param="1")}))  # fmt: skip
+            assert lone.value.details().startswith("parameters.direction: required"), lone.value.details()
             return edited, e.value
 
     edited, error = asyncio.run(go())

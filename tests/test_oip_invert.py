@@ -357,9 +357,9 @@ REFUSALS = {
     "request_datatype": (MODEL, [_images()], {"datatype": "FP16"}, [], "INVALID_ARGUMENT", 400,
                          "parameters.datatype: 'FP16' is not one of FP32, UINT8"),
     "refine_range": (MODEL, [_images()], {"refine": 20000}, [], "INVALID_ARGUMENT", 400,
-                     "parameters.refine: from 0 to 10,000 (got 20000)"),
+                     "parameters.refine: 0, or from 16 (one generation of 16 candidates) to 10,000 (got 20000)"),
     "refine_negative": (MODEL, [_images()], {"refine": -1}, [], "INVALID_ARGUMENT", 400,
-                        "parameters.refine: from 0 to 10,000 (got -1)"),
+                        "parameters.refine: 0, or from 16 (one generation of 16 candidates) to 10,000 (got -1)"),
     "refine_text": (MODEL, [_images()], {"refine": "many"}, [], "INVALID_ARGUMENT", 400,
                     "parameters.refine: an integer (got str)"),
     "refine_generating": (MODEL, [], {"seeds": "0", "refine": 16}, [], "INVALID_ARGUMENT", 400,
@@ -499,3 +499,55 @@ def test_triton_clients_invert(repo, tmp_path):
     with np.load(out) as f:
         for tag in ("grpc", "http"):
             same({name: f[f"{tag}_{name}"] for name in ALL}, expected)
+
+
+def test_priority_one_inversions_run_first(tmp_path):
+    """Behind a held batch, two normal inversions and then two priority-1 ones queue; the model takes the urgent ones
+    first. (Each inversion runs the model twice, for the encoder's z and for the reconstruction; a second pass queues
+    when the first is back, so only the order of the first passes is the queue's.)"""
+    from testkit.gated import Gate, sessions
+    from testkit.servefix import echo_encoder, echo_model
+    from testkit.waiting import until
+
+    echo_model(tmp_path / "m" / "1" / "model.onnx")
+    echo_encoder(tmp_path / "m" / "1")
+    hold = Gate()
+    ran: list[float] = []  # z[0, 0] of each batch, in the order the model ran them
+
+    def model_runs(feeds) -> None:
+        ran.append(round(float(feeds["z"][0, 0]), 3))
+        hold.wait()
+
+    def pixels(first: int) -> np.ndarray:  # an echo image whose z[0] reads back as (first / 255) * 2 - 1
+        image = np.zeros((1, 2, 4, 1), np.uint8)
+        image[0, 0, 0, 0], image[0, 1, 1, 0] = first, 255  # y = eel: a one-hot's last entry
+        return image
+
+    cases = [("normal", 0, 40), ("normal", 2, 80), ("urgent", 1, 120), ("urgent", 1, 160)]
+
+    async def go():
+        flags = {"max_batch_size": 1, "batch_workers": 1}
+        async with running(tmp_path, session_factory=sessions(m=model_runs), **flags) as (server, _stub, channel):
+            stub = ipb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def call(first: int, priority: int):
+                image = pixels(first)
+                tensor = ipb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=image.shape)
+                return await stub.ModelInfer(ipb.ModelInferRequest(
+                    model_name="m", inputs=[tensor], raw_input_contents=[image.tobytes()],
+                    parameters={"priority": P(int64_param=priority)},
+                ))  # fmt: skip
+
+            batcher = server.registry.models["m"][1].batcher
+            calls = [asyncio.ensure_future(call(0, 0))]
+            await until(lambda: hold.waiting == 1)
+            for i, (_, priority, first) in enumerate(cases):
+                calls.append(asyncio.ensure_future(call(first, priority)))
+                await until(lambda i=i: batcher.queue_depth == i + 1)
+            hold.open()
+            await asyncio.gather(*calls)
+
+    asyncio.run(go())
+    tag = {round(first / 255 * 2 - 1, 3): kind for kind, _, first in cases}
+    firsts = [tag[z] for z in dict.fromkeys(ran) if z in tag]  # each call's first pass; the held call's (z[0] -1) aside
+    assert firsts == ["urgent", "urgent", "normal", "normal"], ran

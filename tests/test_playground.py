@@ -619,7 +619,7 @@ def test_the_inversion_panel_is_for_invertible_models_and_shows_errors(driver, b
     driver.find_element("id", "refine").clear()
     _keys(driver, "refine", "20000")
     error = _wait(lambda: driver.find_element("id", "error").text, "the error line")
-    assert error == "Inversion: refine: from 0 to 10,000 (got 20000)"
+    assert error == "Inversion: refine: 0, or from 16 (one generation of 16 candidates) to 10,000 (got 20000)"
     shown = driver.find_element("id", "reconstruction")
     assert shown.get_attribute("data-state") == "error" and float(shown.value_of_css_property("opacity")) < 0.5
     assert all("400 (Bad Request)" in message for message in _severe(driver))

@@ -78,7 +78,7 @@ class Inverter:
     def refine(self, z, labels, x01, passes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The server's search from z: (best z, its distances, the encoder's distances)."""
         first = inversion.distances(self.render(z, labels), x01)
-        search = inversion.Search(z, first)
+        search = inversion.Search(z, first, list(range(len(z))))
         pop = inversion.POPULATION
         many = None if labels is None else np.repeat(labels, pop)
         goals = np.repeat(x01, pop, 0)

@@ -173,7 +173,7 @@ def request(
         for name, t in by_name.items():
             names |= {name: t.field, f"{name}.shape": f"{t.field}.shape"}
         names |= {"rows.values": by_name["z"].field, "latents": by_name["z"].field}
-        if "labels" not in parameters and "direction" not in parameters:
+        if not {"labels", "direction", "strengths"} & set(parameters):
             y = _array(by_name["y"]) if "y" in by_name else None
             names.setdefault("y", "inputs")
             return Request(dm.Infer(model, number, z, y, psi, output, dm.Names(names), urgent), (want,), timeout)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from service.contract import ContractError, EncoderSpec, read_encoder
+from service.contract import ContractError, EncoderSpec, read_encoder, read_spec
 from service.repository import ENCODER_FILE
 from training import classifier as clf
 from training import data as data_mod
@@ -55,7 +55,7 @@ SEED = 0
 
 
 class Encoder(nn.Module):
-    """Conv 4/2/1 ×2 (LeakyReLU, BatchNorm on the second) → Linear 256 → z and class logits."""
+    """Conv 4/2/1, 4/2/1 and 3/1/1 (LeakyReLU; BatchNorm after the last two) → Linear 256 → z and class logits."""
 
     def __init__(self, channels: int, size: int, latent_dim: int, num_classes: int, width: int = 32):
         super().__init__()
@@ -145,10 +145,7 @@ def train(path: Path, settings: Settings, progress: bool = True) -> tuple[Encode
 
 def export(e: Encoder, generator: Path, facts: dict) -> Path:
     """encoder.onnx beside `generator`, written to a temporary name, checked, then renamed into place."""
-    session = ort.InferenceSession(str(generator), providers=["CPUExecutionProvider"])
-    from service.contract import read_spec
-
-    gspec = read_spec(session)
+    gspec = read_spec(ort.InferenceSession(str(generator), providers=["CPUExecutionProvider"]))
     provenance = {k: str(v) for k, v in facts.items()} | {
         "torch_version": str(torch.__version__), "onnx_version": onnx.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

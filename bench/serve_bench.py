@@ -687,9 +687,11 @@ def main() -> None:
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "models"
-        # In a child process: torch (and its thread pool) never lives in the process that drives the load.
-        code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.serve_bench import build_models; build_models(__import__('pathlib').Path({str(repo)!r}))"
-        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+        # In a child process: torch (and its thread pool) never lives in the process that drives the load. With
+        # --against, the older tree exports them: this tree reads older contract formats, not the other way round.
+        builder = (args.against or ROOT).resolve()
+        code = f"import sys; sys.path.insert(0, {str(builder)!r}); from bench.serve_bench import build_models; build_models(__import__('pathlib').Path({str(repo)!r}))"
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=builder)
         if args.security:
             security(repo, Path(tmp), d, args.rounds)
             return

@@ -20,19 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image, ImageDraw
 
 from service import encode, inversion
-from service.contract import ContractError, file_sha256, read_encoder, read_spec, seed_latents
+from service.config import RuntimeConfig
+from service.contract import ContractError, file_sha256, seed_latents
+from service.errors import FailedPrecondition
 from service.repository import ENCODER_FILE
+from service.runtime import EncoderSession
 from training import classifier as clf
 from training import data as data_mod
 from training.config import TrainConfig
+from training.directions import DirectionsError, Sampler
 
 BASELINE_SEEDS = 1000  # random samples per class for the "nearest seed" baseline
 BASELINE_SEED = 3_000_000_000
-RUN_BATCH = 512
 
 
 class InvertError(Exception):
@@ -43,37 +45,25 @@ class Inverter:
     """model.onnx and the encoder.onnx beside it, through ONNX Runtime, as the server runs them."""
 
     def __init__(self, path: Path):
-        opts = {"providers": ["CPUExecutionProvider"]}
         try:
-            self.generator = ort.InferenceSession(str(path), **opts)
-            self.spec = read_spec(self.generator)
-            self.encoder = ort.InferenceSession(str(path.parent / ENCODER_FILE), **opts)
-            read_encoder(self.encoder).check(self.spec, file_sha256(path))
-        except ContractError as e:
+            self.generator = Sampler(path)  # the directions' sampler: the file through ONNX Runtime, pixels in [0, 1]
+            self.spec = self.generator.spec
+            self.encoder = EncoderSession(path.parent / ENCODER_FILE, RuntimeConfig())  # as the server loads it
+            self.encoder.spec.check(self.spec, file_sha256(path))
+        except (DirectionsError, ContractError, FailedPrecondition) as e:
             raise InvertError(f"{path}: {e}") from None
         except Exception as e:  # ONNX Runtime's own types: no such file, not a model
-            raise InvertError(f"{path}: cannot load it or its {ENCODER_FILE}: {str(e).splitlines()[0]}") from None
-        self.outputs = [o.name for o in self.encoder.get_outputs()]
-
-    def _model_range(self, x01: np.ndarray) -> np.ndarray:
-        lo, hi = self.spec.output_range
-        return (x01 * (hi - lo) + lo).astype(np.float32)
+            raise InvertError(f"{path}: cannot load its {ENCODER_FILE}: {str(e).splitlines()[0]}") from None
 
     def encode(self, x01: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """z and the class read (None if unconditional) for images [n, C, H, W] in [0, 1]."""
-        out = dict(zip(self.outputs, self.encoder.run(self.outputs, {"images": self._model_range(x01)}), strict=True))
-        return out["z"], None if "logits" not in out else out["logits"].argmax(1)
+        lo, hi = self.spec.output_range
+        z, logits = self.encoder.run((x01 * (hi - lo) + lo).astype(np.float32))
+        return z, None if logits is None else logits.argmax(1)
 
     def render(self, z: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
         """Images [n, C, H, W] in [0, 1]."""
-        lo, hi = self.spec.output_range
-        out = []
-        for i in range(0, len(z), RUN_BATCH):
-            feeds = {"z": np.ascontiguousarray(z[i : i + RUN_BATCH], np.float32)}
-            if labels is not None:
-                feeds["y"] = np.eye(self.spec.num_classes, dtype=np.float32)[labels[i : i + RUN_BATCH]]
-            out.append(self.generator.run(["images"], feeds)[0])
-        return np.clip((np.concatenate(out).astype(np.float64) - lo) / (hi - lo), 0, 1)
+        return np.clip(self.generator.pixels(z, labels), 0, 1)
 
     def refine(self, z, labels, x01, passes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The server's search from z: (best z, its distances, the encoder's distances)."""

@@ -362,8 +362,9 @@ def test_an_encoder_that_answers_wrongly_is_refused_at_load(tmp_path):
 
 
 def test_refinement_stops_before_a_deadline_it_cannot_meet_and_answers_the_encoders_z(tmp_path):
-    """A model that takes 0.1 s a pass, a deadline of 0.6 s: a generation (about 16 passes' time) cannot fit after the
-    first pass, so none runs, and the answer is the encoder's, in time, with no pass more for the reconstruction."""
+    """A model that takes 0.1 s a pass, a deadline of 0.6 s on each wire (gRPC's timeout, HTTP's X-Request-Timeout,
+    the OIP's `timeout` parameter): a generation (about 16 passes' time) cannot fit after the first pass, so none
+    runs, and the answer is the encoder's, in time, with no pass more for the reconstruction."""
     import time
 
     from testkit.gated import sessions
@@ -377,14 +378,29 @@ def test_refinement_stops_before_a_deadline_it_cannot_meet_and_answers_the_encod
         runs.append(len(feeds["z"]))
         time.sleep(0.1)
 
-    async def go():
-        async with running(tmp_path, session_factory=sessions(echo=slow)) as (_server, stub, _):
-            pixels = bytes([128] * 8)
-            return await stub.Invert(pb.InvertRequest(model="echo", pixels=pixels, refine_passes=10_000), timeout=0.6)
+    pixels = bytes([128] * 8)
 
-    (inv,) = asyncio.run(go()).inversions
-    assert inv.passes == 0 and inv.distance == inv.encoder_distance
-    assert runs[-1:] == [1]  # one pass of the encoder's z, none for the answer
+    async def go():
+        async with running(tmp_path, session_factory=sessions(echo=slow)) as (server, stub, _):
+            answers = {}
+            grpc_answer = await stub.Invert(
+                pb.InvertRequest(model="echo", pixels=pixels, refine_passes=10_000), timeout=0.6
+            )  # fmt: skip
+            answers["grpc"] = (grpc_answer.inversions[0].passes, len(runs))
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{server.http_port}") as s:
+                png = encode.png(np.frombuffer(pixels, np.uint8).reshape(2, 4, 1))
+                headers = {"X-Request-Timeout": "0.6"}
+                async with s.post("/v1/models/echo/invert?refine=10000", data=png, headers=headers) as r:
+                    answers["http"] = ((await r.json())["passes"], len(runs))
+                body = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 2, 4, 1], "data": list(pixels)}],
+                        "parameters": {"refine": 10_000, "timeout": 600_000}}  # fmt: skip
+                async with s.post("/v2/models/echo/infer", json=body) as r:
+                    answers["oip"] = ((await r.json())["parameters"]["passes"], len(runs))
+            return answers
+
+    answers = asyncio.run(go())
+    # Each wire's deadline, the same budget: no generation, one pass of the encoder's z, none for the answer.
+    assert answers == {"grpc": (0, 1), "http": (0, 2), "oip": (0, 3)}, answers
 
 
 def test_an_images_answer_does_not_depend_on_the_images_beside_it(repo):
